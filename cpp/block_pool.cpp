@@ -5,6 +5,7 @@
 namespace kestrel {
 
 BlockPool::BlockPool(int32_t num_blocks) : blocks_(num_blocks) {
+  hash_to_block_.reserve(num_blocks);  // never rehash on the scheduling path
   for (int32_t id = 0; id < num_blocks; ++id) push_back(id);
 }
 
