@@ -1,0 +1,268 @@
+"""Paged attention reference: causal attention of this step's queries over a paged KV cache.
+
+KV cache layout, per layer: key_cache and value_cache, each
+[num_blocks, block_size, num_kv_heads, head_dim]. Token position p of sequence i lives at
+block block_tables[i, p // block_size], offset p % block_size.
+
+Batch layout: the first `num_decodes` sequences are decodes (one query token each, rows
+[0, num_decode_tokens) of q); the remaining sequences are prefill chunks, possibly with a cached
+prefix. The query tokens of a sequence are the LAST query_len positions of its context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch context, built once per step and shared by every attention layer."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64; KV slot of each query row, negative = skip
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32; seq i owns q rows [qsl[i], qsl[i+1])
+    seq_lens: torch.Tensor  # [num_seqs] int32; context length incl. this step's query tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32; padded entries arbitrary
+    num_decodes: int  # the first num_decodes sequences have query_len == 1
+    num_decode_tokens: int  # == num_decodes
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: torch.Tensor  # CPU int32 copy of query_start_loc
+    seq_lens_cpu: torch.Tensor  # CPU int32 copy of seq_lens
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens_cpu.shape[0])
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of real query rows (the batch's q may be padded beyond this)."""
+        return int(self.query_start_loc_cpu[-1])
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
+
+    def validate(self, block_size: int | None = None) -> None:
+        """Check internal consistency using only the CPU copies (no device sync).
+
+        Raises ValueError naming the first inconsistency found. With ``block_size`` given, also
+        checks that the block table is wide enough for the longest sequence.
+        """
+        qsl, lens = self.query_start_loc_cpu, self.seq_lens_cpu
+        num_seqs = lens.shape[0]
+        if qsl.dim() != 1 or qsl.shape[0] != num_seqs + 1:
+            raise ValueError(
+                f"query_start_loc must be [num_seqs + 1 = {num_seqs + 1}]; got {tuple(qsl.shape)}"
+            )
+        if self.block_tables.dim() != 2 or self.block_tables.shape[0] != num_seqs:
+            raise ValueError(
+                f"block_tables must be [num_seqs = {num_seqs}, max_blocks_per_seq]; "
+                f"got {tuple(self.block_tables.shape)}"
+            )
+        if not 0 <= self.num_decodes <= num_seqs or self.num_decode_tokens != self.num_decodes:
+            raise ValueError(
+                f"need 0 <= num_decodes <= num_seqs ({num_seqs}) and num_decode_tokens == "
+                f"num_decodes; got num_decodes={self.num_decodes}, "
+                f"num_decode_tokens={self.num_decode_tokens}"
+            )
+        query_lens = qsl[1:].long() - qsl[:-1].long()  # [num_seqs]
+        if int(qsl[0]) != 0 or bool((query_lens < 0).any()):
+            raise ValueError(f"query_start_loc must start at 0 and be non-decreasing; got {qsl}")
+        if bool((query_lens[: self.num_decodes] != 1).any()):
+            raise ValueError(f"decode sequences must have query_len 1; got {query_lens}")
+        if bool((lens.long() < query_lens).any()):
+            raise ValueError(
+                f"seq_lens must be >= query lengths; got seq_lens {lens}, query lens {query_lens}"
+            )
+        if self.slot_mapping.shape[0] < self.num_tokens:
+            raise ValueError(
+                f"slot_mapping must cover num_tokens = {self.num_tokens} rows; "
+                f"got {tuple(self.slot_mapping.shape)}"
+            )
+        if block_size is not None and num_seqs > 0:
+            longest = int(lens.max())
+            if self.block_tables.shape[1] * block_size < longest:
+                raise ValueError(
+                    f"block_tables width {self.block_tables.shape[1]} x block_size {block_size} "
+                    f"cannot hold the longest sequence ({longest} tokens)"
+                )
+
+
+def _check_attention_args(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim]; got {tuple(q.shape)}")
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
+            f"head_dim]; got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
+        )
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"head_dim of q ({head_dim}) and of the cache ({key_cache.shape[3]}) differ"
+        )
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}; got {tuple(out.shape)}")
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked softmax attention in fp32 for one group of queries.
+
+    q [..., num_queries, num_q_heads, head_dim]; k, v [..., num_keys, num_kv_heads, head_dim];
+    visible [..., num_queries, num_keys] bool (every query sees >= 1 key).
+    Returns fp32 [..., num_queries, num_q_heads, head_dim]. q head h uses kv head h // group.
+    """
+    *batch, num_queries, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[-2]
+    group = num_q_heads // num_kv_heads
+    q5 = q.float().reshape(*batch, num_queries, num_kv_heads, group, head_dim)
+    scores = torch.einsum("...qhgd,...khd->...hgqk", q5, k.float()) * scale
+    scores = scores.masked_fill(~visible[..., None, None, :, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [..., num_kv_heads, group, num_queries, num_keys]
+    out = torch.einsum("...hgqk,...khd->...qhgd", probs, v.float())
+    return out.reshape(*batch, num_queries, num_q_heads, head_dim)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Attention for the decode sequences (the first ``metadata.num_decodes``).
+
+    Args:
+        q: [num_decode_tokens, num_q_heads, head_dim], the decode rows of the batch's q
+            (``q_all[:num_decode_tokens]``); row i is the single query of sequence i, at position
+            seq_lens[i] - 1.
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]; read only.
+        metadata: the step's batch context (only decode sequences are read).
+        scale: softmax scale applied to q.k (usually head_dim ** -0.5).
+        out: same shape as q; written in place (cast to out.dtype). Returns None.
+    """
+    _check_attention_args(q, key_cache, value_cache, out)
+    num_decodes = metadata.num_decodes
+    if q.shape[0] != num_decodes:
+        raise ValueError(f"q must have num_decode_tokens = {num_decodes} rows; got {q.shape[0]}")
+    if num_decodes == 0:
+        return
+    block_size = key_cache.shape[1]
+    longest = int(metadata.seq_lens_cpu[:num_decodes].max())
+    num_blocks = -(-longest // block_size)
+    seq_lens = metadata.seq_lens[:num_decodes].long()  # [num_decodes]
+    # Entries past a sequence's last block may hold anything; point them at block 0 (masked).
+    block_idx = torch.arange(num_blocks, device=seq_lens.device)
+    used = block_idx[None, :] * block_size < seq_lens[:, None]  # [num_decodes, num_blocks]
+    table = metadata.block_tables[:num_decodes, :num_blocks].long()
+    table = torch.where(used, table, torch.zeros_like(table))
+    kv_shape = (num_decodes, num_blocks * block_size, *key_cache.shape[2:])
+    k = key_cache[table].reshape(kv_shape)  # [num_decodes, max_len, num_kv_heads, head_dim]
+    v = value_cache[table].reshape(kv_shape)
+    positions = torch.arange(num_blocks * block_size, device=seq_lens.device)
+    visible = (positions[None, :] < seq_lens[:, None])[:, None, :]  # [num_decodes, 1, max_len]
+    result = _attend(q[:, None], k, v, visible, scale)  # [num_decodes, 1, num_q_heads, head_dim]
+    out.copy_(result[:, 0])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Causal attention for the prefill-chunk sequences (index >= ``metadata.num_decodes``).
+
+    Args:
+        q: [num_prefill_tokens, num_q_heads, head_dim], the prefill rows of the batch's q
+            (``q_all[num_decode_tokens:num_tokens]``): row r is batch row num_decode_tokens + r.
+            Query j of sequence i sits at position seq_lens[i] - query_len_i + j and attends to
+            positions 0..that position (the cached prefix and the chunk's own earlier tokens,
+            whose K/V must already be in the cache).
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]; read only.
+        metadata, scale: as in :func:`paged_decode_attention`.
+        out: same shape as q; written in place (cast to out.dtype). Returns None.
+    """
+    _check_attention_args(q, key_cache, value_cache, out)
+    if q.shape[0] != metadata.num_prefill_tokens:
+        raise ValueError(
+            f"q must have num_prefill_tokens = {metadata.num_prefill_tokens} rows; got {q.shape[0]}"
+        )
+    block_size = key_cache.shape[1]
+    row_offset = metadata.num_decode_tokens
+    starts = metadata.query_start_loc_cpu.tolist()
+    lens = metadata.seq_lens_cpu.tolist()
+    for seq in range(metadata.num_decodes, metadata.num_seqs):
+        begin, end = starts[seq] - row_offset, starts[seq + 1] - row_offset
+        query_len, seq_len = end - begin, lens[seq]
+        if query_len == 0:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        blocks = metadata.block_tables[seq, :num_blocks].long()
+        k = key_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
+        v = value_cache[blocks].flatten(0, 1)[:seq_len]
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)  # [query_len]
+        kv_pos = torch.arange(seq_len, device=q.device)  # [seq_len]
+        visible = kv_pos[None, :] <= q_pos[:, None]  # [query_len, seq_len]
+        out[begin:end] = _attend(q[begin:end], k, v, visible, scale).to(out.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a mixed batch (decodes first, then prefill chunks) over a paged cache.
+
+    Args:
+        q: [num_tokens_padded, num_q_heads, head_dim], float dtype, with num_tokens_padded >=
+            metadata.num_tokens; num_q_heads is a multiple of num_kv_heads (GQA: q head h uses
+            kv head h // (num_q_heads // num_kv_heads)).
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]; read only. The
+            K/V of every context position, this step's tokens included, must already be written.
+        metadata: the step's batch context.
+        scale: softmax scale applied to q.k.
+
+    Returns:
+        A new [num_tokens_padded, num_q_heads, head_dim] tensor in q's dtype; softmax and
+        accumulation in fp32; padding rows (>= metadata.num_tokens) are zero.
+    """
+    metadata.validate(block_size=key_cache.shape[1])
+    num_tokens, num_decode_tokens = metadata.num_tokens, metadata.num_decode_tokens
+    if q.dim() != 3 or q.shape[0] < num_tokens:
+        raise ValueError(
+            f"q must be [num_tokens >= {num_tokens}, num_q_heads, head_dim]; got {tuple(q.shape)}"
+        )
+    out = torch.zeros_like(q)
+    paged_decode_attention(
+        q[:num_decode_tokens], key_cache, value_cache, metadata, scale, out[:num_decode_tokens]
+    )
+    paged_prefill_attention(
+        q[num_decode_tokens:num_tokens],
+        key_cache,
+        value_cache,
+        metadata,
+        scale,
+        out[num_decode_tokens:num_tokens],
+    )
+    return out

@@ -1,0 +1,224 @@
+"""Rotary position embedding (rotate-half / NeoX style) and the paged KV-cache write.
+
+The cos/sin cache is one tensor [max_position, head_dim]: columns [0, head_dim/2) hold
+cos(position * inv_freq[i]) and columns [head_dim/2, head_dim) hold sin(position * inv_freq[i]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
+    if rope_scaling is None:
+        return "default"
+    # HF configs spell it `rope_type`; configs written before transformers 4.45 spell it `type`.
+    return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
+
+
+def _require(rope_scaling: dict[str, Any], key: str, rope_type: str) -> float:
+    if key not in rope_scaling:
+        raise ValueError(f"rope_scaling of rope_type {rope_type!r} needs key {key!r}")
+    return float(rope_scaling[key])
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency smoothing: long wavelengths are slowed down by `factor`, short ones
+    are kept, and the band in between is linearly interpolated in 1/wavelength."""
+    factor = _require(rope_scaling, "factor", "llama3")
+    low = _require(rope_scaling, "low_freq_factor", "llama3")
+    high = _require(rope_scaling, "high_freq_factor", "llama3")
+    old_context = _require(rope_scaling, "original_max_position_embeddings", "llama3")
+    if not (factor > 0 and high > low > 0 and old_context > 0):
+        raise ValueError(
+            "llama3 rope_scaling needs factor > 0, high_freq_factor > low_freq_factor > 0 and "
+            f"original_max_position_embeddings > 0; got {dict(rope_scaling)}"
+        )
+    # Wavelengths (in positions) delimiting the three bands.
+    long_wavelen = old_context / low  # wavelen above this: fully scaled
+    short_wavelen = old_context / high  # wavelen below this: untouched
+    wavelen = 2 * math.pi / inv_freq  # [head_dim / 2]
+    # smooth = 0 at long_wavelen, 1 at short_wavelen.
+    smooth = (old_context / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > long_wavelen, inv_freq / factor, interpolated)
+    return torch.where(wavelen < short_wavelen, inv_freq, scaled)
+
+
+def compute_cos_sin_cache(
+    head_dim: int,
+    max_position: int,
+    rope_theta: float,
+    rope_scaling: dict[str, Any] | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Build the rotary cos/sin table.
+
+    Args:
+        head_dim: rotary dimension, even, > 0.
+        max_position: number of positions (rows), > 0.
+        rope_theta: base of the frequencies, inv_freq[i] = 1 / rope_theta^(2i / head_dim).
+        rope_scaling: the Hugging Face dict (key ``rope_type`` or legacy ``type``) or None.
+            Supported: None / "default"; "linear" (positions divided by ``factor``); "llama3"
+            (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+            ``original_max_position_embeddings``).
+        dtype, device: of the returned table. The math runs in fp32 on ``device``.
+
+    Returns:
+        [max_position, head_dim] table: cos in columns [0, head_dim/2), sin in the rest.
+    """
+    if head_dim <= 0 or head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be a positive even integer; got {head_dim}")
+    if max_position <= 0:
+        raise ValueError(f"max_position must be > 0; got {max_position}")
+    if not rope_theta > 0:
+        raise ValueError(f"rope_theta must be > 0; got {rope_theta}")
+    rope_type = _rope_type(rope_scaling)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_scaling is not None and float(rope_scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(
+            "partial_rotary_factor must be 1.0 (partial rotary is not supported); got "
+            f"{rope_scaling['partial_rotary_factor']}"
+        )
+
+    # fp32 throughout, in the same operation order as transformers, so tables agree bit for bit.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope_theta**exponents)  # [head_dim / 2], fp32
+    if rope_type == "linear":
+        assert rope_scaling is not None
+        factor = _require(rope_scaling, "factor", "linear")
+        if not factor > 0:
+            raise ValueError(f"linear rope_scaling factor must be > 0; got {factor}")
+        # position / factor == position * (inv_freq / factor)
+        inv_freq = inv_freq / factor
+    elif rope_type == "llama3":
+        assert rope_scaling is not None
+        inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)
+
+    positions = torch.arange(max_position, dtype=torch.int64, device=device).float()
+    angles = positions[:, None] * inv_freq[None, :]  # [max_position, head_dim / 2], radians
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)
+
+
+def _rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x [num_tokens, num_heads, head_dim]; cos, sin [num_tokens, 1, head_dim / 2] fp32."""
+    half = x.shape[-1] // 2
+    x_fp32 = x.float()
+    x1, x2 = x_fp32[..., :half], x_fp32[..., half:]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x.copy_(rotated)
+
+
+def apply_rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    """Rotate q and k in place (rotate-half convention of NeoX / HF Llama).
+
+    Args:
+        positions: [num_tokens] int32 or int64, each in [0, max_position).
+        q: [num_tokens, num_q_heads, head_dim], float dtype; overwritten.
+        k: [num_tokens, num_kv_heads, head_dim], float dtype; overwritten.
+        cos_sin_cache: [max_position, head_dim] from :func:`compute_cos_sin_cache`.
+
+    With (x1, x2) the two halves of a head vector and (c, s) the row ``positions[t]`` of the
+    table: ``x <- cat(x1*c - x2*s, x2*c + x1*s)``, computed in fp32 and rounded to the dtype of
+    q / k. Returns None.
+    """
+    _check_rotary_args(positions, q, k, cos_sin_cache)
+    half = q.shape[-1] // 2
+    table = cos_sin_cache[positions.long()].float()  # [num_tokens, head_dim]
+    cos = table[:, None, :half]  # [num_tokens, 1, head_dim / 2]
+    sin = table[:, None, half:]
+    _rotate_in_place(q, cos, sin)
+    _rotate_in_place(k, cos, sin)
+
+
+def _check_rotary_args(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    if positions.dtype not in (torch.int32, torch.int64) or positions.dim() != 1:
+        raise ValueError(
+            f"positions must be a 1-D int32/int64 tensor; got {positions.dtype} "
+            f"{tuple(positions.shape)}"
+        )
+    num_tokens = positions.shape[0]
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 3 or t.shape[0] != num_tokens:
+            raise ValueError(
+                f"{name} must be [num_tokens={num_tokens}, num_heads, head_dim]; "
+                f"got {tuple(t.shape)}"
+            )
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(
+            f"q, k and cos_sin_cache must share head_dim; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, cos_sin_cache {tuple(cos_sin_cache.shape)}"
+        )
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter this step's key/value rows into the paged cache.
+
+    Args:
+        k, v: [num_tokens, num_kv_heads, head_dim].
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous;
+            written in place (rows cast to the cache dtype).
+        slot_mapping: [num_tokens] int; slot = block_id * block_size + offset_in_block, in
+            [0, num_blocks * block_size). A negative slot skips that row (nothing is written).
+            Two rows with the same non-negative slot give an unspecified winner.
+
+    Returns None.
+    """
+    if key_cache.shape != value_cache.shape or key_cache.dim() != 4:
+        raise ValueError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
+            f"head_dim]; got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
+        )
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("key_cache and value_cache must be contiguous (they are written in place)")
+    row_shape = key_cache.shape[2:]
+    num_tokens = slot_mapping.shape[0]
+    if k.shape != (num_tokens, *row_shape) or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be [num_tokens={num_tokens}, {row_shape[0]}, {row_shape[1]}] to match "
+            f"slot_mapping and the cache; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    # view() (not reshape) so that the writes land in the caller's storage.
+    key_rows = key_cache.view(-1, *row_shape)  # [num_blocks * block_size, num_kv_heads, head_dim]
+    value_rows = value_cache.view(-1, *row_shape)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    key_rows[slots] = k[keep].to(key_cache.dtype)
+    value_rows[slots] = v[keep].to(value_cache.dtype)
+
+
+def rotary_embedding_and_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Fused :func:`apply_rotary` (q and k in place) then :func:`write_kv_cache` of the ROTATED k
+    and of v. Shapes and semantics are those of the two ops. Returns None."""
+    apply_rotary(positions, q, k, cos_sin_cache)
+    write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
