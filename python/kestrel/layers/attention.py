@@ -1,0 +1,46 @@
+"""Paged attention layer: RoPE + KV-cache write for the whole batch, then attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kestrel import ops
+
+
+class PagedAttention(nn.Module):
+    """Attention core without projections (no parameters).
+
+    The K/V of every token of the step is written into the cache BEFORE attention runs, so
+    tokens scheduled in the same step (a prefill chunk) see each other's K/V.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn_metadata: ops.AttentionMetadata,
+    ) -> torch.Tensor:
+        """positions [T] int; q [T, num_heads, head_dim]; k, v [T, num_kv_heads, head_dim];
+        kv_cache = (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads,
+        head_dim]. q and k are rotated in place. Returns [T, num_heads, head_dim]."""
+        key_cache, value_cache = kv_cache
+        ops.rotary_embedding_and_cache(
+            positions, q, k, v, cos_sin_cache, key_cache, value_cache, attn_metadata.slot_mapping
+        )
+        return ops.paged_attention(q, key_cache, value_cache, attn_metadata, self.scale)

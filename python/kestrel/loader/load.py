@@ -1,0 +1,89 @@
+"""`load_model`: config.json -> model class from the registry -> weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kestrel.loader.dummy import init_dummy_weights
+from kestrel.loader.hf_dir import (
+    find_safetensors_files,
+    iter_safetensors_weights,
+    read_model_config,
+)
+from kestrel.model_config import ModelConfig
+from kestrel.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(
+    dtype: torch.dtype | str | None, config: ModelConfig, device: torch.device
+) -> torch.dtype:
+    """Model dtype: an explicit torch dtype or name, or "auto"/None = the checkpoint's dtype
+    (float32 if config.json names none), except that float32 becomes bfloat16 on a GPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; supported: float32/16, bfloat16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        chosen = _DTYPES[config.dtype] if config.dtype is not None else torch.float32
+        if chosen == torch.float32 and device.type == "cuda":
+            logger.info("checkpoint dtype is float32; running in bfloat16 on %s", device)
+            chosen = torch.bfloat16
+        return chosen
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; supported: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype | str | None = "auto",
+    device: torch.device | str = "cpu",
+    load_format: str = "auto",
+    *,
+    seed: int = 0,
+) -> tuple[nn.Module, ModelConfig]:
+    """Build the model of a Hugging Face directory and fill its weights.
+
+    load_format: "auto" / "safetensors" read model.safetensors or the shards listed in
+    model.safetensors.index.json; "dummy" needs only config.json and fills random weights
+    (deterministic in `seed`). Returns (model in eval mode on `device`, its ModelConfig).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r} is not supported; supported: {LOAD_FORMATS}")
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    config = read_model_config(model_dir)
+    model_class = get_model_class(config.architecture)
+    torch_dtype = resolve_dtype(dtype, config, device)
+    # Locate (and check) every checkpoint file before allocating the model.
+    files = None if load_format == "dummy" else find_safetensors_files(model_dir)
+    model = model_class(config, torch_dtype, device)
+    if files is None:
+        init_dummy_weights(model, seed=seed)
+    else:
+        model.load_weights(iter_safetensors_weights(files))
+    model.eval()
+    logger.info(
+        "loaded %s from %s (%s, %s, format=%s)",
+        config.architecture,
+        model_dir,
+        torch_dtype,
+        device,
+        load_format,
+    )
+    return model, config
