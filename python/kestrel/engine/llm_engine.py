@@ -1,0 +1,337 @@
+"""LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run -> update.
+
+    batch = scheduler.schedule()           # C++ kestrel._core
+    result = runner.execute(batch, rows)   # torch (+ kernels)
+    done = scheduler.update(result.ids)    # C++: append tokens, stop checks, free blocks
+
+Python keeps what the core does not need: sampling parameters, generators, detokenizers and
+logprobs, keyed by the core's seq_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kestrel import _core
+from kestrel.config import EngineConfig
+from kestrel.engine.request_state import RequestState, SequenceState, child_generator
+from kestrel.loader import load_model, read_generation_config
+from kestrel.outputs import Logprob, RequestMetrics, RequestOutput
+from kestrel.runner import ModelRunner, SampleRow
+from kestrel.runner.model_runner import StepResult, kv_block_bytes
+from kestrel.sampling_params import SamplingParams
+from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _as_id_list(value: object) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]  # type: ignore[union-attr]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = _resolve_device(config.device)
+        model_dir = Path(config.model)
+        self.model, self.model_config = load_model(
+            model_dir, config.dtype, self.device, config.load_format, seed=config.seed
+        )
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = self._load_tokenizer(Path(config.tokenizer or model_dir))
+        self.generation_config = read_generation_config(model_dir)
+        self.eos_token_ids = self._eos_ids()
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={mc.max_position_embeddings}"
+            )
+        num_blocks = self._num_kv_blocks()
+        self.scheduler = _core.Scheduler(
+            _core.SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                policy=config.scheduling_policy,
+            )
+        )
+        self.runner = ModelRunner(
+            self.model, mc, device=self.device, dtype=self.dtype, num_blocks=num_blocks,
+            block_size=config.block_size, seed=config.seed,
+        )
+        self._requests: dict[str, RequestState] = {}
+        self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+            mc.architecture, self.device, self.dtype, num_blocks, config.block_size,
+            num_blocks * config.block_size, self.max_model_len,
+        )
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _load_tokenizer(self, path: Path) -> Tokenizer | None:
+        if self.config.tokenizer is None and not (path / "tokenizer.json").is_file():
+            logger.warning("%s has no tokenizer.json: only token-id prompts are accepted", path)
+            return None
+        return Tokenizer.from_dir(path)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = _as_id_list(self.generation_config.get("eos_token_id"))
+        ids += list(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_block_bytes(self.model_config, cfg.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1.0 - cfg.gpu_memory_utilization) * total - (1 << 30)
+        else:
+            budget = cfg.kv_cache_memory_gib * (1 << 30)
+        # No more than every running sequence at full length could use.
+        useful = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        num_blocks = min(int(budget // per_block), useful)
+        if num_blocks < 1:
+            raise ValueError(
+                f"not enough memory for a single KV block of {per_block} bytes; "
+                "lower max_model_len/max_num_seqs or raise the memory budget"
+            )
+        return num_blocks
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queues a request (a text prompt or token ids). Raises ValueError for bad input;
+        nothing is queued then."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params if params is not None else self.default_sampling_params()
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_token_ids(prompt_ids, params)
+        state = RequestState(
+            request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_ids,
+            params=params, metrics=RequestMetrics(arrival_time or time.time()),
+        )
+        core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        added: list[str] = []
+        try:
+            for index, core_id in enumerate(core_ids):
+                seq_id = self.scheduler.add_request(
+                    core_id, np.asarray(prompt_ids, dtype=np.int64),
+                    max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+                    eos_token_ids=list(self.eos_token_ids), stop_token_ids=params.stop_token_ids,
+                    ignore_eos=params.ignore_eos, priority=priority,
+                )
+                added.append(core_id)
+                seq = self._new_sequence(core_id, index, params, prompt_ids)
+                state.seqs.append(seq)
+                self._seqs[seq_id] = (state, seq)
+        except (ValueError, KeyError):
+            for core_id in added:  # all-or-nothing for n > 1
+                info = self.scheduler.request_info(core_id)
+                self._seqs.pop(info["seq_id"], None)
+                self.scheduler.abort(core_id)
+            raise
+        self._requests[request_id] = state
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return None, [int(t) for t in prompt]
+        raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+
+    def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", list(params.logit_bias or {}))):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} holds token id {bad[0]}, out of range [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+
+    def _new_sequence(
+        self, core_id: str, index: int, params: SamplingParams, prompt_ids: list[int]
+    ) -> SequenceState:
+        detok = None
+        if self.tokenizer is not None and params.detokenize:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+        row = SampleRow(
+            params=params, prompt_token_ids=prompt_ids, output_token_ids=[],
+            generator=child_generator(params, index, self.device),
+            eos_token_ids=self.eos_token_ids,
+        )
+        logprobs = [] if params.logprobs is not None else None
+        return SequenceState(core_id=core_id, index=index, row=row, detokenizer=detok,
+                             logprobs=logprobs)
+
+    def abort_request(self, request_id: str) -> None:
+        """Ends a request now and frees its KV blocks. Unknown ids raise KeyError."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            raise KeyError(f"unknown request id {request_id!r}")
+        for seq in state.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                self.scheduler.abort(seq.core_id)
+        for seq_id in [k for k, (r, _) in self._seqs.items() if r is state]:
+            del self._seqs[seq_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns an output for every request that changed."""
+        out = self.scheduler.schedule()
+        sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
+        rows = [self._seqs[s][1].row for s in sampled_seq_ids]
+        try:
+            result = self.runner.execute(out, rows)
+        except Exception:
+            # Keep the core consistent: the step produced no tokens; fail every request in it.
+            self.scheduler.update(np.zeros(out.num_sampled, dtype=np.int64))
+            for seq_id in out.seq_ids.tolist():
+                if seq_id in self._seqs:
+                    self.abort_request(self._seqs[seq_id][0].request_id)
+            raise
+        upd = self.scheduler.update(result.sampled_token_ids)
+        now = time.time()
+        for seq_id in out.seq_ids.tolist():
+            entry = self._seqs.get(seq_id)
+            if entry is not None and entry[0].metrics.first_scheduled_time is None:
+                metrics = entry[0].metrics
+                metrics.first_scheduled_time = now
+                if self.scheduler.contains(entry[1].core_id):
+                    info = self.scheduler.request_info(entry[1].core_id)
+                    metrics.num_cached_prompt_tokens = max(0, info["num_cached_prompt_tokens"])
+        changed = self._process_tokens(upd, sampled_seq_ids, result, now)
+        if out.num_tokens == 0 and self._requests and not changed:
+            raise RuntimeError("scheduler made no progress with requests pending")
+        return self._collect(changed, now)
+
+    def _process_tokens(self, upd, sampled_seq_ids: list[int], result: StepResult,
+                        now: float) -> dict[str, RequestState]:
+        finished = dict(zip(upd.finished_seq_ids.tolist(), upd.finish_reasons))
+        logprob_rows = self._host_logprobs(result)
+        row_of = {s: i for i, s in enumerate(sampled_seq_ids)} if logprob_rows else {}
+        changed: dict[str, RequestState] = {}
+        for seq_id, token in zip(upd.seq_ids.tolist(), upd.token_ids.tolist()):
+            state, seq = self._seqs[seq_id]
+            seq.row.output_token_ids.append(token)
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            if seq.logprobs is not None and logprob_rows:
+                seq.logprobs.append(self._logprob_entry(logprob_rows, row_of[seq_id], token,
+                                                        seq.row.params.logprobs or 0))
+            reason = finished.get(seq_id)
+            if seq.detokenizer is not None:
+                step = seq.detokenizer.add_tokens([token], finished=reason is not None)
+                seq.text = seq.detokenizer.output_text
+                seq.text_delta += step.text_delta
+                if step.stop_reason is not None:
+                    seq.stop_reason = step.stop_reason
+                    if reason is None:
+                        self.scheduler.finish(seq.core_id, "stop")
+                    reason = "stop"
+            if reason is not None:
+                if reason == "stop" and seq.stop_reason is None and \
+                        token in seq.row.params.stop_token_ids:
+                    seq.stop_reason = token
+                seq.finish_reason = reason
+                del self._seqs[seq_id]
+            changed[state.request_id] = state
+        return changed
+
+    def _collect(self, changed: dict[str, RequestState], now: float) -> list[RequestOutput]:
+        outputs = []
+        for request_id, state in changed.items():
+            if state.finished:
+                state.metrics.finished_time = now
+                self._requests.pop(request_id, None)
+            outputs.append(state.output())
+        return outputs
+
+    # ---- logprobs -------------------------------------------------------------------------
+
+    @staticmethod
+    def _host_logprobs(result: StepResult) -> tuple | None:
+        so = result.sampler_output
+        if so is None or so.logprobs is None:
+            return None
+        top_ids = so.top_logprob_ids.cpu().tolist() if so.top_logprob_ids is not None else None
+        top_vals = so.top_logprobs.cpu().tolist() if so.top_logprobs is not None else None
+        return so.logprobs.cpu().tolist(), top_ids, top_vals
+
+    def _logprob_entry(self, rows: tuple, row: int, token: int, k: int) -> dict[int, Logprob]:
+        sampled, top_ids, top_vals = rows
+        entry: dict[int, Logprob] = {}
+        rank = None
+        if top_ids is not None:
+            for r, (tid, val) in enumerate(zip(top_ids[row][:k], top_vals[row][:k]), start=1):
+                entry[tid] = Logprob(val, r, self._token_text(tid))
+            if token in top_ids[row]:
+                rank = top_ids[row].index(token) + 1
+        entry[token] = Logprob(sampled[row], rank, self._token_text(token))
+        return entry
+
+    def _token_text(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,0 +1,79 @@
+"""Per-request bookkeeping of the engine: what the user asked for and what came out so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
+from kestrel.runner import SampleRow
+from kestrel.sampling_params import SamplingParams
+from kestrel.tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class SequenceState:
+    """One sample (of n) of a request: one request of the native scheduler."""
+
+    core_id: str  # id in the native scheduler
+    index: int  # which of the parent's n samples
+    row: SampleRow  # shared with the runner: params, prompt and output ids, generator
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    # Since the last RequestOutput returned for this request.
+    text_delta: str = ""
+    num_tokens_reported: int = 0
+
+    def completion(self) -> CompletionOutput:
+        ids = self.row.output_token_ids
+        out = CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=list(ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            text_delta=self.text_delta,
+            token_ids_delta=list(ids[self.num_tokens_reported :]),
+        )
+        self.text_delta = ""
+        self.num_tokens_reported = len(ids)
+        return out
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[SequenceState] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[s.completion() for s in self.seqs],
+            finished=self.finished,
+            metrics=self.metrics,
+        )
+
+
+def child_generator(params: SamplingParams, index: int, device: torch.device) -> torch.Generator | None:
+    """Sample `index` of a seeded request draws from its own generator (seed + index), so each
+    of the n samples is reproducible on its own; unseeded requests share the engine's."""
+    if params.seed is None or params.is_greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed((params.seed + index) % (2**63))
+    return generator
