@@ -16,7 +16,6 @@ import subprocess
 import time
 
 import numpy as np
-
 from kestrel._core import Scheduler, SchedulerConfig
 
 
@@ -28,9 +27,14 @@ def _commit() -> str:
 
 
 def _make(num_decodes: int, prompt_len: int, budget: int) -> Scheduler:
-    cfg = SchedulerConfig(num_blocks=200_000, block_size=16, max_num_seqs=num_decodes + 64,
-                          max_num_batched_tokens=budget, max_model_len=32_768,
-                          enable_prefix_caching=True)
+    cfg = SchedulerConfig(
+        num_blocks=200_000,
+        block_size=16,
+        max_num_seqs=num_decodes + 64,
+        max_num_batched_tokens=budget,
+        max_model_len=32_768,
+        enable_prefix_caching=True,
+    )
     sched = Scheduler(cfg)
     rng = np.random.default_rng(0)
     for i in range(num_decodes):
@@ -51,8 +55,7 @@ def _time_steps(sched: Scheduler, steps: int, arrivals: int, prompt_len: int) ->
     arrived = 0
     for k in range(steps):
         for _ in range(arrivals):
-            sched.add_request(f"p{arrived}", rng.integers(0, 32_000, size=prompt_len),
-                              max_tokens=1)
+            sched.add_request(f"p{arrived}", rng.integers(0, 32_000, size=prompt_len), max_tokens=1)
             arrived += 1
         t0 = time.perf_counter()
         out = sched.schedule()
@@ -78,8 +81,10 @@ def main() -> None:
     t = _time_steps(sched, args.steps, arrivals=2, prompt_len=512)
     rows.append((f"{args.num_decodes} decodes + 1024 prefill tokens", t))
 
-    print(f"\nscheduler_overhead  commit={_commit()}  cpu={platform.processor() or platform.machine()}"
-          f"  context={args.context}  steps={args.steps}")
+    print(
+        f"\nscheduler_overhead  commit={_commit()}  cpu={platform.processor() or platform.machine()}"
+        f"  context={args.context}  steps={args.steps}"
+    )
     print(f"{'workload':<40} {'median us':>10} {'p99 us':>10}")
     results = []
     for name, t in rows:
@@ -88,8 +93,17 @@ def main() -> None:
         results.append({"workload": name, "median_us": med, "p99_us": p99})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"commit": _commit(), "machine": platform.node(), "context": args.context,
-                       "steps": args.steps, "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "commit": _commit(),
+                    "machine": platform.node(),
+                    "context": args.context,
+                    "steps": args.steps,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@ core = pytest.importorskip("kestrel._core")
 
 
 def make_scheduler(**kw):
-    cfg = dict(num_blocks=16, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-               max_model_len=64)
+    cfg = {
+        "num_blocks": 16,
+        "block_size": 4,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 64,
+        "max_model_len": 64,
+    }
     cfg.update(kw)
     return core.Scheduler(core.SchedulerConfig(**cfg))
 

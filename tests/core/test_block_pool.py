@@ -1,5 +1,4 @@
 import pytest
-
 from kestrel._core import BlockPool
 
 

@@ -25,11 +25,18 @@ request = st.tuples(
     eos=st.integers(0, 50),
     seed=st.integers(0, 2**16),
 )
-def test_random_workload_keeps_invariants(reqs, num_blocks, block_size, budget, max_num_seqs,
-                                          prefix, eos, seed):
+def test_random_workload_keeps_invariants(
+    reqs, num_blocks, block_size, budget, max_num_seqs, prefix, eos, seed
+):
     rng = np.random.default_rng(seed)
-    s = make_scheduler(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
-                       max_num_seqs=max_num_seqs, enable_prefix_caching=prefix, max_model_len=128)
+    s = make_scheduler(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_num_seqs,
+        enable_prefix_caching=prefix,
+        max_model_len=128,
+    )
     finished = {}  # request id -> (reason, tokens)
     tokens = {}
     seq_to_id = {}

@@ -10,11 +10,17 @@ import torch
 from kestrel.testing.tiny_models import make_tiny_model
 
 ARCH_KWARGS = {
-    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 64}),
-    "qwen2": dict(tie_word_embeddings=True, max_shard_size="60KB"),
-    "qwen3": dict(num_kv_heads=1),
+    "llama": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    },
+    "qwen2": {"tie_word_embeddings": True, "max_shard_size": "60KB"},
+    "qwen3": {"num_kv_heads": 1},
 }
 
 
@@ -47,8 +53,11 @@ def hf_greedy(tiny_model_dir):
             out = m(torch.tensor([prompt]), use_cache=True)
             for _ in range(n):
                 tokens.append(int(out.logits[0, -1].argmax()))
-                out = m(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
-                        use_cache=True)
+                out = m(
+                    torch.tensor([[tokens[-1]]]),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
         return tokens
 
     generate.model = model

@@ -35,8 +35,13 @@ def test_batch_of_mixed_prompts_matches_transformers(arch, tiny_model_dir, refer
 
 def test_chunked_prefill_with_tiny_budget(tiny_model_dir, reference):
     prompts = prompts_of(LENGTHS, seed=2)
-    llm = LLM(tiny_model_dir("qwen2"), block_size=4, num_kv_blocks=256,
-              max_num_batched_tokens=7, enable_prefix_caching=False)
+    llm = LLM(
+        tiny_model_dir("qwen2"),
+        block_size=4,
+        num_kv_blocks=256,
+        max_num_batched_tokens=7,
+        enable_prefix_caching=False,
+    )
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == reference("qwen2", prompts)
 
 
@@ -58,8 +63,7 @@ def test_prefix_caching_with_shared_prefixes(tiny_model_dir, reference):
 def test_forced_preemption(tiny_model_dir, reference):
     prompts = prompts_of([20, 21, 22, 23], seed=5)
     # 24 blocks of 4 = 96 tokens of KV for 4 requests that grow to ~53 tokens each.
-    llm = LLM(tiny_model_dir("qwen3"), block_size=4, num_kv_blocks=24,
-              enable_prefix_caching=False)
+    llm = LLM(tiny_model_dir("qwen3"), block_size=4, num_kv_blocks=24, enable_prefix_caching=False)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.engine.stats()["num_preemptions"] >= 1
     assert _tokens(outputs) == reference("qwen3", prompts)
@@ -94,14 +98,17 @@ def test_matches_transformers_generate_with_eos(arch, tiny_model_dir, hf_greedy)
     prompts = prompts_of(LENGTHS, seed=1)
     model = hf_greedy.model(arch)
     llm = LLM(tiny_model_dir(arch), block_size=4, num_kv_blocks=256)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32),
-                           use_tqdm=False)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
     reasons = set()
     for prompt, out in zip(prompts, outputs):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 pad_token_id=0)[0, len(prompt):].tolist()
+            ref = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=32,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         assert out.outputs[0].token_ids == ref
         reasons.add(out.outputs[0].finish_reason)
     if arch == "qwen3":  # this fixture has prompts that end at EOS and ones that run to 32
@@ -110,6 +117,7 @@ def test_matches_transformers_generate_with_eos(arch, tiny_model_dir, hf_greedy)
 
 def test_dummy_weights_generate(tiny_model_dir):
     llm = LLM(tiny_model_dir("qwen3"), load_format="dummy", block_size=16, num_kv_blocks=32)
-    out = llm.generate(prompts_of([10, 3]), SamplingParams(max_tokens=5, ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate(
+        prompts_of([10, 3]), SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False
+    )
     assert [len(o.outputs[0].token_ids) for o in out] == [5, 5]

@@ -20,12 +20,10 @@ def _ids(outputs):
 
 def test_seeded_requests_reproduce_regardless_of_batch(llm):
     p = prompts_of([9, 4, 13, 21], seed=10)
-    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16,
-                            ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = llm.generate([p[0]], seeded, use_tqdm=False)
     others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
-    mixed = llm.generate([p[1], p[0], p[2], p[3]], [others, seeded, others, others],
-                         use_tqdm=False)
+    mixed = llm.generate([p[1], p[0], p[2], p[3]], [others, seeded, others, others], use_tqdm=False)
     assert _ids(alone)[0] == mixed[1].outputs[0].token_ids
     unseeded = llm.generate([p[0]] * 4, others, use_tqdm=False)
     assert len({tuple(t) for t in _ids(unseeded)}) > 1  # really random without a seed
@@ -33,17 +31,22 @@ def test_seeded_requests_reproduce_regardless_of_batch(llm):
 
 def test_top_k_one_equals_greedy(llm):
     p = prompts_of([7, 19], seed=11)
-    greedy = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-                          use_tqdm=False)
-    topk1 = llm.generate(p, SamplingParams(temperature=0.8, top_k=1, max_tokens=12,
-                                           ignore_eos=True), use_tqdm=False)
+    greedy = llm.generate(
+        p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
+    topk1 = llm.generate(
+        p, SamplingParams(temperature=0.8, top_k=1, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
     assert _ids(greedy) == _ids(topk1)
 
 
 def test_logprobs_match_transformers(llm, hf_greedy):
     prompt = prompts_of([11], seed=12)[0]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, logprobs=3,
-                                               ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     completion = out.outputs[0]
     model = hf_greedy.model("qwen2")
     seq = prompt + completion.token_ids
@@ -63,8 +66,11 @@ def test_logprobs_match_transformers(llm, hf_greedy):
 def test_n_samples_share_prompt_blocks(llm):
     prompt = prompts_of([21], seed=13)[0]
     before = llm.engine.stats()["prefix_hit_tokens"]
-    out = llm.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8,
-                                                ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate(
+        [prompt],
+        SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
@@ -74,32 +80,47 @@ def test_n_samples_share_prompt_blocks(llm):
 
 def test_stop_string_ends_the_text(llm):
     prompt = prompts_of([8], seed=14)[0]
-    base = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0]
+    base = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     text = base.text
     assert len(text) > 12
     stop = text[6:9]
     cut = text.index(stop)
-    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                stop=[stop]), use_tqdm=False)[0].outputs[0]
+    got = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert got.text == text[:cut]
     assert got.finish_reason == "stop" and got.stop_reason == stop
     assert len(got.token_ids) < 24
-    incl = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                 stop=[stop], include_stop_str_in_output=True),
-                        use_tqdm=False)[0].outputs[0]
+    incl = llm.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert incl.text == text[: cut + len(stop)]
 
 
 def test_stop_token_ids_and_eos(llm):
     prompt = prompts_of([8], seed=15)[0]
-    base = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0]
+    base = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     stop_tok = base.token_ids[4]
     first = base.token_ids.index(stop_tok)
-    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16,
-                                                stop_token_ids=[stop_tok]),
-                       use_tqdm=False)[0].outputs[0]
+    got = llm.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert got.token_ids == base.token_ids[: first + 1]
     assert got.finish_reason == "stop" and got.stop_reason == stop_tok
 
@@ -107,8 +128,9 @@ def test_stop_token_ids_and_eos(llm):
 def test_streaming_deltas_add_up(llm):
     engine = llm.engine
     prompt = prompts_of([5], seed=16)[0]
-    engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=20,
-                                                        ignore_eos=True))
+    engine.add_request(
+        "stream", prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    )
     text, ids, final = "", [], None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -124,8 +146,10 @@ def test_streaming_deltas_add_up(llm):
 def test_chat_renders_the_template_like_transformers(llm, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     hf_tok = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2"))
     text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     expected = hf_tok.encode(text, add_special_tokens=False)
@@ -154,8 +178,9 @@ def test_bad_input_raises_and_leaves_engine_usable(llm):
 
 def test_abort_frees_blocks(llm):
     engine = llm.engine
-    engine.add_request("x", prompts_of([30], seed=17)[0],
-                       SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request(
+        "x", prompts_of([30], seed=17)[0], SamplingParams(max_tokens=50, ignore_eos=True)
+    )
     engine.step()
     assert engine.stats()["kv_cache_usage"] > 0
     engine.abort_request("x")

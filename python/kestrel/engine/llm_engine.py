@@ -79,15 +79,25 @@ class LLMEngine:
             )
         )
         self.runner = ModelRunner(
-            self.model, mc, device=self.device, dtype=self.dtype, num_blocks=num_blocks,
-            block_size=config.block_size, seed=config.seed,
+            self.model,
+            mc,
+            device=self.device,
+            dtype=self.dtype,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            seed=config.seed,
         )
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
-            mc.architecture, self.device, self.dtype, num_blocks, config.block_size,
-            num_blocks * config.block_size, self.max_model_len,
+            mc.architecture,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            self.max_model_len,
         )
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -147,18 +157,25 @@ class LLMEngine:
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_token_ids(prompt_ids, params)
         state = RequestState(
-            request_id=request_id, prompt=prompt_text, prompt_token_ids=prompt_ids,
-            params=params, metrics=RequestMetrics(arrival_time or time.time()),
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            metrics=RequestMetrics(arrival_time or time.time()),
         )
         core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         added: list[str] = []
         try:
             for index, core_id in enumerate(core_ids):
                 seq_id = self.scheduler.add_request(
-                    core_id, np.asarray(prompt_ids, dtype=np.int64),
-                    max_tokens=params.max_tokens, min_tokens=params.min_tokens,
-                    eos_token_ids=list(self.eos_token_ids), stop_token_ids=params.stop_token_ids,
-                    ignore_eos=params.ignore_eos, priority=priority,
+                    core_id,
+                    np.asarray(prompt_ids, dtype=np.int64),
+                    max_tokens=params.max_tokens,
+                    min_tokens=params.min_tokens,
+                    eos_token_ids=list(self.eos_token_ids),
+                    stop_token_ids=params.stop_token_ids,
+                    ignore_eos=params.ignore_eos,
+                    priority=priority,
                 )
                 added.append(core_id)
                 seq = self._new_sequence(core_id, index, params, prompt_ids)
@@ -188,8 +205,10 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
-        for name, ids in (("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", list(params.logit_bias or {}))):
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias or {})),
+        ):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name} holds token id {bad[0]}, out of range [0, {vocab})")
@@ -202,17 +221,23 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None and params.detokenize:
             detok = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                self.tokenizer,
+                prompt_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
             )
         row = SampleRow(
-            params=params, prompt_token_ids=prompt_ids, output_token_ids=[],
+            params=params,
+            prompt_token_ids=prompt_ids,
+            output_token_ids=[],
             generator=child_generator(params, index, self.device),
             eos_token_ids=self.eos_token_ids,
         )
         logprobs = [] if params.logprobs is not None else None
-        return SequenceState(core_id=core_id, index=index, row=row, detokenizer=detok,
-                             logprobs=logprobs)
+        return SequenceState(
+            core_id=core_id, index=index, row=row, detokenizer=detok, logprobs=logprobs
+        )
 
     def abort_request(self, request_id: str) -> None:
         """Ends a request now and frees its KV blocks. Unknown ids raise KeyError."""
@@ -266,8 +291,9 @@ class LLMEngine:
             raise RuntimeError("scheduler made no progress with requests pending")
         return self._collect(changed, now)
 
-    def _process_tokens(self, upd, sampled_seq_ids: list[int], result: StepResult,
-                        now: float) -> dict[str, RequestState]:
+    def _process_tokens(
+        self, upd, sampled_seq_ids: list[int], result: StepResult, now: float
+    ) -> dict[str, RequestState]:
         finished = dict(zip(upd.finished_seq_ids.tolist(), upd.finish_reasons))
         logprob_rows = self._host_logprobs(result)
         row_of = {s: i for i, s in enumerate(sampled_seq_ids)} if logprob_rows else {}
@@ -278,8 +304,11 @@ class LLMEngine:
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             if seq.logprobs is not None and logprob_rows:
-                seq.logprobs.append(self._logprob_entry(logprob_rows, row_of[seq_id], token,
-                                                        seq.row.params.logprobs or 0))
+                seq.logprobs.append(
+                    self._logprob_entry(
+                        logprob_rows, row_of[seq_id], token, seq.row.params.logprobs or 0
+                    )
+                )
             reason = finished.get(seq_id)
             if seq.detokenizer is not None:
                 step = seq.detokenizer.add_tokens([token], finished=reason is not None)
@@ -291,8 +320,11 @@ class LLMEngine:
                         self.scheduler.finish(seq.core_id, "stop")
                     reason = "stop"
             if reason is not None:
-                if reason == "stop" and seq.stop_reason is None and \
-                        token in seq.row.params.stop_token_ids:
+                if (
+                    reason == "stop"
+                    and seq.stop_reason is None
+                    and token in seq.row.params.stop_token_ids
+                ):
                     seq.stop_reason = token
                 seq.finish_reason = reason
                 del self._seqs[seq_id]

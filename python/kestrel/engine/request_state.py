@@ -69,7 +69,9 @@ class RequestState:
         )
 
 
-def child_generator(params: SamplingParams, index: int, device: torch.device) -> torch.Generator | None:
+def child_generator(
+    params: SamplingParams, index: int, device: torch.device
+) -> torch.Generator | None:
     """Sample `index` of a seeded request draws from its own generator (seed + index), so each
     of the n samples is reproducible on its own; unseeded requests share the engine's."""
     if params.seed is None or params.is_greedy:

@@ -78,8 +78,10 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.render_chat_prompt_ids(
-                list(conv), add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template, **template_kwargs,
+                list(conv),
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+                **template_kwargs,
             )
             for conv in conversations
         ]

@@ -70,8 +70,10 @@ class ModelRunner:
         shape = (num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
         # One (key_cache, value_cache) per layer, [num_blocks, block_size, num_kv_heads, head_dim].
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(model_config.num_hidden_layers)
         ]
         generator = torch.Generator(device=device)
