@@ -1,0 +1,97 @@
+"""Shared pieces of the benchmark scripts: model shape presets (random "dummy" weights with the
+real shapes), run metadata (device, commit), tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Real configs of the yardstick models (DESIGN.md section 4), for load_format="dummy".
+_QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+}
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-7b": {**_QWEN2, "vocab_size": 152064, "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "tie_word_embeddings": False},
+    "qwen2.5-0.5b": {**_QWEN2, "vocab_size": 151936, "hidden_size": 896,
+                     "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "tie_word_embeddings": True},
+}
+
+
+def model_dir_for(model: str) -> tuple[str, bool]:
+    """(directory, is_dummy): a preset name becomes a temp dir holding only its config.json."""
+    if model in SHAPES:
+        path = Path(tempfile.mkdtemp(prefix=f"kestrel-{model}-"))
+        (path / "config.json").write_text(json.dumps(SHAPES[model], indent=2))
+        return str(path), True
+    return model, False
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"cpu ({platform.machine()})"
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(h) for h in header]] + [
+        [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for k, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def bar_chart(path: str | None, title: str, labels: list[str], values: list[float],
+              ylabel: str) -> None:
+    """A PNG bar chart when matplotlib is installed (else a note); e.g. Kestrel vs transformers."""
+    if not path:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no chart written to {path})")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bars = ax.bar(labels, values, color=["#1f77b4", "#ff7f0e", "#2ca02c"][: len(values)])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,126 @@
+"""Batch-1 latency: time to first token (TTFT) and time per output token (TPOT), Kestrel vs
+Hugging Face transformers (`--compare-hf`) on the same model shape in the same run.
+
+    python benchmarks/latency.py --model qwen2.5-7b --compare-hf --json lat.json --png lat.png
+
+`--model` is a preset shape with random weights (qwen2.5-7b, qwen2.5-0.5b) or a model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    bar_chart,
+    commit,
+    device_name,
+    model_dir_for,
+    print_table,
+    write_json,
+)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kestrel_latency(model_dir: str, dummy: bool, args) -> dict:
+    from kestrel import LLM, SamplingParams
+
+    llm = LLM(model_dir, load_format="dummy" if dummy else "auto", dtype=args.dtype,
+              max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.batch_size,
+              enforce_eager=args.enforce_eager)
+    engine = llm.engine
+    prompt = torch.randint(100, 20000, (args.input_len,), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    ttfts, tpots = [], []
+    for it in range(args.warmup + args.iters):
+        for b in range(args.batch_size):
+            engine.add_request(f"lat-{it}-{b}", prompt.tolist(), params)
+        _sync()
+        t0 = time.perf_counter()
+        first = None
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            if first is None and any(o.outputs[0].token_ids for o in outs):
+                first = time.perf_counter()
+        end = time.perf_counter()
+        if it >= args.warmup:
+            ttfts.append(first - t0)
+            tpots.append((end - first) / (args.output_len - 1))
+    return {"ttft_ms": 1e3 * statistics.median(ttfts), "tpot_ms": 1e3 * statistics.median(tpots)}
+
+
+def hf_latency(model_dir: str, dummy: bool, args) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dummy:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    ids = torch.randint(100, 20000, (args.batch_size, args.input_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        _sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        _sync()
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    ttft = statistics.median(run(1) for _ in range(args.iters))
+    total = statistics.median(run(args.output_len) for _ in range(args.iters))
+    return {"ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * (total - ttft) / (args.output_len - 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--compare-hf", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--png")
+    args = ap.parse_args()
+
+    model_dir, dummy = model_dir_for(args.model)
+    results = {"kestrel": kestrel_latency(model_dir, dummy, args)}
+    if args.compare_hf:
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        results["transformers"] = hf_latency(model_dir, dummy, args)
+    rows = [[name, r["ttft_ms"], r["tpot_ms"]] for name, r in results.items()]
+    print_table(
+        f"latency  model={args.model} batch={args.batch_size} in={args.input_len} "
+        f"out={args.output_len} device={device_name()} commit={commit()}",
+        ["engine", "TTFT ms", "TPOT ms"], rows,
+    )
+    write_json(args.json, {"benchmark": "latency", "model": args.model, "device": device_name(),
+                           "commit": commit(), "args": vars(args), "results": results})
+    bar_chart(args.png, f"{args.model}: time per output token (batch {args.batch_size})",
+              list(results), [r["tpot_ms"] for r in results.values()], "ms / token")
+
+
+if __name__ == "__main__":
+    main()
