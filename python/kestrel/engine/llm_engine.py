@@ -23,6 +23,7 @@ from kestrel.engine.request_state import RequestState, SequenceState, child_gene
 from kestrel.loader import load_model, read_generation_config
 from kestrel.outputs import Logprob, RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner, SampleRow
+from kestrel.runner.cuda_graphs import kernels_available
 from kestrel.runner.model_runner import StepResult, kv_block_bytes
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -65,7 +66,16 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={mc.max_position_embeddings}"
             )
+        self.runner = ModelRunner(
+            self.model,
+            mc,
+            device=self.device,
+            dtype=self.dtype,
+            block_size=config.block_size,
+            seed=config.seed,
+        )
         num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = _core.Scheduler(
             _core.SchedulerConfig(
                 num_blocks=num_blocks,
@@ -78,15 +88,11 @@ class LLMEngine:
                 policy=config.scheduling_policy,
             )
         )
-        self.runner = ModelRunner(
-            self.model,
-            mc,
-            device=self.device,
-            dtype=self.dtype,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            seed=config.seed,
-        )
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if kernels_available():
+                self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+            else:
+                logger.warning("CUDA kernels not built: running without CUDA graphs")
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
         logger.info(
@@ -116,24 +122,53 @@ class LLMEngine:
         return tuple(dict.fromkeys(ids))
 
     def _num_kv_blocks(self) -> int:
+        """KV blocks from the memory budget. On CUDA: gpu_memory_utilization of the card minus
+        what is in use (weights), the profiled activation peak of the largest step, and a
+        reserve for CUDA graphs; on CPU: kv_cache_memory_gib."""
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         per_block = kv_block_bytes(self.model_config, cfg.block_size, self.dtype)
+        gib = float(1 << 30)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1.0 - cfg.gpu_memory_utilization) * total - (1 << 30)
+            used = total - free  # weights and anything else already on the card
+            peak = self.runner.profile_peak_bytes(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+            graph_reserve = 0 if cfg.enforce_eager else int(0.5 * gib)
+            budget = cfg.gpu_memory_utilization * total - used - peak - graph_reserve
+            logger.info(
+                "memory: %.2f GiB card, %.2f GiB in use (weights %.2f GiB), activation peak "
+                "%.2f GiB, graph reserve %.2f GiB -> KV budget %.2f GiB",
+                total / gib,
+                used / gib,
+                self._weight_bytes() / gib,
+                peak / gib,
+                graph_reserve / gib,
+                budget / gib,
+            )
         else:
-            budget = cfg.kv_cache_memory_gib * (1 << 30)
+            budget = cfg.kv_cache_memory_gib * gib
         # No more than every running sequence at full length could use.
         useful = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         num_blocks = min(int(budget // per_block), useful)
-        if num_blocks < 1:
+        if num_blocks < -(-self.max_model_len // cfg.block_size):
             raise ValueError(
-                f"not enough memory for a single KV block of {per_block} bytes; "
-                "lower max_model_len/max_num_seqs or raise the memory budget"
+                f"the KV cache budget ({budget / gib:.2f} GiB) holds {max(num_blocks, 0)} blocks "
+                f"of {cfg.block_size} tokens, fewer than one sequence of max_model_len="
+                f"{self.max_model_len} needs; lower max_model_len or raise "
+                "gpu_memory_utilization / kv_cache_memory_gib"
             )
+        tokens = num_blocks * cfg.block_size
+        logger.info(
+            "KV cache: %d blocks, %d tokens, up to %d sequences of max_model_len",
+            num_blocks,
+            tokens,
+            tokens // self.max_model_len,
+        )
         return num_blocks
+
+    def _weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams.from_generation_config(self.generation_config)

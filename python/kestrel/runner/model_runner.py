@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from kestrel.ops import AttentionMetadata
+from kestrel.runner.cuda_graphs import DecodeGraphs
+from kestrel.runner.staging import HostStager
 from kestrel.sample import Sampler, SamplerOutput, SamplingBatch
 
 if TYPE_CHECKING:
@@ -50,6 +52,12 @@ def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 class ModelRunner:
+    """Owns the model, its paged KV cache, the sampler and (on CUDA) the decode graphs.
+
+    Life cycle: construct -> `profile_peak_bytes()` (CUDA memory planning) ->
+    `allocate_kv_cache(num_blocks)` -> optionally `capture_decode_graphs()` -> `execute()`.
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -57,7 +65,6 @@ class ModelRunner:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        num_blocks: int,
         block_size: int,
         seed: int,
     ) -> None:
@@ -66,43 +73,101 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
-        # One (key_cache, value_cache) per layer, [num_blocks, block_size, num_kv_heads, head_dim].
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(model_config.num_hidden_layers)
-        ]
+        self.num_blocks = 0
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
         self.vocab_size = model_config.vocab_size
+        self.stager = HostStager(device)
+        self.graphs: DecodeGraphs | None = None
 
-    def _to_device(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if dtype is not None:
-            t = t.to(dtype)
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+    def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
+        mc = self.model_config
+        return (num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One (key_cache, value_cache) per layer, [num_blocks, block_size, num_kv_heads,
+        head_dim] each."""
+        shape = self._kv_shape(num_blocks)
+        self.num_blocks = num_blocks
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.model_config.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """CUDA only: activation memory of the largest step (num_tokens tokens over num_seqs
+        prefill sequences, num_seqs sampled rows), measured with a throw-away KV cache."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        per_seq = -(-num_tokens // num_seqs)
+        blocks_per_seq = -(-per_seq // self.block_size)
+        scratch = torch.zeros(
+            self._kv_shape(num_seqs * blocks_per_seq), dtype=self.dtype, device=self.device
+        )
+        kv = [(scratch, scratch)] * self.model_config.num_hidden_layers
+        lens = [per_seq] * (num_tokens // per_seq) + (
+            [num_tokens % per_seq] if num_tokens % per_seq else []
+        )
+        qsl = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        tables = torch.arange(len(lens) * blocks_per_seq, dtype=torch.int32).view(len(lens), -1)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=qsl.to(self.device),
+            seq_lens=seq_lens.to(self.device),
+            block_tables=tables.to(self.device),
+            num_decodes=0,
+            num_decode_tokens=0,
+            max_query_len=per_seq,
+            max_seq_len=per_seq,
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        hidden = self.model(ids, ids, kv, meta)
+        rows = hidden[torch.arange(min(num_seqs, num_tokens), device=self.device)]
+        logits = self.model.compute_logits(rows)
+        # The sampler's working set: a few [S, vocab] fp32 tensors (probabilities, noise, sort).
+        work = torch.empty((4, *logits.shape), dtype=torch.float32, device=self.device)
+        del work, logits, rows, hidden
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del scratch, kv
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        self.graphs.capture()
 
     def build_attention_metadata(self, out: SchedulerOutput) -> AttentionMetadata:
-        qsl_cpu = torch.from_numpy(out.query_start_loc)
-        seq_lens_cpu = torch.from_numpy(out.seq_lens)
+        stage = self.stager.to_device
         return AttentionMetadata(
-            slot_mapping=self._to_device(out.slot_mapping),
-            query_start_loc=self._to_device(out.query_start_loc),
-            seq_lens=self._to_device(out.seq_lens),
-            block_tables=self._to_device(out.block_tables),
+            slot_mapping=stage(out.slot_mapping),
+            query_start_loc=stage(out.query_start_loc),
+            seq_lens=stage(out.seq_lens),
+            block_tables=stage(out.block_tables),
             num_decodes=out.num_decodes,
             num_decode_tokens=out.num_decodes,
             max_query_len=out.max_query_len,
             max_seq_len=out.max_seq_len,
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=seq_lens_cpu,
+            query_start_loc_cpu=torch.from_numpy(out.query_start_loc),
+            seq_lens_cpu=torch.from_numpy(out.seq_lens),
         )
 
     @torch.inference_mode()
@@ -112,14 +177,13 @@ class ModelRunner:
             raise ValueError(f"{len(rows)} sample rows for {out.num_sampled} logits indices")
         if out.num_tokens == 0:
             return StepResult(np.zeros(0, dtype=np.int64), None)
-        input_ids = self._to_device(out.input_ids, torch.int64)
-        positions = self._to_device(out.positions, torch.int64)
-        metadata = self.build_attention_metadata(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
-        if out.num_sampled == 0:
-            return StepResult(np.zeros(0, dtype=np.int64), None)
-        logits_indices = self._to_device(out.logits_indices, torch.int64)
-        logits = self.model.compute_logits(hidden[logits_indices])  # [S, vocab] fp32
+        self.stager.begin_step()
+        if self.graphs is not None and out.num_sampled == out.num_reqs and self.graphs.can_run(out):
+            logits = self.graphs.run(out, self.stager.to_device)  # [S, vocab] fp32
+        else:
+            logits = self._forward_eager(out)
+            if logits is None:
+                return StepResult(np.zeros(0, dtype=np.int64), None)
         batch = SamplingBatch.build(
             [r.params for r in rows],
             [r.prompt_token_ids for r in rows],
@@ -131,3 +195,15 @@ class ModelRunner:
         )
         sampled = self.sampler(logits, batch)
         return StepResult(sampled.sampled_token_ids.cpu().numpy(), sampled)
+
+    def _forward_eager(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits [S, vocab] fp32 of the sampled rows, or None when no row is sampled."""
+        stage = self.stager.to_device
+        input_ids = stage(out.input_ids, torch.int64)
+        positions = stage(out.positions, torch.int64)
+        metadata = self.build_attention_metadata(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+        if out.num_sampled == 0:
+            return None
+        logits_indices = stage(out.logits_indices, torch.int64)
+        return self.model.compute_logits(hidden[logits_indices])

@@ -1,0 +1,147 @@
+"""CUDA graphs for decode-only steps, captured once per bucketed batch size.
+
+A decode step (every request has one query token) is replayed from a graph: the step's arrays
+are copied into static device buffers, rows past the real batch are padding (slot -1, so nothing
+is written to the KV cache; context length 1 over block 0, so attention reads valid memory), and
+the graph recomputes hidden states and logits for the whole bucket. Graphs share one memory
+pool, captured largest first. The attention kernels size their work from the captured
+`max_seq_len` (the engine's max_model_len) and each row's `seq_lens`, so one graph serves every
+context length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from kestrel.ops import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kestrel._core import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def kernels_available() -> bool:
+    """Whether the compiled CUDA kernels can be used (graphs need them: the torch reference
+    ops synchronize with the host)."""
+    if os.environ.get("KESTREL_DISABLE_KERNELS") == "1":
+        return False
+    try:
+        import kestrel._kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_num_seqs (which is always included)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
+    sizes += list(range(8, max_num_seqs, 8))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        b = self.sizes[-1]
+        i64 = {"dtype": torch.int64, "device": device}
+        i32 = {"dtype": torch.int32, "device": device}
+        self.input_ids = torch.zeros(b, **i64)
+        self.positions = torch.zeros(b, **i64)
+        self.slot_mapping = torch.full((b,), -1, **i64)
+        self.seq_lens = torch.ones(b, **i32)
+        self.query_start_loc = torch.arange(b + 1, **i32)
+        self.block_tables = torch.zeros(b, self.max_blocks, **i32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            num_decodes=bs,
+            num_decode_tokens=bs,
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32),
+            # Shape-defining host copy: the longest context a graph must serve.
+            seq_lens_cpu=torch.full((bs,), self.max_model_len, dtype=torch.int32),
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(
+            self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs)
+        )
+        return self.model.compute_logits(hidden)  # [bs, vocab] fp32
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in tqdm(list(reversed(self.sizes)), desc="capturing CUDA graphs"):
+                for _ in range(2):  # warm-up: lazy inits and autotuning happen outside capture
+                    self._forward(bs)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[bs] = self._forward(bs)
+                pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        logger.info(
+            "captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
+            len(self.sizes),
+            self.sizes[-1],
+            time.perf_counter() - start,
+        )
+
+    def can_run(self, out: SchedulerOutput) -> bool:
+        n = out.num_reqs
+        return (
+            n > 0
+            and out.num_decodes == n
+            and n <= self.sizes[-1]
+            and out.max_blocks_per_seq <= self.max_blocks
+        )
+
+    def run(self, out: SchedulerOutput, stage) -> torch.Tensor:
+        """Replays the smallest graph that holds the batch; returns logits [n, vocab]."""
+        n = out.num_reqs
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(stage(out.input_ids, torch.int64), non_blocking=True)
+        self.positions[:n].copy_(stage(out.positions, torch.int64), non_blocking=True)
+        self.slot_mapping[:n].copy_(stage(out.slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(stage(out.seq_lens), non_blocking=True)
+        width = out.max_blocks_per_seq
+        self.block_tables[:n, :width].copy_(stage(out.block_tables), non_blocking=True)
+        if bs > n:  # padding rows: write nothing, attend to one position of block 0
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
+            self.block_tables[n:bs, 0].fill_(0)
+            self.positions[n:bs].fill_(0)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
