@@ -21,6 +21,9 @@ from kestrel import _core
 from kestrel.config import EngineConfig
 from kestrel.engine.request_state import RequestState, SequenceState, child_generator
 from kestrel.loader import load_model, read_generation_config
+from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
+from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
+from kestrel.model_source import resolve_model
 from kestrel.outputs import Logprob, RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner, SampleRow
 from kestrel.runner.cuda_graphs import kernels_available
@@ -51,13 +54,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _resolve_device(config.device)
-        model_dir = Path(config.model)
-        self.model, self.model_config = load_model(
-            model_dir, config.dtype, self.device, config.load_format, seed=config.seed
-        )
+        self.model_source = resolve_model(config.model)
+        if self.model_source.is_gguf:
+            self._load_gguf(self.model_source.path)
+        else:
+            model_dir = self.model_source.path
+            self.model, self.model_config = load_model(
+                model_dir, config.dtype, self.device, config.load_format, seed=config.seed
+            )
+            self.tokenizer = self._load_tokenizer(Path(config.tokenizer or model_dir))
+            self.generation_config = read_generation_config(model_dir)
         self.dtype = next(self.model.parameters()).dtype
-        self.tokenizer = self._load_tokenizer(Path(config.tokenizer or model_dir))
-        self.generation_config = read_generation_config(model_dir)
         self.eos_token_ids = self._eos_ids()
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -108,7 +115,30 @@ class LLMEngine:
 
     # ---- set-up ---------------------------------------------------------------------------
 
+    def _load_gguf(self, path: Path) -> None:
+        """Model, tokenizer and generation defaults from one GGUF file (parsed once)."""
+        if self.config.load_format not in ("auto", "gguf", "dummy"):
+            raise ValueError(
+                f"load_format={self.config.load_format!r} cannot read the GGUF file {path}; "
+                "use auto, gguf or dummy"
+            )
+        gguf_file = GGUFFile(path)
+        self.model, self.model_config = load_gguf_model(
+            gguf_file,
+            self.config.dtype,
+            self.device,
+            dummy=self.config.load_format == "dummy",
+            seed=self.config.seed,
+        )
+        if self.config.tokenizer is not None:
+            self.tokenizer = self._load_tokenizer(Path(self.config.tokenizer))
+        else:
+            self.tokenizer = load_gguf_tokenizer(gguf_file)
+        self.generation_config = gguf_generation_config(gguf_file)
+
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
+        if path.suffix.lower() == ".gguf":
+            return load_gguf_tokenizer(GGUFFile(path))
         if self.config.tokenizer is None and not (path / "tokenizer.json").is_file():
             logger.warning("%s has no tokenizer.json: only token-id prompts are accepted", path)
             return None
@@ -183,9 +213,12 @@ class LLMEngine:
         *,
         priority: int = 0,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> None:
         """Queues a request (a text prompt or token ids). Raises ValueError for bad input;
-        nothing is queued then."""
+        nothing is queued then. With stream=False, step() returns this request's output only
+        once it has finished (cheaper: no per-step output, and the text is decoded at the end
+        unless stop strings need it earlier)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else self.default_sampling_params()
@@ -197,6 +230,7 @@ class LLMEngine:
             prompt_token_ids=prompt_ids,
             params=params,
             metrics=RequestMetrics(arrival_time or time.time()),
+            stream=stream,
         )
         core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         added: list[str] = []
@@ -213,7 +247,7 @@ class LLMEngine:
                     priority=priority,
                 )
                 added.append(core_id)
-                seq = self._new_sequence(core_id, index, params, prompt_ids)
+                seq = self._new_sequence(core_id, index, params, prompt_ids, stream)
                 state.seqs.append(seq)
                 self._seqs[seq_id] = (state, seq)
         except (ValueError, KeyError):
@@ -251,7 +285,12 @@ class LLMEngine:
             raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
 
     def _new_sequence(
-        self, core_id: str, index: int, params: SamplingParams, prompt_ids: list[int]
+        self,
+        core_id: str,
+        index: int,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        stream: bool,
     ) -> SequenceState:
         detok = None
         if self.tokenizer is not None and params.detokenize:
@@ -270,8 +309,15 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
         )
         logprobs = [] if params.logprobs is not None else None
+        # Without streaming or stop strings, text is only needed at the end: decode it then.
+        lazy = detok is not None and not stream and not params.stop
         return SequenceState(
-            core_id=core_id, index=index, row=row, detokenizer=detok, logprobs=logprobs
+            core_id=core_id,
+            index=index,
+            row=row,
+            detokenizer=detok,
+            logprobs=logprobs,
+            lazy_detokenize=lazy,
         )
 
     def abort_request(self, request_id: str) -> None:
@@ -345,8 +391,9 @@ class LLMEngine:
                     )
                 )
             reason = finished.get(seq_id)
-            if seq.detokenizer is not None:
-                step = seq.detokenizer.add_tokens([token], finished=reason is not None)
+            if seq.detokenizer is not None and (not seq.lazy_detokenize or reason is not None):
+                new_ids = seq.row.output_token_ids if seq.lazy_detokenize else [token]
+                step = seq.detokenizer.add_tokens(new_ids, finished=reason is not None)
                 seq.text = seq.detokenizer.output_text
                 seq.text_delta += step.text_delta
                 if step.stop_reason is not None:
@@ -363,12 +410,15 @@ class LLMEngine:
                     seq.stop_reason = token
                 seq.finish_reason = reason
                 del self._seqs[seq_id]
-            changed[state.request_id] = state
+            if state.stream or reason is not None:
+                changed[state.request_id] = state
         return changed
 
     def _collect(self, changed: dict[str, RequestState], now: float) -> list[RequestOutput]:
         outputs = []
         for request_id, state in changed.items():
+            if not state.stream and not state.finished:
+                continue
             if state.finished:
                 state.metrics.finished_time = now
                 self._requests.pop(request_id, None)

@@ -21,6 +21,7 @@ class SequenceState:
     row: SampleRow  # shared with the runner: params, prompt and output ids, generator
     detokenizer: IncrementalDetokenizer | None
     logprobs: SampleLogprobs | None
+    lazy_detokenize: bool = False  # feed the detokenizer once, when the sequence finishes
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""
@@ -52,6 +53,7 @@ class RequestState:
     prompt_token_ids: list[int]
     params: SamplingParams
     metrics: RequestMetrics
+    stream: bool = True  # False: only the final output is reported
     seqs: list[SequenceState] = field(default_factory=list)
 
     @property

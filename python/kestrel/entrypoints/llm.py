@@ -20,10 +20,11 @@ Message = dict[str, Any]
 class LLM:
     """Generates for a batch of prompts through the engine's continuous batching.
 
-    Keyword arguments are EngineConfig fields (dtype, max_model_len, block_size, ...).
+    `model`: a Hugging Face model directory, a .gguf file, a Hugging Face model id, or None for
+    the default model. Keyword arguments are EngineConfig fields (dtype, max_model_len, ...).
     """
 
-    def __init__(self, model: str, **engine_args: Any) -> None:
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
@@ -54,7 +55,7 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, self._unwrap(prompt), params)
+                self.engine.add_request(request_id, self._unwrap(prompt), params, stream=False)
                 order[request_id] = i
         except Exception:
             for request_id in order:

@@ -8,7 +8,7 @@ projected to logits and sampled, and the sampled ids come back to the host in on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,20 @@ class SampleRow:
     output_token_ids: list[int]
     generator: torch.Generator | None
     eos_token_ids: tuple[int, ...]
+    # Argmax of the raw logits is the whole sampling: greedy, no logit edits, no logprobs.
+    plain_greedy: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.plain_greedy = (
+            p.is_greedy
+            and p.logprobs is None
+            and not p.logit_bias
+            and p.min_tokens == 0
+            and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0
+        )
 
 
 @dataclass
@@ -184,6 +198,8 @@ class ModelRunner:
             logits = self._forward_eager(out)
             if logits is None:
                 return StepResult(np.zeros(0, dtype=np.int64), None)
+        if all(r.plain_greedy for r in rows):  # fast path: no per-row tensors to build
+            return StepResult(logits.argmax(dim=-1).cpu().numpy(), None)
         batch = SamplingBatch.build(
             [r.params for r in rows],
             [r.prompt_token_ids for r in rows],
