@@ -50,6 +50,14 @@ std::vector<int32_t> to_token_vector(const py::handle& obj, const char* what) {
   return out;
 }
 
+int32_t checked_block(const BlockPool& p, int32_t id) {
+  if (id < 0 || id >= p.num_blocks()) {
+    throw py::value_error("block id " + std::to_string(id) + " is out of range [0, " +
+                          std::to_string(p.num_blocks()) + ")");
+  }
+  return id;
+}
+
 FinishReason parse_reason(const std::string& reason) {
   if (reason == "stop") return FinishReason::kStop;
   if (reason == "length") return FinishReason::kLength;
@@ -78,8 +86,8 @@ py::dict request_info(const Request& r, const Scheduler& s) {
   d["status"] = status_name(r.status);
   d["num_prompt_tokens"] = r.num_prompt_tokens;
   d["num_computed_tokens"] = r.num_computed_tokens;
-  d["output_token_ids"] = std::vector<int32_t>(r.output_token_ids().begin(),
-                                               r.output_token_ids().end());
+  d["output_token_ids"] =
+      std::vector<int32_t>(r.output_token_ids().begin(), r.output_token_ids().end());
   d["num_preemptions"] = r.num_preemptions;
   d["num_cached_prompt_tokens"] = r.num_cached_prompt_tokens;
   d["block_table"] = s.block_table(r.seq_id);
@@ -129,13 +137,20 @@ PYBIND11_MODULE(_core, m) {
   using Out = SchedulerOutput;
   py::class_<Out, std::shared_ptr<Out>>(m, "SchedulerOutput")
       .def_readonly("step", &Out::step)
-      .def_property_readonly("input_ids", [](py::object o) { return view(o.cast<Out&>().input_ids, o); })
-      .def_property_readonly("positions", [](py::object o) { return view(o.cast<Out&>().positions, o); })
-      .def_property_readonly("slot_mapping", [](py::object o) { return view(o.cast<Out&>().slot_mapping, o); })
-      .def_property_readonly("seq_ids", [](py::object o) { return view(o.cast<Out&>().seq_ids, o); })
-      .def_property_readonly("query_start_loc", [](py::object o) { return view(o.cast<Out&>().query_start_loc, o); })
-      .def_property_readonly("seq_lens", [](py::object o) { return view(o.cast<Out&>().seq_lens, o); })
-      .def_property_readonly("context_lens", [](py::object o) { return view(o.cast<Out&>().context_lens, o); })
+      .def_property_readonly("input_ids",
+                             [](py::object o) { return view(o.cast<Out&>().input_ids, o); })
+      .def_property_readonly("positions",
+                             [](py::object o) { return view(o.cast<Out&>().positions, o); })
+      .def_property_readonly("slot_mapping",
+                             [](py::object o) { return view(o.cast<Out&>().slot_mapping, o); })
+      .def_property_readonly("seq_ids",
+                             [](py::object o) { return view(o.cast<Out&>().seq_ids, o); })
+      .def_property_readonly("query_start_loc",
+                             [](py::object o) { return view(o.cast<Out&>().query_start_loc, o); })
+      .def_property_readonly("seq_lens",
+                             [](py::object o) { return view(o.cast<Out&>().seq_lens, o); })
+      .def_property_readonly("context_lens",
+                             [](py::object o) { return view(o.cast<Out&>().context_lens, o); })
       .def_property_readonly("block_tables",
                              [](py::object o) {
                                const Out& out = o.cast<Out&>();
@@ -147,9 +162,13 @@ PYBIND11_MODULE(_core, m) {
                                     static_cast<py::ssize_t>(sizeof(int32_t))},
                                    out.block_tables.data(), o);
                              })
-      .def_property_readonly("logits_indices", [](py::object o) { return view(o.cast<Out&>().logits_indices, o); })
-      .def_property_readonly("sampled_request_indices", [](py::object o) { return view(o.cast<Out&>().sampled_request_indices, o); })
-      .def_property_readonly("preempted_seq_ids", [](py::object o) { return view(o.cast<Out&>().preempted_seq_ids, o); })
+      .def_property_readonly("logits_indices",
+                             [](py::object o) { return view(o.cast<Out&>().logits_indices, o); })
+      .def_property_readonly(
+          "sampled_request_indices",
+          [](py::object o) { return view(o.cast<Out&>().sampled_request_indices, o); })
+      .def_property_readonly("preempted_seq_ids",
+                             [](py::object o) { return view(o.cast<Out&>().preempted_seq_ids, o); })
       .def_readonly("num_decodes", &Out::num_decodes)
       .def_readonly("max_query_len", &Out::max_query_len)
       .def_readonly("max_seq_len", &Out::max_seq_len)
@@ -159,9 +178,13 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_sampled", [](const Out& o) { return o.logits_indices.size(); });
 
   py::class_<UpdateOutput, std::shared_ptr<UpdateOutput>>(m, "UpdateOutput")
-      .def_property_readonly("seq_ids", [](py::object o) { return view(o.cast<UpdateOutput&>().seq_ids, o); })
-      .def_property_readonly("token_ids", [](py::object o) { return view(o.cast<UpdateOutput&>().token_ids, o); })
-      .def_property_readonly("finished_seq_ids", [](py::object o) { return view(o.cast<UpdateOutput&>().finished_seq_ids, o); })
+      .def_property_readonly("seq_ids",
+                             [](py::object o) { return view(o.cast<UpdateOutput&>().seq_ids, o); })
+      .def_property_readonly(
+          "token_ids", [](py::object o) { return view(o.cast<UpdateOutput&>().token_ids, o); })
+      .def_property_readonly(
+          "finished_seq_ids",
+          [](py::object o) { return view(o.cast<UpdateOutput&>().finished_seq_ids, o); })
       .def_property_readonly("finish_reasons", [](const UpdateOutput& u) {
         py::list reasons;
         for (const FinishReason r : u.finish_reasons) reasons.append(to_string(r));
@@ -180,19 +203,22 @@ PYBIND11_MODULE(_core, m) {
              if (!p.allocate(n, ids)) return std::nullopt;
              return ids;
            })
-      .def("touch", [](BlockPool& p, int32_t id) {
-        if (id < 0 || id >= p.num_blocks()) throw py::value_error("block id out of range");
-        p.touch(id);
-      })
-      .def("release", [](BlockPool& p, const std::vector<int32_t>& ids) {
-        for (const int32_t id : ids) {
-          if (id < 0 || id >= p.num_blocks() || p.block(id).ref_cnt == 0) {
-            throw py::value_error("block " + std::to_string(id) + " is not in use");
-          }
-        }
-        p.release(ids);
-      })
-      .def("ref_count", [](const BlockPool& p, int32_t id) { return p.block(id).ref_cnt; })
+      .def("touch",
+           [](BlockPool& p, int32_t id) {
+             if (id < 0 || id >= p.num_blocks()) throw py::value_error("block id out of range");
+             p.touch(id);
+           })
+      .def("release",
+           [](BlockPool& p, const std::vector<int32_t>& ids) {
+             for (const int32_t id : ids) {
+               if (id < 0 || id >= p.num_blocks() || p.block(id).ref_cnt == 0) {
+                 throw py::value_error("block " + std::to_string(id) + " is not in use");
+               }
+             }
+             p.release(ids);
+           })
+      .def("ref_count",
+           [](const BlockPool& p, int32_t id) { return p.block(checked_block(p, id)).ref_cnt; })
       .def("free_list", &BlockPool::free_list)
       .def_property_readonly("num_blocks", &BlockPool::num_blocks)
       .def_property_readonly("num_free_blocks", &BlockPool::num_free_blocks);
@@ -207,9 +233,9 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "add_request",
           [](Scheduler& s, const std::string& request_id, const py::handle& prompt_token_ids,
-             std::optional<int32_t> max_tokens, int32_t min_tokens,
-             const py::handle& eos_token_ids, const py::handle& stop_token_ids, bool ignore_eos,
-             int32_t priority, const std::string& cache_salt) {
+             std::optional<int32_t> max_tokens, int32_t min_tokens, const py::handle& eos_token_ids,
+             const py::handle& stop_token_ids, bool ignore_eos, int32_t priority,
+             const std::string& cache_salt) {
             AddRequestArgs args;
             args.request_id = request_id;
             args.prompt_token_ids = to_token_vector(prompt_token_ids, "prompt_token_ids");
@@ -239,23 +265,26 @@ PYBIND11_MODULE(_core, m) {
              raise_if_error(s.schedule(out));
              return out;
            })
-      .def("update",
-           [](Scheduler& s, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& ids) {
-             if (ids.ndim() != 1) throw py::value_error("sampled token ids must be 1-D");
-             auto out = std::make_shared<UpdateOutput>();
-             raise_if_error(
-                 s.update(std::span<const int64_t>(ids.data(), ids.size()), *out));
-             return out;
-           },
-           py::arg("sampled_token_ids"))
+      .def(
+          "update",
+          [](Scheduler& s,
+             const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& ids) {
+            if (ids.ndim() != 1) throw py::value_error("sampled token ids must be 1-D");
+            auto out = std::make_shared<UpdateOutput>();
+            raise_if_error(s.update(std::span<const int64_t>(ids.data(), ids.size()), *out));
+            return out;
+          },
+          py::arg("sampled_token_ids"))
       .def("abort", [](Scheduler& s, const std::string& id) { raise_if_error(s.abort(id)); })
-      .def("finish",
-           [](Scheduler& s, const std::string& id, const std::string& reason) {
-             raise_if_error(s.finish(id, parse_reason(reason)));
-           },
-           py::arg("request_id"), py::arg("reason"))
+      .def(
+          "finish",
+          [](Scheduler& s, const std::string& id, const std::string& reason) {
+            raise_if_error(s.finish(id, parse_reason(reason)));
+          },
+          py::arg("request_id"), py::arg("reason"))
       .def("has_unfinished_requests", &Scheduler::has_unfinished_requests)
-      .def("contains", [](const Scheduler& s, const std::string& id) { return s.find(id) != nullptr; })
+      .def("contains",
+           [](const Scheduler& s, const std::string& id) { return s.find(id) != nullptr; })
       .def("request_info",
            [](const Scheduler& s, const std::string& id) {
              const Request* r = s.find(id);
@@ -267,7 +296,10 @@ PYBIND11_MODULE(_core, m) {
       .def("block_table", [](const Scheduler& s, int64_t seq_id) { return s.block_table(seq_id); })
       .def("free_block_ids", [](const Scheduler& s) { return s.kv_cache().pool().free_list(); })
       .def("block_ref_count",
-           [](const Scheduler& s, int32_t id) { return s.kv_cache().pool().block(id).ref_cnt; })
+           [](const Scheduler& s, int32_t id) {
+             const BlockPool& p = s.kv_cache().pool();
+             return p.block(checked_block(p, id)).ref_cnt;
+           })
       .def_property_readonly("config", &Scheduler::config)
       .def("stats", [](const Scheduler& s) {
         const SchedulerStats st = s.stats();

@@ -109,8 +109,7 @@ void KVCacheManager::register_full_blocks(Request& request, Table& table, int32_
   for (int32_t i = table.num_registered; i < num_full; ++i) {
     const int32_t parent = i == 0 ? -1 : table.blocks[i - 1];
     pool_.register_cached(table.blocks[i], request.block_hashes[i],
-                          tokens.subspan(i * block_size_, block_size_), parent,
-                          request.cache_salt);
+                          tokens.subspan(i * block_size_, block_size_), parent, request.cache_salt);
   }
   table.num_registered = num_full;
 }

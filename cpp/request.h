@@ -24,7 +24,7 @@ struct StopCriteria {
 
 struct Request {
   std::string request_id;
-  int64_t seq_id = 0;             // unique, increasing: doubles as the arrival order
+  int64_t seq_id = 0;              // unique, increasing: doubles as the arrival order
   std::vector<int32_t> token_ids;  // prompt tokens followed by output tokens
   int32_t num_prompt_tokens = 0;
   // Tokens whose KV is in the cache (or is being computed by the step just scheduled).

@@ -32,8 +32,7 @@ Status SchedulerConfig::validate() const {
 }
 
 Scheduler::Scheduler(const SchedulerConfig& config)
-    : config_(config),
-      kv_(config.num_blocks, config.block_size, config.enable_prefix_caching) {
+    : config_(config), kv_(config.num_blocks, config.block_size, config.enable_prefix_caching) {
   running_.reserve(config.max_num_seqs);
 }
 
@@ -53,10 +52,10 @@ Status Scheduler::add_request(AddRequestArgs args, int64_t& seq_id) {
     return Status::InvalidArgument("request '" + id + "': the prompt is empty");
   }
   if (num_prompt >= config_.max_model_len) {
-    return Status::InvalidArgument(
-        "request '" + id + "': the prompt has " + str(num_prompt) +
-        " tokens; it must be shorter than max_model_len (" + str(config_.max_model_len) +
-        ") to leave room for at least one output token");
+    return Status::InvalidArgument("request '" + id + "': the prompt has " + str(num_prompt) +
+                                   " tokens; it must be shorter than max_model_len (" +
+                                   str(config_.max_model_len) +
+                                   ") to leave room for at least one output token");
   }
   for (const int32_t t : args.prompt_token_ids) {
     if (t < 0) return Status::InvalidArgument("request '" + id + "': negative token id " + str(t));
@@ -76,16 +75,16 @@ Status Scheduler::add_request(AddRequestArgs args, int64_t& seq_id) {
   const int32_t longest = num_prompt + std::min(stop.max_tokens, room);
   const int32_t blocks_needed = ceil_div(longest, config_.block_size);
   if (blocks_needed > config_.num_blocks) {
-    return Status::ResourceExhausted(
-        "request '" + id + "' may need " + str(longest) + " tokens of KV cache (" +
-        str(blocks_needed) + " blocks) but the cache has only " + str(config_.num_blocks) +
-        " blocks of " + str(config_.block_size) + " tokens");
+    return Status::ResourceExhausted("request '" + id + "' may need " + str(longest) +
+                                     " tokens of KV cache (" + str(blocks_needed) +
+                                     " blocks) but the cache has only " + str(config_.num_blocks) +
+                                     " blocks of " + str(config_.block_size) + " tokens");
   }
   if (!config_.enable_chunked_prefill && longest > config_.max_num_batched_tokens) {
-    return Status::InvalidArgument(
-        "request '" + id + "' may need " + str(longest) +
-        " tokens in one step but max_num_batched_tokens is " +
-        str(config_.max_num_batched_tokens) + " and chunked prefill is disabled");
+    return Status::InvalidArgument("request '" + id + "' may need " + str(longest) +
+                                   " tokens in one step but max_num_batched_tokens is " +
+                                   str(config_.max_num_batched_tokens) +
+                                   " and chunked prefill is disabled");
   }
 
   auto request = std::make_unique<Request>();
@@ -244,8 +243,8 @@ void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& sc
   for (const auto& entry : scheduled) {
     if (entry.second == 1) order.push_back(&entry);
     num_tokens += entry.second;
-    max_blocks = std::max(max_blocks, static_cast<int32_t>(
-                                          kv_.block_table(entry.first->seq_id).size()));
+    max_blocks =
+        std::max(max_blocks, static_cast<int32_t>(kv_.block_table(entry.first->seq_id).size()));
   }
   out.num_decodes = static_cast<int32_t>(order.size());
   for (const auto& entry : scheduled) {

@@ -43,9 +43,9 @@ struct SchedulerOutput {
   // Per request, [num_reqs] (query_start_loc has num_reqs + 1 entries).
   std::vector<int64_t> seq_ids;
   std::vector<int32_t> query_start_loc;
-  std::vector<int32_t> seq_lens;       // context length after this step
-  std::vector<int32_t> context_lens;   // tokens already computed before this step
-  std::vector<int32_t> block_tables;   // [num_reqs, max_blocks_per_seq], padded with -1
+  std::vector<int32_t> seq_lens;      // context length after this step
+  std::vector<int32_t> context_lens;  // tokens already computed before this step
+  std::vector<int32_t> block_tables;  // [num_reqs, max_blocks_per_seq], padded with -1
   int32_t max_blocks_per_seq = 0;
   // Rows whose logits are sampled, [num_sampled]: the last row of each request that reaches its
   // end this step, and the index of that request in seq_ids.
@@ -111,9 +111,7 @@ class Scheduler {
   bool has_unfinished_requests() const { return !requests_.empty(); }
   const Request* find(const std::string& request_id) const;
   const Request* find(int64_t seq_id) const;
-  const std::vector<int32_t>& block_table(int64_t seq_id) const {
-    return kv_.block_table(seq_id);
-  }
+  const std::vector<int32_t>& block_table(int64_t seq_id) const { return kv_.block_table(seq_id); }
   const SchedulerConfig& config() const { return config_; }
   const KVCacheManager& kv_cache() const { return kv_; }
   SchedulerStats stats() const;
