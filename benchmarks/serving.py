@@ -1,0 +1,322 @@
+"""Serving benchmark: a streaming load generator for any OpenAI-compatible server.
+
+For each (request rate, max concurrency) pair it sends `--num-prompts` streaming requests
+(Poisson arrivals at the rate; `inf` = all at once), at most `--max-concurrency` in flight, and
+reports per request: TTFT (send -> first token), TPOT ((e2e - TTFT) / (output tokens - 1)),
+ITL (gaps between streamed chunks) and end-to-end latency, as mean/p50/p90/p99, plus request and
+token throughput. Prints a table and writes JSON (`--out`).
+
+    kestrel serve MODEL &
+    python benchmarks/serving.py --base-url http://127.0.0.1:8000 \\
+        --request-rate 1 4 inf --max-concurrency 16 --num-prompts 64 --out serving.json
+
+Prompts are random words (about one token each for common tokenizers), so nothing is
+downloaded; `ignore_eos` (a vLLM/Kestrel extension) keeps output lengths fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+_WORDS = [
+    "the",
+    "kestrel",
+    "hovers",
+    "over",
+    "open",
+    "fields",
+    "and",
+    "hunts",
+    "small",
+    "mammals",
+    "insects",
+    "birds",
+    "while",
+    "wind",
+    "carries",
+    "it",
+    "above",
+    "hills",
+    "rivers",
+    "towns",
+    "roads",
+    "farms",
+    "forests",
+    "each",
+    "morning",
+    "evening",
+    "season",
+    "year",
+]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    output_tokens: int = 0
+    ttft_s: float = float("nan")
+    e2e_s: float = float("nan")
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float:
+        if self.output_tokens < 2:
+            return float("nan")
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+def make_prompts(n: int, input_len: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        f"{i}: " + " ".join(rng.choice(_WORDS) for _ in range(max(1, input_len - 2)))
+        for i in range(n)
+    ]
+
+
+def request_body(args: argparse.Namespace, model: str, prompt: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": args.output_len,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if args.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    text = ""
+    for choice in chunk.get("choices") or []:
+        if "delta" in choice:
+            text += choice["delta"].get("content") or ""
+        else:
+            text += choice.get("text") or ""
+    return text
+
+
+async def one_request(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> RequestResult:
+    result = RequestResult(ok=False)
+    start = time.perf_counter()
+    last = start
+    chunks = 0
+    try:
+        async with http.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = str(chunk["error"])
+                    return result
+                now = time.perf_counter()
+                if chunk_text(chunk):
+                    chunks += 1
+                    if math.isnan(result.ttft_s):
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.e2e_s = time.perf_counter() - start
+    result.output_tokens = result.output_tokens or chunks
+    result.ok = not math.isnan(result.ttft_s)
+    if not result.ok:
+        result.error = "no token was streamed"
+    return result
+
+
+async def run_scenario(
+    args: argparse.Namespace, model: str, rate: float, concurrency: int | None
+) -> dict[str, Any]:
+    url = args.base_url.rstrip("/") + (
+        "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+    )
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    prompts = make_prompts(args.num_prompts, args.input_len, args.seed)
+    rng = random.Random(args.seed + 1)
+    limit = asyncio.Semaphore(concurrency or len(prompts))
+    timeout = httpx.Timeout(args.timeout, connect=30.0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        for _ in range(args.warmup):
+            await one_request(http, url, request_body(args, model, prompts[0]), headers)
+
+        async def limited(prompt: str) -> RequestResult:
+            async with limit:
+                return await one_request(http, url, request_body(args, model, prompt), headers)
+
+        tasks = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(limited(prompt)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(results, duration, rate, concurrency)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    values = sorted(v for v in values if not math.isnan(v))
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+
+    def pct(q: float) -> float:
+        pos = (len(values) - 1) * q
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+    return {"mean": sum(values) / len(values), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
+
+
+def summarize(
+    results: list[RequestResult], duration: float, rate: float, concurrency: int | None
+) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+
+    def to_ms(stats: dict[str, float]) -> dict[str, float]:
+        return {k: v * 1000.0 for k, v in stats.items()}
+
+    return {
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "max_concurrency": concurrency,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration if duration > 0 else 0.0,
+        "output_throughput_tok_s": output_tokens / duration if duration > 0 else 0.0,
+        "total_output_tokens": output_tokens,
+        "ttft_ms": to_ms(percentiles([r.ttft_s for r in ok])),
+        "tpot_ms": to_ms(percentiles([r.tpot_s for r in ok])),
+        "itl_ms": to_ms(percentiles([gap for r in ok for gap in r.itl_s])),
+        "e2e_ms": to_ms(percentiles([r.e2e_s for r in ok])),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = ["rate", "conc", "ok", "fail", "req/s", "out tok/s"]
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        header += [f"{name} p50", f"{name} p90", f"{name} p99"]
+    cells = [header]
+    for r in rows:
+        line = [str(r["request_rate"]), str(r["max_concurrency"] or "-"), str(r["completed"]),
+                str(r["failed"]), f"{r['request_throughput']:.2f}",
+                f"{r['output_throughput_tok_s']:.1f}"]  # fmt: skip
+        for name in ("ttft", "tpot", "itl", "e2e"):
+            line += [f"{r[f'{name}_ms'][q]:.1f}" for q in ("p50", "p90", "p99")]
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print("latencies in ms")
+    for k, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def server_facts(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    base = args.base_url.rstrip("/")
+    facts: dict[str, Any] = {}
+    with httpx.Client(timeout=30) as http:
+        models = http.get(base + "/v1/models", headers=headers)
+        models.raise_for_status()
+        model = args.model or models.json()["data"][0]["id"]
+        version = http.get(base + "/version")
+        if version.status_code == 200:
+            facts["server_version"] = version.json()
+    return model, facts
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--model", default=None, help="default: the server's first model")
+    p.add_argument(
+        "--api-key", default=os.environ.get("KESTREL_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    )
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in words")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--request-rate", type=float, nargs="+", default=[math.inf],
+        help="requests per second (Poisson arrivals); inf = all at once",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-concurrency", type=int, nargs="+", default=[0],
+        help="most requests in flight (0 = unlimited)",
+    )  # fmt: skip
+    p.add_argument("--warmup", type=int, default=1, help="requests sent before each scenario")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON output path")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    model, facts = server_facts(args)
+    rows = []
+    for rate in args.request_rate:
+        for concurrency in args.max_concurrency:
+            rows.append(asyncio.run(run_scenario(args, model, rate, concurrency or None)))
+    print_table(rows)
+    payload = {
+        "benchmark": "serving",
+        "commit": git_commit(),
+        "base_url": args.base_url,
+        "model": model,
+        **facts,
+        "workload": {k: v for k, v in vars(args).items() if k not in ("api_key", "out")},
+        "results": rows,
+    }
+    payload["workload"]["request_rate"] = ["inf" if math.isinf(r) else r for r in args.request_rate]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The `kestrel` command. `kestrel serve [MODEL]` starts the OpenAI-compatible server; flag
+names and meanings follow `vllm serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import kestrel
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# vllm-serve spellings of dtypes -> EngineConfig's.
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Seconds uvicorn waits for in-flight requests after SIGINT/SIGTERM before cancelling them.
+GRACEFUL_SHUTDOWN_S = 30.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an int >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an int >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: 0..65535")
+    return value
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="start the OpenAI-compatible HTTP server",
+        description="Start an OpenAI-compatible HTTP server (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /version, /metrics).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model to serve: a Hugging Face model directory (config.json + safetensors + "
+        "tokenizer.json), a .gguf file or a model id; omitted = Kestrel's default model",
+    )
+    net = p.add_argument_group("HTTP server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    net.add_argument("--port", type=_port, default=8000, help="port to listen on")
+    net.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model name(s) clients use in the 'model' field (the first is reported in "
+        "responses); default: the MODEL argument",
+    )
+    net.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on /v1/*; when not given, "
+        "$KESTREL_API_KEY is used; neither = no key",
+    )
+    net.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template (a file path or the Jinja text) used instead of the model's",
+    )
+    net.add_argument(
+        "--max-queued-requests",
+        type=_non_negative_int,
+        default=None,
+        help="requests allowed to wait beyond --max-num-seqs; more are refused with HTTP 503 "
+        "(default: unlimited)",
+    )
+    net.add_argument(
+        "--log-level", choices=_LOG_LEVELS, default="info", help="log level of server and engine"
+    )
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL)")
+    eng.add_argument(
+        "--dtype",
+        default="auto",
+        help="weight and activation dtype: auto (float32 on CPU, the checkpoint's on GPU), "
+        "float32, float16 (half), bfloat16",
+    )
+    eng.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run"
+    )
+    eng.add_argument(
+        "--load-format",
+        default="auto",
+        help="weights format: auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
+    )
+    eng.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="context length in tokens (prompt + output); default: the model's",
+    )
+    eng.add_argument(
+        "--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch"
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=None,
+        help="most tokens in one engine step (default: max(8192, --max-num-seqs))",
+    )
+    eng.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory the engine may use (weights, activations, KV cache)",
+    )
+    eng.add_argument(
+        "--kv-cache-memory-gib",
+        type=float,
+        default=1.0,
+        help="CPU only: memory for the KV cache, in GiB",
+    )
+    eng.add_argument(
+        "--block-size", type=int, default=16, help="tokens per KV-cache block (power of 2)"
+    )
+    eng.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of shared prompt prefixes",
+    )
+    eng.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="GPU: always run eagerly (no CUDA graphs)",
+    )
+    eng.add_argument("--seed", type=int, default=0, help="seed of the engine's random state")
+    p.set_defaults(handler=run_serve)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kestrel",
+        description="Kestrel: an LLM inference and serving engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"kestrel {kestrel.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve_parser(subparsers)
+    return parser
+
+
+def engine_config(args: argparse.Namespace):
+    """EngineConfig from the parsed flags; raises ValueError naming a bad value."""
+    from kestrel.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=_DTYPE_ALIASES.get(args.dtype, args.dtype),
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        load_format=args.load_format,
+        enforce_eager=args.enforce_eager,
+    )
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $KESTREL_API_KEY (read here, not as the flag's default, so that
+    --help never prints the key); empty = no key."""
+    return args.api_key or os.environ.get("KESTREL_API_KEY") or None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kestrel.engine.async_engine import AsyncLLMEngine
+    from kestrel_server import ServerArgs, build_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args.api_key = resolve_api_key(args)
+    try:
+        config = engine_config(args)
+        engine = AsyncLLMEngine.from_config(config, max_queued_requests=args.max_queued_requests)
+        app = build_app(engine, ServerArgs.from_namespace(args))
+    except (ValueError, OSError, RuntimeError) as exc:  # bad flags, missing model, fetch failed
+        logging.getLogger(__name__).debug("start-up failed", exc_info=exc)
+        print(f"kestrel serve: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.served_model_name and args.model is None:
+        logging.getLogger(__name__).info("serving the default model as %r", engine.model_name)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    # uvicorn handles SIGINT/SIGTERM: stop accepting, finish in-flight requests (up to
+    # GRACEFUL_SHUTDOWN_S), then the app's lifespan shuts the engine down. Afterwards uvicorn
+    # re-raises the signal into the handlers it found; these make that a clean exit (code 0)
+    # instead of a KeyboardInterrupt traceback or death by SIGTERM.
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    server.run()
+    if received:
+        logging.getLogger(__name__).info("stopped by %s", signal.Signals(received[0]).name)
+    return 0 if server.started else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The FastAPI app: `build_app(engine, args)` wires the OpenAI routes, errors, auth and metrics
+around an AsyncLLMEngine. The engine thread starts with the app (lifespan) and is shut down,
+aborting whatever is still in flight, when the app stops."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+import kestrel
+from kestrel.engine.async_engine import AsyncLLMEngine
+from kestrel_server.auth import APIKeyMiddleware
+from kestrel_server.chat import create_chat_completion, render_prompt
+from kestrel_server.common import ServerState, check_token_ids, server_state
+from kestrel_server.completions import create_completion
+from kestrel_server.errors import APIError, bad_request, install_error_handlers
+from kestrel_server.metrics import CONTENT_TYPE, ServerMetrics
+from kestrel_server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerArgs:
+    """The server's own settings (the engine's live in EngineConfig)."""
+
+    served_model_name: list[str] | str | None = None  # default: the engine's model name
+    api_key: str | None = None  # None: /v1 is open
+    chat_template: str | None = None  # a template file path or the template itself
+    drain_timeout_s: float = 0.0  # at app shutdown: wait this long for requests still running
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> ServerArgs:
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a path to a file holding the template, or the template text."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except OSError:
+        pass  # e.g. a template string too long to be a file name
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> FastAPI:
+    settings = args if isinstance(args, ServerArgs) else ServerArgs.from_namespace(args or {})
+    names = settings.served_model_name
+    if isinstance(names, str):
+        names = [names]
+    names = list(names or [engine.model_name])
+    state = ServerState(
+        engine=engine,
+        served_model_names=names,
+        metrics=ServerMetrics(engine.stats, names[0]),
+        api_key=settings.api_key or None,
+        chat_template=load_chat_template(settings.chat_template),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.is_running:
+            engine.start()
+        try:
+            yield
+        finally:
+            logger.info("shutting down the engine (%d requests in flight)", engine.num_in_flight)
+            await engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
+
+    app = FastAPI(title="Kestrel", version=kestrel.__version__, lifespan=lifespan)
+    app.state.kestrel = state
+    install_error_handlers(app)
+    if state.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
+
+    app.post("/v1/chat/completions")(create_chat_completion)
+    app.post("/v1/completions")(create_completion)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> ModelList:
+        st = server_state(request)
+        cards = [
+            ModelCard(id=name, root=st.engine.model_name, max_model_len=st.engine.max_model_len)
+            for name in st.served_model_names
+        ]
+        return ModelList(data=cards)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        st = server_state(request)
+        st.resolve_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
+        if body.messages is not None:
+            ids = render_prompt(st, body.messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            if st.engine.tokenizer is None:
+                raise bad_request("this model has no tokenizer", param="prompt")
+            ids = st.engine.tokenizer.encode(body.prompt, body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=st.engine.max_model_len, tokens=ids)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        st = server_state(request)
+        st.resolve_model(body.model)
+        if st.engine.tokenizer is None:
+            raise bad_request("this model has no tokenizer", param="tokens")
+        check_token_ids(body.tokens, st.engine.vocab_size, "tokens")
+        return DetokenizeResponse(prompt=st.engine.tokenizer.decode(body.tokens))
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        try:
+            server_state(request).engine.check_health()
+        except Exception as exc:
+            raise APIError(503, str(exc), code="engine_unavailable") from exc
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": kestrel.__version__}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body = server_state(request).metrics.exposition()
+        return Response(content=body, media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,235 @@
+"""POST /v1/chat/completions: render the chat template, generate, answer in OpenAI's shape
+(one JSON body, or server-sent `chat.completion.chunk` events ending with `[DONE]`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from kestrel.outputs import CompletionOutput, RequestOutput
+from kestrel.sampling_params import MAX_LOGPROBS
+from kestrel.tokenizer.chat_template import ChatTemplateError
+from kestrel_server.common import (
+    ServerState,
+    check_context,
+    final_outputs,
+    merged_outputs,
+    sampling_params,
+    server_state,
+    sse,
+    sse_stream,
+    submit,
+    unless_disconnected,
+    usage,
+)
+from kestrel_server.errors import bad_request
+from kestrel_server.logprobs import chat_logprobs
+from kestrel_server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    DeltaMessage,
+)
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: text content only (parts are joined)."""
+    if not messages:
+        raise bad_request("'messages' must hold at least one message", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if message.role not in _ROLES:
+            raise bad_request(
+                f"messages[{i}].role = {message.role!r} is invalid; allowed: {', '.join(_ROLES)}",
+                param=f"messages.{i}.role",
+            )
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"messages[{i}].content[{j}] has type {part.type!r}; only 'text' parts "
+                        "are supported",
+                        param=f"messages.{i}.content",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def render_prompt(
+    state: ServerState,
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    tokenizer = state.engine.tokenizer
+    if tokenizer is None:
+        raise bad_request("this model has no tokenizer, so chat messages cannot be rendered")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request(
+            "add_generation_prompt and continue_final_message cannot both be true",
+            param="continue_final_message",
+        )
+    try:
+        return tokenizer.render_chat_prompt_ids(
+            message_dicts(messages),
+            add_generation_prompt=add_generation_prompt,
+            chat_template=state.chat_template,
+            continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
+        )
+    except ChatTemplateError as exc:
+        raise bad_request(f"the chat template failed: {exc}", param="messages") from exc
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    state = server_state(request)
+    engine = state.engine
+    model = state.resolve_model(body.model)
+    prompt_ids = render_prompt(
+        state,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=body.chat_template_kwargs,
+    )
+    top_logprobs = body.top_logprobs
+    if top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
+        raise bad_request(
+            f"top_logprobs = {top_logprobs} is invalid; allowed: an int in [0, {MAX_LOGPROBS}]",
+            param="top_logprobs",
+        )
+    requested = body.max_completion_tokens
+    if requested is None:
+        requested = body.max_tokens
+    max_tokens = check_context(len(prompt_ids), requested, engine.max_model_len)
+    params = sampling_params(
+        engine, body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if body.logprobs else None
+    )
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = await submit(engine, request_id, [prompt_ids], [params])
+    top_k = top_logprobs or 0
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _ChatEvents(state, request_id, model, params.n, top_k, include_usage)
+        return StreamingResponse(
+            sse_stream(lambda: events.run(merged_outputs(streams, state.metrics))),
+            media_type="text/event-stream",
+        )
+    finals = await unless_disconnected(request, final_outputs(streams, state.metrics))
+    final = finals[0]
+    choices = [
+        ChatChoice(
+            index=c.index,
+            message=AssistantMessage(content=c.text),
+            logprobs=_logprobs(state, c.token_ids, c, top_k) if body.logprobs else None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+        for c in final.outputs
+    ]
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(finals))
+
+
+def _logprobs(
+    state: ServerState, token_ids: list[int], c: CompletionOutput, top_k: int, start: int = 0
+) -> ChatLogprobs:
+    entries = (c.logprobs or [])[start : start + len(token_ids)]
+    return chat_logprobs(token_ids, entries, top_k, _token_text(state))
+
+
+def _token_text(state: ServerState):
+    tokenizer = state.engine.tokenizer
+
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else ""
+
+    return text
+
+
+class _ChatEvents:
+    """Turns one request's outputs into `chat.completion.chunk` events."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        request_id: str,
+        model: str,
+        n: int,
+        top_k: int | None,
+        include_usage: bool,
+    ) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.model = model
+        self.n = n
+        self.top_k = top_k
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.sent_tokens = [0] * n  # per choice: tokens already streamed (for logprob slices)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage_info: Any = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage_info,
+        )
+        return sse(chunk.model_dump_json())
+
+    async def run(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        yield self._chunk(
+            [
+                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(self.n)
+            ]
+        )
+        final: RequestOutput | None = None
+        async for _, output in outputs:
+            choices = [self._choice(c) for c in output.outputs]
+            choices = [c for c in choices if c is not None]
+            if choices:
+                yield self._chunk(choices)
+            if output.finished:
+                final = output
+        if self.include_usage and final is not None:
+            yield self._chunk([], usage([final]))
+
+    def _choice(self, c: CompletionOutput) -> ChatChunkChoice | None:
+        new_ids = c.token_ids_delta
+        if not c.text_delta and not new_ids:
+            return None  # nothing new (e.g. a choice of n > 1 that finished earlier)
+        logprobs = None
+        if self.top_k is not None and c.logprobs is not None:
+            logprobs = _logprobs(self.state, new_ids, c, self.top_k, self.sent_tokens[c.index])
+        self.sent_tokens[c.index] += len(new_ids)
+        return ChatChunkChoice(
+            index=c.index,
+            delta=DeltaMessage(content=c.text_delta),
+            logprobs=logprobs,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )

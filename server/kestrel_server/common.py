@@ -1,0 +1,266 @@
+"""Plumbing shared by the chat and completions endpoints: sampling parameters from a request,
+the context-length check, submitting prompts to the engine, merging their output streams,
+and cancelling work when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from kestrel.engine.async_engine import AsyncLLMEngine, RequestStream
+from kestrel.outputs import RequestOutput
+from kestrel.sampling_params import SamplingParams
+from kestrel_server.errors import APIError, bad_request, from_exception
+from kestrel_server.metrics import ServerMetrics
+from kestrel_server.protocol import SamplingRequest, UsageInfo
+
+T = TypeVar("T")
+
+# Request fields that map one-to-one onto SamplingParams when the client sets them.
+_DIRECT_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "ignore_eos",
+    "min_tokens",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+
+
+@dataclass
+class ServerState:
+    """What the endpoints share; built once by build_app."""
+
+    engine: AsyncLLMEngine
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    api_key: str | None = None
+    chat_template: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolve_model(self, name: str | None) -> str:
+        """The served name a request asked for (None = the first); unknown names are a 404."""
+        if name is None or name == "":
+            return self.served_model_names[0]
+        if name not in self.served_model_names:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves "
+                f"{', '.join(repr(n) for n in self.served_model_names)}",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.kestrel
+
+
+def sampling_params(
+    engine: AsyncLLMEngine,
+    req: SamplingRequest,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """The model's defaults overridden by every field the client set. ValueErrors from
+    SamplingParams name the field and its allowed range (-> 400)."""
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+    overrides: dict[str, Any] = {}
+    for name in _DIRECT_FIELDS:
+        value = getattr(req, name)
+        if value is not None and name in req.model_fields_set:
+            overrides[name] = value
+    overrides["max_tokens"] = max_tokens
+    overrides["logprobs"] = logprobs
+    return engine.default_sampling_params().clone(**overrides)
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int:
+    """Returns the effective max_tokens (None = what is left of the context); raises a 400
+    naming both lengths and the limit when prompt + completion does not fit."""
+    if prompt_len >= max_model_len:
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens, but this model's context length is "
+            f"{max_model_len} tokens (the prompt must leave room for at least one new token)",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return max_model_len - prompt_len
+    if max_tokens < 1:
+        raise bad_request(
+            f"max_tokens = {max_tokens} is invalid; allowed: an int >= 1", param="max_tokens"
+        )
+    if prompt_len + max_tokens > max_model_len:
+        raise bad_request(
+            f"this model's context length is {max_model_len} tokens, but {prompt_len} prompt "
+            f"tokens + {max_tokens} max_tokens = {prompt_len + max_tokens} tokens were "
+            "requested; shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    for token in ids:
+        if not 0 <= token < vocab_size:
+            raise bad_request(
+                f"{param} holds token id {token}, out of range [0, {vocab_size})", param=param
+            )
+
+
+async def submit(
+    engine: AsyncLLMEngine, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+) -> list[RequestStream]:
+    """Adds one engine request per prompt (ids `request_id-i`); all or nothing."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            streams.append(await engine.add_request(f"{request_id}-{i}", prompt, p))
+    except BaseException as exc:
+        for stream in streams:
+            stream.abort()
+        if isinstance(exc, Exception):
+            raise from_exception(exc) from exc
+        raise
+    return streams
+
+
+async def merged_outputs(
+    streams: list[RequestStream], metrics: ServerMetrics
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all streams as they arrive; every stream is aborted if the
+    consumer stops early, and every output passes through the metrics."""
+    trackers = [metrics.tracker() for _ in streams]
+    try:
+        if len(streams) == 1:
+            async for output in streams[0]:
+                trackers[0].on_output(output)
+                yield 0, output
+            return
+        merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    await merged.put((index, output))
+            except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+                await merged.put((index, exc))
+            await merged.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            open_streams = len(streams)
+            while open_streams:
+                index, item = await merged.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    trackers[index].on_output(item)
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+    finally:
+        for stream, tracker in zip(streams, trackers):
+            if not stream.finished or stream.aborted:
+                tracker.on_abort()
+            stream.abort()
+
+
+async def final_outputs(
+    streams: list[RequestStream], metrics: ServerMetrics
+) -> list[RequestOutput]:
+    """The finished output of each stream, in prompt order."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    async for index, output in merged_outputs(streams, metrics):
+        if output.finished:
+            finals[index] = output
+    missing = [i for i, f in enumerate(finals) if f is None]
+    if missing:
+        raise APIError(503, f"prompt {missing[0]} ended without a result", code="aborted")
+    return [f for f in finals if f is not None]
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work` but cancels it (aborting its engine requests) if the client disconnects
+    first; a disconnected client gets no response, so the 499 below is never read."""
+
+    async def wait_for_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    work_task = asyncio.ensure_future(work)
+    watch = asyncio.create_task(wait_for_disconnect())
+    try:
+        done, _ = await asyncio.wait({work_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if work_task in done:
+        return work_task.result()
+    raise APIError(499, "the client disconnected", code="client_disconnected")
+
+
+def usage(finals: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(f.prompt_token_ids) for f in finals)
+    completion = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    return UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+# Characters that JSON leaves raw but str.splitlines() treats as line breaks: clients that split
+# an SSE stream that way would cut an event in two, so they are sent as JSON escapes.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse(payload: str) -> str:
+    """One server-sent event; `payload` is JSON (these characters occur only inside strings)."""
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_stream(
+    events: Callable[[], AsyncIterator[str]],
+) -> AsyncIterator[str]:
+    """Wraps an event generator: errors after the headers went out become an error event;
+    the stream always ends with [DONE]."""
+    try:
+        async for event in events():
+            yield event
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported to the client in the stream
+        yield from_exception(exc).sse()
+    yield SSE_DONE
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))

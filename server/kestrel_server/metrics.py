@@ -1,0 +1,145 @@
+"""Prometheus metrics (prefix `kestrel:`), one registry per app so several servers can live in
+one process (tests).
+
+Engine gauges and prefix-cache counters are read from the engine's stats snapshot at scrape
+time; request histograms and token counters are fed by a RequestTracker per engine request.
+Times come from the engine's RequestMetrics (wall clock, seconds), except inter-token latency,
+which is the gap between consecutive token-bearing outputs as the server receives them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kestrel.outputs import RequestOutput
+
+PREFIX = "kestrel:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds. Request-level latencies span milliseconds (tiny models) to minutes (long outputs).
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+_ITL_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+class _EngineCollector(Collector):
+    """Gauges and cumulative counters straight from the engine's stats dict."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], model_name: str) -> None:
+        self._stats = stats
+        self._model = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        labels = ["model_name"]
+        specs = [
+            (GaugeMetricFamily, "num_requests_running", "Sequences in the running batch",
+             s.get("num_running", 0)),
+            (GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled",
+             s.get("num_waiting", 0)),
+            (GaugeMetricFamily, "kv_cache_usage_perc",
+             "Fraction of KV-cache blocks in use (1 = full)", s.get("kv_cache_usage", 0.0)),
+            (CounterMetricFamily, "prefix_cache_queries",
+             "Prompt tokens looked up in the prefix cache", s.get("prefix_query_tokens", 0)),
+            (CounterMetricFamily, "prefix_cache_hits",
+             "Prompt tokens found in the prefix cache", s.get("prefix_hit_tokens", 0)),
+            (CounterMetricFamily, "num_preemptions", "Preemptions of running sequences",
+             s.get("num_preemptions", 0)),
+        ]  # fmt: skip
+        for family, name, doc, value in specs:
+            metric = family(PREFIX + name, doc, labels=labels)
+            metric.add_metric([self._model], float(value))
+            yield metric
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(_EngineCollector(stats, model_name))
+        reg, labels = self.registry, ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=reg)
+
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of requests", labels, registry=reg
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens", labels, registry=reg
+        ).labels(model_name)
+        self.finished = Counter(
+            PREFIX + "request_success",
+            "Finished sequences by finish reason (stop, length, abort)",
+            ["model_name", "finished_reason"],
+            registry=reg,
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Arrival to first token", _LATENCY_BUCKETS
+        ).labels(model_name)
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Gap between consecutive token outputs", _ITL_BUCKETS
+        ).labels(model_name)
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to finish", _LATENCY_BUCKETS
+        ).labels(model_name)
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled", _LATENCY_BUCKETS
+        ).labels(model_name)
+
+    def tracker(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Feeds the metrics from one engine request's outputs (event loop only)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._m = metrics
+        self._seen_first = False
+        self._last_token_at: float | None = None
+        self._done = False
+
+    def on_output(self, output: RequestOutput) -> None:
+        m = self._m
+        now = time.monotonic()
+        new_tokens = sum(len(c.token_ids_delta) for c in output.outputs)
+        times = output.metrics
+        if not self._seen_first:
+            self._seen_first = True
+            m.prompt_tokens.inc(len(output.prompt_token_ids))
+            if times.first_token_time is not None:
+                m.ttft.observe(max(0.0, times.first_token_time - times.arrival_time))
+            if times.first_scheduled_time is not None:
+                m.queue_time.observe(max(0.0, times.first_scheduled_time - times.arrival_time))
+        elif new_tokens and self._last_token_at is not None:
+            m.itl.observe(now - self._last_token_at)
+        if new_tokens:
+            m.generation_tokens.inc(new_tokens)
+            self._last_token_at = now
+        for completion in output.outputs:
+            if completion.finished and completion.token_ids_delta:
+                m.finished.labels(m.model_name, completion.finish_reason).inc()
+        if output.finished:
+            self._done = True
+            end = times.finished_time if times.finished_time is not None else time.time()
+            m.e2e.observe(max(0.0, end - times.arrival_time))
+
+    def on_abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._m.finished.labels(self._m.model_name, "abort").inc()
