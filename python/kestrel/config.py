@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
 
@@ -16,8 +16,10 @@ def _fail(name: str, value: object, allowed: str) -> ValueError:
 
 @dataclass
 class EngineConfig:
-    model: str  # path to a Hugging Face model directory
-    tokenizer: str | None = None  # tokenizer directory; default: the model directory
+    # A Hugging Face model directory, a .gguf file, a Hugging Face model id (org/name), or
+    # None for the default model (SmolLM2-135M-Instruct, fetched once; see default_model.py).
+    model: str | None = None
+    tokenizer: str | None = None  # tokenizer directory or .gguf; default: the model's own
     dtype: str = "auto"  # auto = float32 on CPU, the checkpoint's dtype (bf16/fp16) on GPU
     device: str = "auto"  # auto = cuda when available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -35,8 +37,8 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: no CUDA graphs
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise _fail("model", self.model, "a non-empty path")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise _fail("model", self.model, "None (the default model) or a non-empty path / id")
         if self.dtype not in _DTYPES:
             raise _fail("dtype", self.dtype, ", ".join(_DTYPES))
         if self.device not in _DEVICES:

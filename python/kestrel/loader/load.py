@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kestrel.loader.dummy import init_dummy_weights
+from kestrel.loader.gguf_loader import load_gguf_model
 from kestrel.loader.hf_dir import (
     find_safetensors_files,
     iter_safetensors_weights,
@@ -19,7 +20,7 @@ from kestrel.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -57,15 +58,21 @@ def load_model(
     *,
     seed: int = 0,
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the model of a Hugging Face directory and fill its weights.
+    """Build the model of a Hugging Face directory (or a `.gguf` file) and fill its weights.
 
     load_format: "auto" / "safetensors" read model.safetensors or the shards listed in
-    model.safetensors.index.json; "dummy" needs only config.json and fills random weights
-    (deterministic in `seed`). Returns (model in eval mode on `device`, its ModelConfig).
+    model.safetensors.index.json; "auto" / "gguf" read a `.gguf` file; "dummy" needs only the
+    config (config.json or the GGUF metadata) and fills random weights (deterministic in
+    `seed`). Returns (model in eval mode on `device`, its ModelConfig).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; supported: {LOAD_FORMATS}")
     model_dir = Path(model_dir)
+    if model_dir.suffix.lower() == ".gguf" or load_format == "gguf":
+        if load_format == "safetensors":
+            raise ValueError(f"load_format='safetensors' cannot read the GGUF file {model_dir}")
+        dummy = load_format == "dummy"
+        return load_gguf_model(model_dir, dtype, device, dummy=dummy, seed=seed)
     device = torch.device(device)
     config = read_model_config(model_dir)
     model_class = get_model_class(config.architecture)
