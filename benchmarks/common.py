@@ -12,19 +12,37 @@ from typing import Any
 
 # Real configs of the yardstick models (DESIGN.md section 4), for load_format="dummy".
 _QWEN2 = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
 }
 SHAPES: dict[str, dict[str, Any]] = {
-    "qwen2.5-7b": {**_QWEN2, "vocab_size": 152064, "hidden_size": 3584,
-                   "intermediate_size": 18944, "num_hidden_layers": 28,
-                   "num_attention_heads": 28, "num_key_value_heads": 4,
-                   "tie_word_embeddings": False},
-    "qwen2.5-0.5b": {**_QWEN2, "vocab_size": 151936, "hidden_size": 896,
-                     "intermediate_size": 4864, "num_hidden_layers": 24,
-                     "num_attention_heads": 14, "num_key_value_heads": 2,
-                     "tie_word_embeddings": True},
+    "qwen2.5-7b": {
+        **_QWEN2,
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },
+    "qwen2.5-0.5b": {
+        **_QWEN2,
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -74,8 +92,9 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(payload, indent=2))
 
 
-def bar_chart(path: str | None, title: str, labels: list[str], values: list[float],
-              ylabel: str) -> None:
+def bar_chart(
+    path: str | None, title: str, labels: list[str], values: list[float], ylabel: str
+) -> None:
     """A PNG bar chart when matplotlib is installed (else a note); e.g. Kestrel vs transformers."""
     if not path:
         return

@@ -9,6 +9,7 @@ Hugging Face transformers (`--compare-hf`) on the same model shape in the same r
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     bar_chart,
     commit,
     device_name,
@@ -35,11 +36,18 @@ def _sync() -> None:
 def kestrel_latency(model_dir: str, dummy: bool, args) -> dict:
     from kestrel import LLM, SamplingParams
 
-    llm = LLM(model_dir, load_format="dummy" if dummy else "auto", dtype=args.dtype,
-              max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.batch_size,
-              enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model_dir,
+        load_format="dummy" if dummy else "auto",
+        dtype=args.dtype,
+        max_model_len=args.input_len + args.output_len + 16,
+        max_num_seqs=args.batch_size,
+        enforce_eager=args.enforce_eager,
+    )
     engine = llm.engine
-    prompt = torch.randint(100, 20000, (args.input_len,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        100, 20000, (args.input_len,), generator=torch.Generator().manual_seed(0)
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     ttfts, tpots = [], []
     for it in range(args.warmup + args.iters):
@@ -71,16 +79,23 @@ def hf_latency(model_dir: str, dummy: bool, args) -> dict:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.eval()
-    ids = torch.randint(100, 20000, (args.batch_size, args.input_len),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        100, 20000, (args.batch_size, args.input_len), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
         _sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
         _sync()
         return time.perf_counter() - t0
 
@@ -108,18 +123,35 @@ def main() -> None:
     model_dir, dummy = model_dir_for(args.model)
     results = {"kestrel": kestrel_latency(model_dir, dummy, args)}
     if args.compare_hf:
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        gc.collect()  # the Kestrel engine (KV cache, graph pools) must be gone first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         results["transformers"] = hf_latency(model_dir, dummy, args)
     rows = [[name, r["ttft_ms"], r["tpot_ms"]] for name, r in results.items()]
     print_table(
         f"latency  model={args.model} batch={args.batch_size} in={args.input_len} "
         f"out={args.output_len} device={device_name()} commit={commit()}",
-        ["engine", "TTFT ms", "TPOT ms"], rows,
+        ["engine", "TTFT ms", "TPOT ms"],
+        rows,
     )
-    write_json(args.json, {"benchmark": "latency", "model": args.model, "device": device_name(),
-                           "commit": commit(), "args": vars(args), "results": results})
-    bar_chart(args.png, f"{args.model}: time per output token (batch {args.batch_size})",
-              list(results), [r["tpot_ms"] for r in results.values()], "ms / token")
+    write_json(
+        args.json,
+        {
+            "benchmark": "latency",
+            "model": args.model,
+            "device": device_name(),
+            "commit": commit(),
+            "args": vars(args),
+            "results": results,
+        },
+    )
+    bar_chart(
+        args.png,
+        f"{args.model}: time per output token (batch {args.batch_size})",
+        list(results),
+        [r["tpot_ms"] for r in results.values()],
+        "ms / token",
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ output tokens/s, Kestrel vs transformers' continuous batching (`generate_batch`)
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     bar_chart,
     commit,
     device_name,
@@ -27,8 +28,7 @@ from common import (  # noqa: E402
 
 def make_prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(100, 20000, size=int(rng.integers(lo, hi + 1))).tolist()
-            for _ in range(n)]
+    return [rng.integers(100, 20000, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
 def _sync() -> None:
@@ -39,9 +39,14 @@ def _sync() -> None:
 def kestrel_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> dict:
     from kestrel import LLM, SamplingParams
 
-    llm = LLM(model_dir, load_format="dummy" if dummy else "auto", dtype=args.dtype,
-              max_model_len=args.max_input + args.output_len + 16,
-              max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model_dir,
+        load_format="dummy" if dummy else "auto",
+        dtype=args.dtype,
+        max_model_len=args.max_input + args.output_len + 16,
+        max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     _sync()
@@ -50,10 +55,13 @@ def kestrel_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> 
     _sync()
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"elapsed_s": elapsed, "output_tokens": out_tokens,
-            "output_tok_s": out_tokens / elapsed,
-            "total_tok_s": (out_tokens + sum(map(len, prompts))) / elapsed,
-            "preemptions": llm.engine.stats()["num_preemptions"]}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + sum(map(len, prompts))) / elapsed,
+        "preemptions": llm.engine.stats()["num_preemptions"],
+    }
 
 
 def hf_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> dict:
@@ -63,13 +71,15 @@ def hf_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if dummy:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
-                                                     dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
+            )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.eval()
-    gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1,
-                           pad_token_id=0)
+    gen = GenerationConfig(
+        max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
     _sync()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -77,9 +87,12 @@ def hf_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> dict:
     _sync()
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.generated_tokens) for o in outs.values())
-    return {"elapsed_s": elapsed, "output_tokens": out_tokens,
-            "output_tok_s": out_tokens / elapsed,
-            "total_tok_s": (out_tokens + sum(map(len, prompts))) / elapsed}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + sum(map(len, prompts))) / elapsed,
+    }
 
 
 def main() -> None:
@@ -102,22 +115,39 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, args.seed)
     results = {"kestrel": kestrel_run(model_dir, dummy, prompts, args)}
     if args.compare_hf:
+        gc.collect()  # the Kestrel engine (KV cache, graph pools) must be gone first
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         results["transformers"] = hf_run(model_dir, dummy, prompts, args)
-    rows = [[n, r["output_tokens"], r["elapsed_s"], r["output_tok_s"], r["total_tok_s"]]
-            for n, r in results.items()]
+    rows = [
+        [n, r["output_tokens"], r["elapsed_s"], r["output_tok_s"], r["total_tok_s"]]
+        for n, r in results.items()
+    ]
     print_table(
         f"offline throughput  model={args.model} prompts={args.num_prompts} "
         f"in=U[{args.min_input},{args.max_input}] out={args.output_len} "
         f"device={device_name()} commit={commit()}",
-        ["engine", "out tokens", "seconds", "out tok/s", "total tok/s"], rows,
+        ["engine", "out tokens", "seconds", "out tok/s", "total tok/s"],
+        rows,
     )
-    write_json(args.json, {"benchmark": "offline_throughput", "model": args.model,
-                           "device": device_name(), "commit": commit(), "args": vars(args),
-                           "results": results})
-    bar_chart(args.png, f"{args.model}: offline output tokens/s", list(results),
-              [r["output_tok_s"] for r in results.values()], "output tokens / s")
+    write_json(
+        args.json,
+        {
+            "benchmark": "offline_throughput",
+            "model": args.model,
+            "device": device_name(),
+            "commit": commit(),
+            "args": vars(args),
+            "results": results,
+        },
+    )
+    bar_chart(
+        args.png,
+        f"{args.model}: offline output tokens/s",
+        list(results),
+        [r["output_tok_s"] for r in results.values()],
+        "output tokens / s",
+    )
 
 
 if __name__ == "__main__":
