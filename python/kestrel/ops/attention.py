@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kestrel.ops import _dispatch
+from kestrel.ops.attention_cuda import paged_attention_cuda
+
 
 @dataclass
 class AttentionMetadata:
@@ -246,6 +249,11 @@ def paged_attention(
     Returns:
         A new [num_tokens_padded, num_q_heads, head_dim] tensor in q's dtype; softmax and
         accumulation in fp32; padding rows (>= metadata.num_tokens) are zero.
+
+    On CUDA fp16/bf16 inputs with head_dim 64, 128 or 256 (caches of q's dtype, contiguous; q
+    with head stride head_dim, any token stride; int32 metadata tensors) this runs the decode
+    and prefill kernels, with no host synchronization (CUDA-graph capturable); other inputs run
+    the reference below.
     """
     metadata.validate(block_size=key_cache.shape[1])
     num_tokens, num_decode_tokens = metadata.num_tokens, metadata.num_decode_tokens
@@ -253,6 +261,11 @@ def paged_attention(
         raise ValueError(
             f"q must be [num_tokens >= {num_tokens}, num_q_heads, head_dim]; got {tuple(q.shape)}"
         )
+    if _dispatch.use_kernels(q):
+        _check_attention_args(q, key_cache, value_cache, q)
+        kernel_out = paged_attention_cuda(q, key_cache, value_cache, metadata, scale)
+        if kernel_out is not None:
+            return kernel_out
     out = torch.zeros_like(q)
     paged_decode_attention(
         q[:num_decode_tokens], key_cache, value_cache, metadata, scale, out[:num_decode_tokens]

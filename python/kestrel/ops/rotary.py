@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from kestrel.ops import _dispatch
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -166,6 +168,31 @@ def _check_rotary_args(
         )
 
 
+def _check_cache_args(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if key_cache.shape != value_cache.shape or key_cache.dim() != 4:
+        raise ValueError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
+            f"head_dim]; got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
+        )
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("key_cache and value_cache must be contiguous (they are written in place)")
+    if slot_mapping.dim() != 1:
+        raise ValueError(f"slot_mapping must be 1-D [num_tokens]; got {tuple(slot_mapping.shape)}")
+    row_shape = key_cache.shape[2:]
+    num_tokens = slot_mapping.shape[0]
+    if k.shape != (num_tokens, *row_shape) or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be [num_tokens={num_tokens}, {row_shape[0]}, {row_shape[1]}] to match "
+            f"slot_mapping and the cache; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+
+
 def write_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -185,20 +212,8 @@ def write_kv_cache(
 
     Returns None.
     """
-    if key_cache.shape != value_cache.shape or key_cache.dim() != 4:
-        raise ValueError(
-            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
-            f"head_dim]; got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
-        )
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("key_cache and value_cache must be contiguous (they are written in place)")
+    _check_cache_args(k, v, key_cache, value_cache, slot_mapping)
     row_shape = key_cache.shape[2:]
-    num_tokens = slot_mapping.shape[0]
-    if k.shape != (num_tokens, *row_shape) or v.shape != k.shape:
-        raise ValueError(
-            f"k and v must be [num_tokens={num_tokens}, {row_shape[0]}, {row_shape[1]}] to match "
-            f"slot_mapping and the cache; got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
     # view() (not reshape) so that the writes land in the caller's storage.
     key_rows = key_cache.view(-1, *row_shape)  # [num_blocks * block_size, num_kv_heads, head_dim]
     value_rows = value_cache.view(-1, *row_shape)
@@ -208,7 +223,7 @@ def write_kv_cache(
     value_rows[slots] = v[keep].to(value_cache.dtype)
 
 
-def rotary_embedding_and_cache(
+def rotary_embedding_and_cache_reference(
     positions: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -222,3 +237,109 @@ def rotary_embedding_and_cache(
     and of v. Shapes and semantics are those of the two ops. Returns None."""
     apply_rotary(positions, q, k, cos_sin_cache)
     write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+
+
+def _heads_contiguous(t: torch.Tensor) -> bool:
+    """[T, H, D] with head stride D and element stride 1 (any token stride)."""
+    return t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
+
+
+def _rotary_kernel_dtype(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> int | None:
+    """The kernel dtype code when the fused kernel handles these tensors, else None."""
+    if not _dispatch.use_kernels(q):
+        return None
+    _dispatch.require_same_device(
+        "rotary_embedding_and_cache",
+        positions=positions,
+        q=q,
+        k=k,
+        v=v,
+        cos_sin_cache=cos_sin_cache,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        slot_mapping=slot_mapping,
+    )
+    code = _dispatch.dtype_code(q.dtype)
+    same_dtype = all(t.dtype == q.dtype for t in (k, v, key_cache, value_cache))
+    layout_ok = (
+        all(_heads_contiguous(t) for t in (q, k, v))
+        and cos_sin_cache.dtype == torch.float32
+        and cos_sin_cache.is_contiguous()
+        and positions.is_contiguous()
+        and slot_mapping.is_contiguous()
+        and slot_mapping.dtype in (torch.int32, torch.int64)
+        and v.shape == k.shape
+    )
+    return code if code is not None and same_dtype and layout_ok else None
+
+
+def rotary_embedding_and_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotate q and k in place and write the rotated k and v into the paged cache (see
+    :func:`rotary_embedding_and_cache_reference`).
+
+    On CUDA fp16/bf16 tensors this is one kernel: q, k, v may be per-token views into a fused
+    qkv projection ([T, H, D] with head stride D and any token stride); cos_sin_cache must be
+    fp32. Positions must lie in [0, max_position): the kernel does not check them (that would
+    need a device-to-host sync), and so must non-negative slots ([0, num_blocks * block_size)).
+    """
+    _check_rotary_args(positions, q, k, cos_sin_cache)
+    _check_cache_args(k, v, key_cache, value_cache, slot_mapping)
+    code = _rotary_kernel_dtype(
+        positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping
+    )
+    if code is None:
+        rotary_embedding_and_cache_reference(
+            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping
+        )
+        return
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    strides = (q.stride(0), k.stride(0), v.stride(0))
+    vec8 = (
+        head_dim % 16 == 0
+        and all(s % 8 == 0 for s in strides)
+        and _dispatch.aligned16(q, k, v, cos_sin_cache, key_cache, value_cache)
+    )
+    assert _dispatch.kernels is not None
+    with _dispatch.on_device(q.device):
+        status = _dispatch.kernels.rotary_embedding_and_cache(
+            positions.data_ptr(),
+            positions.dtype == torch.int64,
+            q.data_ptr(),
+            q.stride(0),
+            num_q_heads,
+            k.data_ptr(),
+            k.stride(0),
+            num_kv_heads,
+            v.data_ptr(),
+            v.stride(0),
+            cos_sin_cache.data_ptr(),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            slot_mapping.data_ptr(),
+            slot_mapping.dtype == torch.int64,
+            num_tokens,
+            head_dim,
+            code,
+            vec8,
+            _dispatch.stream_handle(q.device),
+        )
+    _dispatch.check("rotary_embedding_and_cache", status)

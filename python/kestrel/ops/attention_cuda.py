@@ -1,0 +1,244 @@
+"""CUDA path of paged attention: decode split planning, the split workspace, and the launches of
+the decode kernel (first ``num_decodes`` sequences) and the tensor-core prefill kernel (the rest).
+
+Nothing here synchronizes with the device or depends on device-side values for launch shapes,
+so a captured CUDA graph replays it; launch shapes depend on (num_decodes, heads, head_dim,
+metadata.max_seq_len) and the prefill token/sequence counts, all host-side values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from kestrel.ops import _dispatch
+
+if TYPE_CHECKING:
+    from kestrel.ops.attention import AttentionMetadata
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# A decode split covers at least this many tokens.
+MIN_SPLIT_TOKENS = 64
+# GQA groups of at least this many query heads per kv head decode on tensor cores (the heads are
+# the rows of an mma tile); smaller groups use the CUDA-core kernel. On the H100 the tensor-core
+# kernel was the faster one for groups 4 and 7 (docs/performance.md); 2 and 3 were not measured.
+TC_MIN_GROUP = 4
+# Split-planner cost of one wave of blocks beyond its tokens (launch, ramp, merge), in tokens.
+WAVE_OVERHEAD_TOKENS = 32
+
+# KESTREL_PREFILL_KERNEL picks the prefill kernel: "auto" (wgmma on sm_90 for head_dim 64/128,
+# else mma.sync), "mma" or "wgmma" (for tests and benchmarks).
+PREFILL_KERNEL_ENV = "KESTREL_PREFILL_KERNEL"
+_PREFILL_VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
+
+# Split workspaces, keyed by (device, number of floats). Kept alive for the process so that a
+# CUDA graph captured with one keeps a valid pointer; warm up (one eager call) before capturing
+# so the capture allocates nothing.
+_WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def heads_per_block(group: int, head_dim: int) -> int:
+    """Query heads one decode block serves for a GQA group size: 1, 2, 4 or 8 (CUDA-core kernel,
+    larger groups take several blocks per kv head) or 16 (tensor-core kernel, head_dim <= 128,
+    groups >= TC_MIN_GROUP)."""
+    if group >= TC_MIN_GROUP and head_dim <= 128:
+        return 16
+    for heads in (1, 2, 4):
+        if group <= heads:
+            return heads
+    return 8
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_decode_splits(
+    num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    wave_blocks: int,
+    heads: int,
+) -> tuple[int, int]:
+    """(num_splits, split_len) for a decode batch whose longest context is max_seq_len, served
+    by blocks of `heads` query heads.
+
+    With s splits the grid has num_seqs * blocks_per_head * s blocks, run in waves of
+    wave_blocks (resident blocks on the whole GPU); each block reads about max_seq_len / s
+    tokens. The plan minimizes waves * (max_seq_len / s + WAVE_OVERHEAD_TOKENS) over splits of
+    at least MIN_SPLIT_TOKENS, preferring fewer splits on ties. Sequences longer than
+    num_splits * split_len stay correct (the last split takes the rest).
+    """
+    group = num_q_heads // num_kv_heads
+    per_split = max(1, num_seqs * num_kv_heads * -(-group // heads))
+    max_seq_len = max(1, max_seq_len)
+    wave_blocks = max(1, wave_blocks)
+    best, best_cost = 1, float("inf")
+    for splits in range(1, max(1, max_seq_len // MIN_SPLIT_TOKENS) + 1):
+        waves = -(-per_split * splits // wave_blocks)
+        cost = waves * (max_seq_len / splits + WAVE_OVERHEAD_TOKENS)
+        if cost < best_cost * (1 - 1e-9):
+            best, best_cost = splits, cost
+    split_len = -(-max_seq_len // best)
+    return -(-max_seq_len // split_len), split_len
+
+
+@functools.cache
+def _wave_blocks(device_index: int, head_dim: int, heads: int, dtype_code: int) -> int:
+    kernels = _dispatch.kernels
+    assert kernels is not None
+    with torch.cuda.device(device_index):
+        per_sm = kernels.paged_decode_blocks_per_sm(head_dim, heads, dtype_code)
+    return max(1, per_sm) * _dispatch.sm_count(device_index)
+
+
+def decode_plan(
+    q: torch.Tensor, num_kv_heads: int, num_decodes: int, max_seq_len: int
+) -> tuple[int, int]:
+    """The (num_splits, split_len) the decode kernel uses for this batch on q's device."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    code = _dispatch.dtype_code(q.dtype)
+    assert code is not None and q.device.index is not None
+    heads = heads_per_block(num_q_heads // num_kv_heads, head_dim)
+    wave = _wave_blocks(q.device.index, head_dim, heads, code)
+    return plan_decode_splits(num_decodes, num_q_heads, num_kv_heads, max_seq_len, wave, heads)
+
+
+def prefill_variant() -> int:
+    """Kernel variant code for the prefill launcher, from KESTREL_PREFILL_KERNEL."""
+    name = os.environ.get(PREFILL_KERNEL_ENV, "auto")
+    if name not in _PREFILL_VARIANTS:
+        raise ValueError(
+            f"{PREFILL_KERNEL_ENV}={name!r} is not one of {', '.join(_PREFILL_VARIANTS)}"
+        )
+    return _PREFILL_VARIANTS[name]
+
+
+def _workspace(device: torch.device, floats: int) -> torch.Tensor:
+    key = (device, floats)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        buf = torch.empty(floats, dtype=torch.float32, device=device)
+        _WORKSPACES[key] = buf
+    return buf
+
+
+def _layout_supported(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    head_dim = q.shape[2]
+    return (
+        head_dim in SUPPORTED_HEAD_DIMS
+        and key_cache.dtype == q.dtype
+        and value_cache.dtype == q.dtype
+        and key_cache.is_contiguous()
+        and value_cache.is_contiguous()
+        and q.stride(2) == 1
+        and (q.shape[1] == 1 or q.stride(1) == head_dim)
+        and q.stride(0) % 8 == 0
+        and _dispatch.aligned16(q, key_cache, value_cache)
+    )
+
+
+def _metadata_supported(metadata: AttentionMetadata) -> bool:
+    bt = metadata.block_tables
+    return (
+        bt.dtype == torch.int32
+        and (bt.shape[1] <= 1 or bt.stride(1) == 1)
+        and metadata.seq_lens.dtype == torch.int32
+        and metadata.seq_lens.is_contiguous()
+        and metadata.query_start_loc.dtype == torch.int32
+        and metadata.query_start_loc.is_contiguous()
+    )
+
+
+def paged_attention_cuda(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor | None:
+    """The kernel path of :func:`kestrel.ops.paged_attention`; None when the inputs need the
+    reference (dtype, head dim or layout the kernels do not handle, or a scale <= 0). Inputs are
+    validated by the caller."""
+    code = _dispatch.dtype_code(q.dtype)
+    if code is None or not scale > 0 or not _layout_supported(q, key_cache, value_cache):
+        return None
+    _dispatch.require_same_device(
+        "paged_attention",
+        q=q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=metadata.block_tables,
+        seq_lens=metadata.seq_lens,
+        query_start_loc=metadata.query_start_loc,
+    )
+    if not _metadata_supported(metadata):
+        return None
+    num_tokens, num_decodes = metadata.num_tokens, metadata.num_decodes
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T_padded, Hq, D] contiguous
+    if q.shape[0] > num_tokens:
+        out[num_tokens:].zero_()
+    kernels = _dispatch.kernels
+    assert kernels is not None
+    bt, seq_lens, qsl = metadata.block_tables, metadata.seq_lens, metadata.query_start_loc
+    stream = _dispatch.stream_handle(q.device)
+    with _dispatch.on_device(q.device):
+        if num_decodes > 0:
+            splits, split_len = decode_plan(q, num_kv_heads, num_decodes, metadata.max_seq_len)
+            floats = splits * num_decodes * num_q_heads * (head_dim + 1)
+            ws = _workspace(q.device, floats) if splits > 1 else None
+            status = kernels.paged_decode_attention(
+                out.data_ptr(),
+                out.stride(0),
+                q.data_ptr(),
+                q.stride(0),
+                key_cache.data_ptr(),
+                value_cache.data_ptr(),
+                bt.data_ptr(),
+                bt.stride(0),
+                seq_lens.data_ptr(),
+                num_decodes,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                float(scale),
+                heads_per_block(num_q_heads // num_kv_heads, head_dim),
+                splits,
+                split_len,
+                0 if ws is None else ws.data_ptr(),
+                0 if ws is None else ws.numel(),
+                code,
+                stream,
+            )
+            _dispatch.check("paged_attention (decode)", status)
+        num_prefills = metadata.num_seqs - num_decodes
+        num_prefill_tokens = num_tokens - num_decodes
+        if num_prefills > 0 and num_prefill_tokens > 0:
+            status = kernels.paged_prefill_attention(
+                out[num_decodes:].data_ptr(),
+                out.stride(0),
+                q[num_decodes:].data_ptr(),
+                q.stride(0),
+                key_cache.data_ptr(),
+                value_cache.data_ptr(),
+                bt[num_decodes:].data_ptr(),
+                bt.stride(0),
+                qsl[num_decodes:].data_ptr(),
+                seq_lens[num_decodes:].data_ptr(),
+                num_prefills,
+                num_prefill_tokens,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                float(scale),
+                prefill_variant(),
+                code,
+                stream,
+            )
+            _dispatch.check("paged_attention (prefill)", status)
+    return out
