@@ -1,7 +1,7 @@
 """Random arrivals, lengths, stops and aborts; invariants checked after every step."""
 
 import numpy as np
-from conftest import check_invariants, make_scheduler
+from core_utils import check_invariants, make_scheduler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

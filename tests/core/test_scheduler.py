@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import check_invariants, core, make_scheduler, run_step
+from core_utils import check_invariants, core, make_scheduler, run_step
 
 
 def test_config_validation():

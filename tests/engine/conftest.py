@@ -62,8 +62,3 @@ def hf_greedy(tiny_model_dir):
 
     generate.model = model
     return generate
-
-
-def prompts_of(lengths: list[int], seed: int = 0, vocab: int = 512) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

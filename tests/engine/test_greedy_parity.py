@@ -1,7 +1,7 @@
 """Greedy generations are token-for-token those of transformers, whatever the batching path."""
 
 import pytest
-from conftest import prompts_of
+from engine_utils import prompts_of
 
 from kestrel import LLM, SamplingParams
 

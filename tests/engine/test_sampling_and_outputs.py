@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import prompts_of
+from engine_utils import prompts_of
 
 from kestrel import LLM, SamplingParams
 

@@ -24,9 +24,9 @@ from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
 from kestrel.model_source import resolve_model
+from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import Logprob, RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner, SampleRow
-from kestrel.runner.cuda_graphs import kernels_available
 from kestrel.runner.model_runner import StepResult, kv_block_bytes
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer

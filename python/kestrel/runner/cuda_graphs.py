@@ -12,7 +12,6 @@ context length.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -25,18 +24,6 @@ if TYPE_CHECKING:
     from kestrel._core import SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-def kernels_available() -> bool:
-    """Whether the compiled CUDA kernels can be used (graphs need them: the torch reference
-    ops synchronize with the host)."""
-    if os.environ.get("KESTREL_DISABLE_KERNELS") == "1":
-        return False
-    try:
-        import kestrel._kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
