@@ -4,6 +4,7 @@ real shapes), run metadata (device, commit), tables and JSON."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -56,6 +57,9 @@ def model_dir_for(model: str) -> tuple[str, bool]:
 
 
 def commit() -> str:
+    """The git commit (short), or $KESTREL_COMMIT where the tree has no .git (device copies)."""
+    if os.environ.get("KESTREL_COMMIT"):
+        return os.environ["KESTREL_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL

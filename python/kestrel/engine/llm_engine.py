@@ -96,10 +96,15 @@ class LLMEngine:
             )
         )
         if self.device.type == "cuda" and not config.enforce_eager:
-            if kernels_available():
-                self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
-            else:
+            # Graphs need every op on a kernel: the torch references synchronize with the host.
+            if not kernels_available():
                 logger.warning("CUDA kernels not built: running without CUDA graphs")
+            elif self.dtype not in (torch.float16, torch.bfloat16):
+                logger.warning(
+                    "kernels run fp16/bf16 only: %s runs without CUDA graphs", self.dtype
+                )
+            else:
+                self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
         logger.info(
