@@ -94,6 +94,10 @@ def qwen05_dir(tmp_path_factory):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
                                                  dtype=torch.bfloat16)
+    # transformers' init (std 0.02) gives near-uniform logits over 152k tokens, whose argmax
+    # flips with any rounding difference; a wider (tied) embedding separates the top tokens.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.2)
     model.save_pretrained(path)
     return str(path), model
 
@@ -118,5 +122,7 @@ def test_bf16_qwen05_logits_and_greedy(qwen05_dir):
         theirs = ref[ids].cpu()
         rel_errs.append(float((ours - theirs).norm() / theirs.norm()))
         matches += _hf_greedy(hf, p, 16) == o.outputs[0].token_ids
+    print(f"bf16 0.5B: max top-20 logprob rel err {max(rel_errs):.2e}, "
+          f"greedy 16-token prefixes equal {matches}/{len(prompts)}")
     assert max(rel_errs) < 2e-2, rel_errs
     assert matches >= 0.9 * len(prompts), f"{matches}/{len(prompts)} greedy prefixes equal"
