@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -20,6 +21,8 @@ from kestrel._core import Scheduler, SchedulerConfig
 
 
 def _commit() -> str:
+    if os.environ.get("KESTREL_COMMIT"):
+        return os.environ["KESTREL_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
