@@ -56,6 +56,26 @@ def model_dir_for(model: str) -> tuple[str, bool]:
     return model, False
 
 
+def hf_model(model_dir: str, dummy: bool, dtype_name: str):
+    """transformers' model for the comparison runs: random init on the GPU for a preset shape
+    (fast), else the checkpoint; sdpa attention, eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name) if dtype_name != "auto" else torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dummy:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
+            )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa"
+        ).to(device)
+    return model.eval()
+
+
 def commit() -> str:
     """The git commit (short), or $KESTREL_COMMIT where the tree has no .git (device copies)."""
     if os.environ.get("KESTREL_COMMIT"):

@@ -22,6 +22,7 @@ from common import (
     bar_chart,
     commit,
     device_name,
+    hf_model,
     model_dir_for,
     print_table,
     write_json,
@@ -68,17 +69,8 @@ def kestrel_latency(model_dir: str, dummy: bool, args) -> dict:
 
 
 def hf_latency(model_dir: str, dummy: bool, args) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dummy:
-        config = AutoConfig.from_pretrained(model_dir)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    model.eval()
+    model = hf_model(model_dir, dummy, args.dtype)
+    device = model.device
     ids = torch.randint(
         100, 20000, (args.batch_size, args.input_len), generator=torch.Generator().manual_seed(0)
     ).to(device)

@@ -20,6 +20,7 @@ from common import (
     bar_chart,
     commit,
     device_name,
+    hf_model,
     model_dir_for,
     print_table,
     write_json,
@@ -65,18 +66,9 @@ def kestrel_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> 
 
 
 def hf_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dummy:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
-            )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    model.eval()
+    model = hf_model(model_dir, dummy, args.dtype)
     gen = GenerationConfig(
         max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1, pad_token_id=0
     )

@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from kestrel._core import Scheduler, SchedulerConfig
 
-
-def _commit() -> str:
-    if os.environ.get("KESTREL_COMMIT"):
-        return os.environ["KESTREL_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit
 
 
 def _make(num_decodes: int, prompt_len: int, budget: int) -> Scheduler:
@@ -85,7 +79,7 @@ def main() -> None:
     rows.append((f"{args.num_decodes} decodes + 1024 prefill tokens", t))
 
     print(
-        f"\nscheduler_overhead  commit={_commit()}  cpu={platform.processor() or platform.machine()}"
+        f"\nscheduler_overhead  commit={commit()}  cpu={platform.processor() or platform.machine()}"
         f"  context={args.context}  steps={args.steps}"
     )
     print(f"{'workload':<40} {'median us':>10} {'p99 us':>10}")
@@ -98,7 +92,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "commit": _commit(),
+                    "commit": commit(),
                     "machine": platform.node(),
                     "context": args.context,
                     "steps": args.steps,

@@ -22,12 +22,16 @@ import json
 import math
 import os
 import random
-import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit
 
 _WORDS = [
     "the",
@@ -256,15 +260,6 @@ def server_facts(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return model, facts
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -303,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(rows)
     payload = {
         "benchmark": "serving",
-        "commit": git_commit(),
+        "commit": commit(),
         "base_url": args.base_url,
         "model": model,
         **facts,
