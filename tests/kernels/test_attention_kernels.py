@@ -87,6 +87,18 @@ def test_prefill(dtype, head_dim, num_q_heads, num_kv_heads, prefill_kernel, gen
     _check(batch, _run(batch, spy, False, True), dtype, f"prefill ({prefill_kernel})")
 
 
+# Query tiles cut at the 64 / 128-row block edges (the wgmma kernel's tile for head_dim 128 is 128
+# rows, two warpgroups of 64), cached prefixes that are not multiples of the 128-key tile.
+PREFILL_EDGES = [(127, 127), (128, 300), (129, 129), (257, 257), (192, 1000), (63, 191)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_tile_edges(dtype, head_dim, prefill_kernel, gen, spy, poison):
+    batch = make_paged_batch(PREFILL_EDGES, 0, 16, 4, head_dim, dtype, gen)
+    _check(batch, _run(batch, spy, False, True), dtype, f"prefill edges ({prefill_kernel})")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32, 24])
