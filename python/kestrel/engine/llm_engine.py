@@ -19,15 +19,17 @@ import torch
 
 from kestrel import _core
 from kestrel.config import EngineConfig
+from kestrel.engine.logprobs import host_logprobs, logprob_entry
 from kestrel.engine.request_state import RequestState, SequenceState, child_generator
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
 from kestrel.model_source import resolve_model
 from kestrel.ops._dispatch import kernels_available
-from kestrel.outputs import Logprob, RequestMetrics, RequestOutput
+from kestrel.outputs import RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner, SampleRow
-from kestrel.runner.model_runner import StepResult, kv_block_bytes
+from kestrel.runner.memory import plan_num_kv_blocks
+from kestrel.runner.model_runner import StepResult
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -81,7 +83,7 @@ class LLMEngine:
             block_size=config.block_size,
             seed=config.seed,
         )
-        num_blocks = self._num_kv_blocks()
+        num_blocks = plan_num_kv_blocks(config, self.runner, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = _core.Scheduler(
             _core.SchedulerConfig(
@@ -155,55 +157,6 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         return tuple(dict.fromkeys(ids))
-
-    def _num_kv_blocks(self) -> int:
-        """KV blocks from the memory budget. On CUDA: gpu_memory_utilization of the card minus
-        what is in use (weights), the profiled activation peak of the largest step, and a
-        reserve for CUDA graphs; on CPU: kv_cache_memory_gib."""
-        cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        per_block = kv_block_bytes(self.model_config, cfg.block_size, self.dtype)
-        gib = float(1 << 30)
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free  # weights and anything else already on the card
-            peak = self.runner.profile_peak_bytes(cfg.max_num_batched_tokens, cfg.max_num_seqs)
-            graph_reserve = 0 if cfg.enforce_eager else int(0.5 * gib)
-            budget = cfg.gpu_memory_utilization * total - used - peak - graph_reserve
-            logger.info(
-                "memory: %.2f GiB card, %.2f GiB in use (weights %.2f GiB), activation peak "
-                "%.2f GiB, graph reserve %.2f GiB -> KV budget %.2f GiB",
-                total / gib,
-                used / gib,
-                self._weight_bytes() / gib,
-                peak / gib,
-                graph_reserve / gib,
-                budget / gib,
-            )
-        else:
-            budget = cfg.kv_cache_memory_gib * gib
-        # No more than every running sequence at full length could use.
-        useful = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-        num_blocks = min(int(budget // per_block), useful)
-        if num_blocks < -(-self.max_model_len // cfg.block_size):
-            raise ValueError(
-                f"the KV cache budget ({budget / gib:.2f} GiB) holds {max(num_blocks, 0)} blocks "
-                f"of {cfg.block_size} tokens, fewer than one sequence of max_model_len="
-                f"{self.max_model_len} needs; lower max_model_len or raise "
-                "gpu_memory_utilization / kv_cache_memory_gib"
-            )
-        tokens = num_blocks * cfg.block_size
-        logger.info(
-            "KV cache: %d blocks, %d tokens, up to %d sequences of max_model_len",
-            num_blocks,
-            tokens,
-            tokens // self.max_model_len,
-        )
-        return num_blocks
-
-    def _weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams.from_generation_config(self.generation_config)
@@ -381,7 +334,7 @@ class LLMEngine:
         self, upd, sampled_seq_ids: list[int], result: StepResult, now: float
     ) -> dict[str, RequestState]:
         finished = dict(zip(upd.finished_seq_ids.tolist(), upd.finish_reasons))
-        logprob_rows = self._host_logprobs(result)
+        logprob_rows = host_logprobs(result.sampler_output)
         row_of = {s: i for i, s in enumerate(sampled_seq_ids)} if logprob_rows else {}
         changed: dict[str, RequestState] = {}
         for seq_id, token in zip(upd.seq_ids.tolist(), upd.token_ids.tolist()):
@@ -390,11 +343,9 @@ class LLMEngine:
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             if seq.logprobs is not None and logprob_rows:
-                seq.logprobs.append(
-                    self._logprob_entry(
-                        logprob_rows, row_of[seq_id], token, seq.row.params.logprobs or 0
-                    )
-                )
+                k = seq.row.params.logprobs or 0
+                entry = logprob_entry(logprob_rows, row_of[seq_id], token, k, self._token_text)
+                seq.logprobs.append(entry)
             reason = finished.get(seq_id)
             if seq.detokenizer is not None and (not seq.lazy_detokenize or reason is not None):
                 new_ids = seq.row.output_token_ids if seq.lazy_detokenize else [token]
@@ -429,29 +380,6 @@ class LLMEngine:
                 self._requests.pop(request_id, None)
             outputs.append(state.output())
         return outputs
-
-    # ---- logprobs -------------------------------------------------------------------------
-
-    @staticmethod
-    def _host_logprobs(result: StepResult) -> tuple | None:
-        so = result.sampler_output
-        if so is None or so.logprobs is None:
-            return None
-        top_ids = so.top_logprob_ids.cpu().tolist() if so.top_logprob_ids is not None else None
-        top_vals = so.top_logprobs.cpu().tolist() if so.top_logprobs is not None else None
-        return so.logprobs.cpu().tolist(), top_ids, top_vals
-
-    def _logprob_entry(self, rows: tuple, row: int, token: int, k: int) -> dict[int, Logprob]:
-        sampled, top_ids, top_vals = rows
-        entry: dict[int, Logprob] = {}
-        rank = None
-        if top_ids is not None:
-            for r, (tid, val) in enumerate(zip(top_ids[row][:k], top_vals[row][:k]), start=1):
-                entry[tid] = Logprob(val, r, self._token_text(tid))
-            if token in top_ids[row]:
-                rank = top_ids[row].index(token) + 1
-        entry[token] = Logprob(sampled[row], rank, self._token_text(token))
-        return entry
 
     def _token_text(self, token_id: int) -> str | None:
         if self.tokenizer is None:
