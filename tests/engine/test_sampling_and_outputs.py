@@ -188,3 +188,27 @@ def test_abort_frees_blocks(llm):
     assert not engine.has_unfinished_requests()
     with pytest.raises(KeyError):
         engine.abort_request("x")
+
+
+def test_failed_step_aborts_its_requests_and_engine_recovers(llm):
+    engine = llm.engine
+    # max_tokens=1: the step's placeholder token would finish it in the core, so the engine
+    # must abort before closing the step (else abort meets an already-finished request).
+    engine.add_request(
+        "boom", prompts_of([9], seed=18)[0], SamplingParams(max_tokens=1, ignore_eos=True)
+    )
+    real_execute = engine.runner.execute
+
+    def failing_execute(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    engine.runner.execute = failing_execute
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    finally:
+        engine.runner.execute = real_execute
+    assert not engine.has_unfinished_requests()
+    assert engine.stats()["kv_cache_usage"] == 0.0
+    ok = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 3

@@ -309,11 +309,12 @@ class LLMEngine:
         try:
             result = self.runner.execute(out, rows)
         except Exception:
-            # Keep the core consistent: the step produced no tokens; fail every request in it.
-            self.scheduler.update(np.zeros(out.num_sampled, dtype=np.int64))
+            # The step produced no tokens: abort every request in it first (freeing its blocks),
+            # then close the step; update() drops the placeholder tokens of aborted requests.
             for seq_id in out.seq_ids.tolist():
                 if seq_id in self._seqs:
                     self.abort_request(self._seqs[seq_id][0].request_id)
+            self.scheduler.update(np.zeros(out.num_sampled, dtype=np.int64))
             raise
         upd = self.scheduler.update(result.sampled_token_ids)
         now = time.time()
