@@ -138,3 +138,26 @@ def bar_chart(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(
+    benchmark: str,
+    args,
+    results: dict[str, dict[str, Any]],
+    metric: str,
+    ylabel: str,
+    chart_title: str,
+) -> None:
+    """The JSON record (device, commit, args, results) and the Kestrel-vs-baseline chart."""
+    write_json(
+        args.json,
+        {
+            "benchmark": benchmark,
+            "model": args.model,
+            "device": device_name(),
+            "commit": commit(),
+            "args": vars(args),
+            "results": results,
+        },
+    )
+    bar_chart(args.png, chart_title, list(results), [r[metric] for r in results.values()], ylabel)

@@ -19,13 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    bar_chart,
     commit,
     device_name,
     hf_model,
     model_dir_for,
     print_table,
-    write_json,
+    report,
 )
 
 
@@ -126,23 +125,13 @@ def main() -> None:
         ["engine", "TTFT ms", "TPOT ms"],
         rows,
     )
-    write_json(
-        args.json,
-        {
-            "benchmark": "latency",
-            "model": args.model,
-            "device": device_name(),
-            "commit": commit(),
-            "args": vars(args),
-            "results": results,
-        },
-    )
-    bar_chart(
-        args.png,
-        f"{args.model}: time per output token (batch {args.batch_size})",
-        list(results),
-        [r["tpot_ms"] for r in results.values()],
+    report(
+        "latency",
+        args,
+        results,
+        "tpot_ms",
         "ms / token",
+        f"{args.model}: time per output token (batch {args.batch_size})",
     )
 
 

@@ -17,13 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    bar_chart,
     commit,
     device_name,
     hf_model,
     model_dir_for,
     print_table,
-    write_json,
+    report,
 )
 
 
@@ -122,23 +121,13 @@ def main() -> None:
         ["engine", "out tokens", "seconds", "out tok/s", "total tok/s"],
         rows,
     )
-    write_json(
-        args.json,
-        {
-            "benchmark": "offline_throughput",
-            "model": args.model,
-            "device": device_name(),
-            "commit": commit(),
-            "args": vars(args),
-            "results": results,
-        },
-    )
-    bar_chart(
-        args.png,
-        f"{args.model}: offline output tokens/s",
-        list(results),
-        [r["output_tok_s"] for r in results.values()],
+    report(
+        "offline_throughput",
+        args,
+        results,
+        "output_tok_s",
         "output tokens / s",
+        f"{args.model}: offline output tokens/s",
     )
 
 

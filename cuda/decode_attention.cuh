@@ -44,6 +44,22 @@ struct DecodeParams {
   float* partial_lse;  // [num_splits, num_seqs, Hq] fp32, log2 domain
 };
 
+// Epilogue of one (sequence, query head, split) for output element d: the normalized output when
+// the sequence is not split, else the fp32 partial output and its log2-domain LSE for the merge.
+template <typename T>
+__device__ __forceinline__ void store_decode_result(const DecodeParams& p, int split, int seq,
+                                                    int h, int D, int d, float o, float mx,
+                                                    float sum) {
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + seq * p.out_stride + h * D + d;
+    *out = from_float<T>(o / sum);
+  } else {
+    const int64_t row = (static_cast<int64_t>(split) * p.num_seqs + seq) * p.num_q_heads + h;
+    p.partial_out[row * D + d] = o / sum;
+    if (d == 0) p.partial_lse[row] = mx + __log2f(sum);
+  }
+}
+
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kTableChunk = 1024;  // block-table entries staged in shared memory at a time
@@ -242,15 +258,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
       sum += red_l[s * G + g] * w;
       o += red_acc[(s * G + g) * D + d] * w;
     }
-    const int h = qh0 + g;
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + seq * p.out_stride + h * D + d;
-      *out = from_float<T>(o / sum);
-    } else {
-      const int64_t row = (static_cast<int64_t>(split) * p.num_seqs + seq) * p.num_q_heads + h;
-      p.partial_out[row * D + d] = o / sum;
-      if (d == 0) p.partial_lse[row] = mx + __log2f(sum);
-    }
+    store_decode_result<T>(p, split, seq, qh0 + g, D, d, o, mx, sum);
   }
 }
 

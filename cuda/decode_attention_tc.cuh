@@ -249,15 +249,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
       sum += red_l[w * kTcHeads + h] * wt;
       acc += red_o[(w * kTcHeads + h) * D + d] * wt;
     }
-    const int qh = qh0 + h;
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + seq * p.out_stride + qh * D + d;
-      *out = from_float<T>(acc / sum);
-    } else {
-      const int64_t row = (static_cast<int64_t>(split) * p.num_seqs + seq) * p.num_q_heads + qh;
-      p.partial_out[row * D + d] = acc / sum;
-      if (d == 0) p.partial_lse[row] = mx + __log2f(sum);
-    }
+    store_decode_result<T>(p, split, seq, qh0 + h, D, d, acc, mx, sum);
   }
 }
 
