@@ -3,11 +3,14 @@ real shapes), run metadata (device, commit), tables and JSON."""
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +164,36 @@ def report(
         },
     )
     bar_chart(args.png, chart_title, list(results), [r[metric] for r in results.values()], ylabel)
+
+
+def engine_arg_parser(
+    description: str, default_model: str = "qwen2.5-7b"
+) -> argparse.ArgumentParser:
+    """The flags every Kestrel-vs-transformers script shares; scripts add their workload's."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument(
+        "--model",
+        default=default_model,
+        help=f"a preset shape with random weights ({', '.join(SHAPES)}) or a model dir",
+    )
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--compare-hf", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--png")
+    return ap
+
+
+def run_both(
+    kestrel: Callable[[], dict], transformers: Callable[[], dict] | None
+) -> dict[str, dict]:
+    """Kestrel's run, then (when given) transformers' run once Kestrel's engine is released."""
+    results = {"kestrel": kestrel()}
+    if transformers is not None:
+        import torch
+
+        gc.collect()  # the Kestrel engine (KV cache, graph pools) must be gone first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results["transformers"] = transformers()
+    return results

@@ -8,8 +8,6 @@ Hugging Face transformers (`--compare-hf`) on the same model shape in the same r
 
 from __future__ import annotations
 
-import argparse
-import gc
 import statistics
 import sys
 import time
@@ -21,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     commit,
     device_name,
+    engine_arg_parser,
     hf_model,
     model_dir_for,
     print_table,
     report,
+    run_both,
 )
 
 
@@ -97,27 +97,19 @@ def hf_latency(model_dir: str, dummy: bool, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-7b")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap = engine_arg_parser(__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--compare-hf", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--png")
     args = ap.parse_args()
 
     model_dir, dummy = model_dir_for(args.model)
-    results = {"kestrel": kestrel_latency(model_dir, dummy, args)}
-    if args.compare_hf:
-        gc.collect()  # the Kestrel engine (KV cache, graph pools) must be gone first
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        results["transformers"] = hf_latency(model_dir, dummy, args)
+    results = run_both(
+        lambda: kestrel_latency(model_dir, dummy, args),
+        (lambda: hf_latency(model_dir, dummy, args)) if args.compare_hf else None,
+    )
     rows = [[name, r["ttft_ms"], r["tpot_ms"]] for name, r in results.items()]
     print_table(
         f"latency  model={args.model} batch={args.batch_size} in={args.input_len} "

@@ -6,8 +6,6 @@ output tokens/s, Kestrel vs transformers' continuous batching (`generate_batch`)
 
 from __future__ import annotations
 
-import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -19,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     commit,
     device_name,
+    engine_arg_parser,
     hf_model,
     model_dir_for,
     print_table,
     report,
+    run_both,
 )
 
 
@@ -87,29 +87,21 @@ def hf_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-7b")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap = engine_arg_parser(__doc__.split("\n")[0])
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--min-input", type=int, default=100)
     ap.add_argument("--max-input", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--compare-hf", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--png")
     args = ap.parse_args()
 
     model_dir, dummy = model_dir_for(args.model)
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, args.seed)
-    results = {"kestrel": kestrel_run(model_dir, dummy, prompts, args)}
-    if args.compare_hf:
-        gc.collect()  # the Kestrel engine (KV cache, graph pools) must be gone first
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        results["transformers"] = hf_run(model_dir, dummy, prompts, args)
+    results = run_both(
+        lambda: kestrel_run(model_dir, dummy, prompts, args),
+        (lambda: hf_run(model_dir, dummy, prompts, args)) if args.compare_hf else None,
+    )
     rows = [
         [n, r["output_tokens"], r["elapsed_s"], r["output_tok_s"], r["total_tok_s"]]
         for n, r in results.items()
