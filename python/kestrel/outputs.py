@@ -22,7 +22,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "error" (the request failed, see RequestOutput.error) |
+    # None while running
+    finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: SampleLogprobs | None = None
     # Since the previous RequestOutput of this request (for streaming):
@@ -51,3 +53,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # Set only when this request failed alone (its sampling or output processing raised; the
+    # other requests went on): one line, "<ExceptionType>: <message> (this request's <stage>
+    # failed)". Then `finished` is True and every sample that had not finished has
+    # finish_reason "error".
+    error: str | None = None

@@ -19,6 +19,7 @@ import torch
 
 from kestrel import _core
 from kestrel.config import EngineConfig
+from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
 from kestrel.engine.request_state import RequestState, SequenceState, child_generator
 from kestrel.loader import load_model, read_generation_config
@@ -34,6 +35,8 @@ from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+_INT32_MAX = 2**31 - 1
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -191,14 +194,16 @@ class LLMEngine:
             stream=stream,
         )
         core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        # The core counts in int32; no output outgrows max_model_len (an int32): clamping is exact.
+        max_tokens = None if params.max_tokens is None else min(params.max_tokens, _INT32_MAX)
         added: list[str] = []
         try:
             for index, core_id in enumerate(core_ids):
                 seq_id = self.scheduler.add_request(
                     core_id,
                     np.asarray(prompt_ids, dtype=np.int64),
-                    max_tokens=params.max_tokens,
-                    min_tokens=params.min_tokens,
+                    max_tokens=max_tokens,
+                    min_tokens=min(params.min_tokens, _INT32_MAX),
                     eos_token_ids=list(self.eos_token_ids),
                     stop_token_ids=params.stop_token_ids,
                     ignore_eos=params.ignore_eos,
@@ -241,6 +246,9 @@ class LLMEngine:
                 raise ValueError(f"{name} holds token id {bad[0]}, out of range [0, {vocab})")
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+        if params.top_k > vocab:
+            allowed = f"-1 or 0 (disabled) or 1..{vocab} (the vocabulary size)"
+            raise ValueError(f"top_k={params.top_k} is out of range; allowed: {allowed}")
 
     def _new_sequence(
         self,
@@ -309,13 +317,10 @@ class LLMEngine:
         try:
             result = self.runner.execute(out, rows)
         except Exception:
-            # The step produced no tokens: abort every request in it first (freeing its blocks),
-            # then close the step; update() drops the placeholder tokens of aborted requests.
-            for seq_id in out.seq_ids.tolist():
-                if seq_id in self._seqs:
-                    self.abort_request(self._seqs[seq_id][0].request_id)
-            self.scheduler.update(np.zeros(out.num_sampled, dtype=np.int64))
+            abort_step(self, out)  # not attributable to one request: fatal
             raise
+        # Rows that failed alone fail their requests only (aborted before update()).
+        failed = fail_sampled_rows(self.scheduler, self._seqs, sampled_seq_ids, result.failed_rows)
         upd = self.scheduler.update(result.sampled_token_ids)
         now = time.time()
         for seq_id in out.seq_ids.tolist():
@@ -326,7 +331,7 @@ class LLMEngine:
                 if self.scheduler.contains(entry[1].core_id):
                     info = self.scheduler.request_info(entry[1].core_id)
                     metrics.num_cached_prompt_tokens = max(0, info["num_cached_prompt_tokens"])
-        changed = self._process_tokens(upd, sampled_seq_ids, result, now)
+        changed = failed | self._process_tokens(upd, sampled_seq_ids, result, now)
         if out.num_tokens == 0 and self._requests and not changed:
             raise RuntimeError("scheduler made no progress with requests pending")
         return self._collect(changed, now)
@@ -339,25 +344,32 @@ class LLMEngine:
         row_of = {s: i for i, s in enumerate(sampled_seq_ids)} if logprob_rows else {}
         changed: dict[str, RequestState] = {}
         for seq_id, token in zip(upd.seq_ids.tolist(), upd.token_ids.tolist()):
+            if seq_id not in self._seqs:  # its request failed earlier in this loop (n > 1)
+                continue
             state, seq = self._seqs[seq_id]
-            seq.row.output_token_ids.append(token)
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
-            if seq.logprobs is not None and logprob_rows:
-                k = seq.row.params.logprobs or 0
-                entry = logprob_entry(logprob_rows, row_of[seq_id], token, k, self._token_text)
-                seq.logprobs.append(entry)
             reason = finished.get(seq_id)
-            if seq.detokenizer is not None and (not seq.lazy_detokenize or reason is not None):
-                new_ids = seq.row.output_token_ids if seq.lazy_detokenize else [token]
-                step = seq.detokenizer.add_tokens(new_ids, finished=reason is not None)
-                seq.text = seq.detokenizer.output_text
-                seq.text_delta += step.text_delta
-                if step.stop_reason is not None:
-                    seq.stop_reason = step.stop_reason
-                    if reason is None:
-                        self.scheduler.finish(seq.core_id, "stop")
-                    reason = "stop"
+            try:
+                seq.row.output_token_ids.append(token)
+                if state.metrics.first_token_time is None:
+                    state.metrics.first_token_time = now
+                if seq.logprobs is not None and logprob_rows:
+                    k = seq.row.params.logprobs or 0
+                    entry = logprob_entry(logprob_rows, row_of[seq_id], token, k, self._token_text)
+                    seq.logprobs.append(entry)
+                if seq.detokenizer is not None and (not seq.lazy_detokenize or reason is not None):
+                    new_ids = seq.row.output_token_ids if seq.lazy_detokenize else [token]
+                    step = seq.detokenizer.add_tokens(new_ids, finished=reason is not None)
+                    seq.text = seq.detokenizer.output_text
+                    seq.text_delta += step.text_delta
+                    if step.stop_reason is not None:
+                        seq.stop_reason = step.stop_reason
+                        if reason is None:
+                            self.scheduler.finish(seq.core_id, "stop")
+                        reason = "stop"
+            except Exception as exc:  # noqa: BLE001 - this sequence's fault: fail its request only
+                fail_request(self.scheduler, self._seqs, state, exc, "output processing")
+                changed[state.request_id] = state
+                continue
             if reason is not None:
                 if (
                     reason == "stop"

@@ -55,6 +55,7 @@ class RequestState:
     metrics: RequestMetrics
     stream: bool = True  # False: only the final output is reported
     seqs: list[SequenceState] = field(default_factory=list)
+    error: str | None = None  # set when the request failed alone (see engine/faults.py)
 
     @property
     def finished(self) -> bool:
@@ -68,6 +69,7 @@ class RequestState:
             outputs=[s.completion() for s in self.seqs],
             finished=self.finished,
             metrics=self.metrics,
+            error=self.error,
         )
 
 

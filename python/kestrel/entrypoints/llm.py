@@ -41,7 +41,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in the order given. A prompt is a string, a list of
         token ids, or {"prompt": str} / {"prompt_token_ids": [...]}. `sampling_params` is one
-        for all prompts or one per prompt; None uses the model's generation defaults."""
+        for all prompts or one per prompt; None uses the model's generation defaults.
+
+        Bad input (an invalid prompt or parameter) raises ValueError before anything runs. A
+        request that fails while it runs (its sampling or output processing raised) does not
+        raise: its RequestOutput comes back in its place with `error` set and finish_reason
+        "error" on its unfinished samples, so one bad prompt does not lose the others' results.
+        An engine-wide failure (the forward pass, a device error) still raises."""
         prompt_list = self._as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)

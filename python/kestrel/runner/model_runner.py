@@ -3,6 +3,14 @@
 Per step: the SchedulerOutput's flat arrays become device tensors (one copy each, no per-token
 Python), the model runs over every scheduled token, the rows named by `logits_indices` are
 projected to logits and sampled, and the sampled ids come back to the host in one transfer.
+
+Failures (see `kestrel.engine.faults`): a forward-pass exception propagates (fatal: it is no one
+request's fault). When sampling the batch raises something other than a device failure, the rows
+are sampled again one at a time; rows that fail alone are reported in `StepResult.failed_rows`
+and the others keep their tokens. Retried rows give the tokens the batch would have given as long
+as the failure came before the noise draw (batch build, logit edits, filters): the per-request
+generators have not moved then. A failure after it (logprobs) makes the retried seeded rows draw
+again, so their streams move on by one draw.
 """
 
 from __future__ import annotations
@@ -54,8 +62,11 @@ class SampleRow:
 
 @dataclass
 class StepResult:
-    sampled_token_ids: np.ndarray  # [S] int64, host
+    sampled_token_ids: np.ndarray  # [S] int64, host; a placeholder 0 at each failed row
     sampler_output: SamplerOutput | None  # device tensors (logprobs), None when S == 0
+    # Row index -> the exception that sampling that row alone raised. The engine must fail those
+    # rows' requests (abort them before update(), which then drops their placeholder tokens).
+    failed_rows: dict[int, BaseException] = field(default_factory=dict)
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -191,13 +202,32 @@ class ModelRunner:
             raise ValueError(f"{len(rows)} sample rows for {out.num_sampled} logits indices")
         if out.num_tokens == 0:
             return StepResult(np.zeros(0, dtype=np.int64), None)
+        logits = self._logits(out)  # an exception here is fatal: it is no one row's fault
+        if logits is None:
+            return StepResult(np.zeros(0, dtype=np.int64), None)
+        try:
+            return self._sample(logits, rows)
+        except Exception as exc:
+            # Lazy import: kestrel.engine imports this module.
+            from kestrel.engine.faults import is_device_failure
+
+            if is_device_failure(exc):
+                raise
+            result = self._sample_each_row(logits, rows)
+            if result is None:  # every row failed on its own: not attributable
+                raise
+            return result
+
+    def _logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """The forward pass: logits [S, vocab] fp32 of the sampled rows, None when S == 0."""
         self.stager.begin_step()
         if self.graphs is not None and out.num_sampled == out.num_reqs and self.graphs.can_run(out):
-            logits = self.graphs.run(out, self.stager.to_device)  # [S, vocab] fp32
-        else:
-            logits = self._forward_eager(out)
-            if logits is None:
-                return StepResult(np.zeros(0, dtype=np.int64), None)
+            return self.graphs.run(out, self.stager.to_device)  # [S, vocab] fp32
+        return self._forward_eager(out)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> StepResult:
+        """The sampling stage: one token per row of `logits`. Never modifies `logits` (the
+        row-by-row retry reads them again)."""
         if all(r.plain_greedy for r in rows):  # fast path: no per-row tensors to build
             return StepResult(logits.argmax(dim=-1).cpu().numpy(), None)
         batch = SamplingBatch.build(
@@ -211,6 +241,35 @@ class ModelRunner:
         )
         sampled = self.sampler(logits, batch)
         return StepResult(sampled.sampled_token_ids.cpu().numpy(), sampled)
+
+    def _sample_each_row(self, logits: torch.Tensor, rows: list[SampleRow]) -> StepResult | None:
+        """After the batch failed to sample: each row alone. Rows that still raise (not a device
+        failure, which propagates) go into `failed_rows`; None when every row of a multi-row
+        batch failed. Logprobs are taken over the whole batch as `_sample` would."""
+        from kestrel.engine.faults import is_device_failure
+
+        tokens = np.zeros(len(rows), dtype=np.int64)
+        failed: dict[int, BaseException] = {}
+        for i, row in enumerate(rows):
+            try:
+                tokens[i] = self._sample(logits[i : i + 1], [row]).sampled_token_ids[0]
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise
+                failed[i] = exc
+        if len(rows) > 1 and len(failed) == len(rows):
+            return None
+        logger.warning(
+            "sampling a batch of %d rows failed; sampled row by row, %d rows failed alone",
+            len(rows),
+            len(failed),
+        )
+        num_logprobs = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        sampler_output = None
+        if num_logprobs:
+            sampled = torch.from_numpy(tokens).to(logits.device)
+            sampler_output = Sampler.with_logprobs(logits, sampled, max(num_logprobs))
+        return StepResult(tokens, sampler_output, failed)
 
     def _forward_eager(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Logits [S, vocab] fp32 of the sampled rows, or None when no row is sampled."""

@@ -26,12 +26,14 @@ import torch
 
 from kestrel.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass
 class SamplingBatch:
     temperature: torch.Tensor  # [S] float32 (values of greedy rows are never used)
     top_p: torch.Tensor  # [S] float32, (0, 1]
-    top_k: torch.Tensor  # [S] int32, 0 = disabled
+    top_k: torch.Tensor  # [S] int32, 0 = disabled, else in [1, V] (a larger k is clamped to V)
     min_p: torch.Tensor  # [S] float32, [0, 1]
     repetition_penalty: torch.Tensor  # [S] float32, > 0
     presence_penalty: torch.Tensor  # [S] float32
@@ -102,9 +104,15 @@ class SamplingBatch:
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
+        # Every per-row value fits its tensor's dtype for any value SamplingParams accepts:
+        # top_k (unbounded int) is clamped to V, where it keeps every token as 0 does; the
+        # unbounded floats (temperature, repetition_penalty) are clamped to the largest finite
+        # float32, so they never become inf (inf * 0 or -inf / inf would be NaN). The others are
+        # bounded ([0, 1], [-2, 2], [-100, 100]) or token ids checked against V; min_tokens and
+        # max_tokens stay Python ints (only compared with output lengths here).
         greedy = [p.temperature < GREEDY_TEMPERATURE_EPS for p in params]
         random_row_ids = [i for i, g in enumerate(greedy) if not g]
-        rep = [p.repetition_penalty for p in params]
+        rep = [min(p.repetition_penalty, _FLOAT32_MAX) for p in params]
         pres = [p.presence_penalty for p in params]
         freq = [p.frequency_penalty for p in params]
         use_rep = any(r != 1.0 for r in rep)
@@ -142,9 +150,11 @@ class SamplingBatch:
 
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=floats([p.temperature for p in params]),
+            temperature=floats([min(p.temperature, _FLOAT32_MAX) for p in params]),
             top_p=floats([p.top_p for p in params]),
-            top_k=torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32, device=device),
+            top_k=torch.tensor(
+                [min(max(p.top_k, 0), vocab_size) for p in params], dtype=torch.int32, device=device
+            ),
             min_p=floats([p.min_p for p in params]),
             repetition_penalty=floats(rep),
             presence_penalty=floats(pres),

@@ -73,7 +73,7 @@ class Sampler:
             assert batch.random_rows is not None
             tokens = self._sample_rows(processed[batch.random_rows], batch)  # [R]
             sampled.index_copy_(0, batch.random_rows, tokens)
-        return self._with_logprobs(logits, sampled, batch.max_num_logprobs)
+        return self.with_logprobs(logits, sampled, batch.max_num_logprobs)
 
     def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Tokens [R] int64 for the non-greedy rows; `logits` [R, V] holds those rows."""
@@ -110,9 +110,11 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
     @staticmethod
-    def _with_logprobs(
+    def with_logprobs(
         raw_logits: torch.Tensor, sampled: torch.Tensor, max_num_logprobs: int
     ) -> SamplerOutput:
+        """`sampled` [S] with the logprobs of `raw_logits` [S, V] (none when
+        max_num_logprobs < 0): the sampled token's and the top-K, K = min(max_num_logprobs, V)."""
         if max_num_logprobs < 0:
             return SamplerOutput(sampled, None, None, None)
         logprobs = torch.log_softmax(raw_logits.to(torch.float32), dim=-1)  # [S, V]
