@@ -15,8 +15,12 @@ import kestrel
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # vllm-serve spellings of dtypes -> EngineConfig's.
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Seconds uvicorn waits for in-flight requests after SIGINT/SIGTERM before cancelling them.
-GRACEFUL_SHUTDOWN_S = 30.0
+# Default drain window: seconds in-flight requests may run on after SIGINT/SIGTERM.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# Defaults of the request limits (as vLLM's: VLLM_MAX_N_SEQUENCES, VLLM_MAX_COMPLETION_PROMPTS).
+DEFAULT_MAX_N = 16_384
+DEFAULT_MAX_PROMPTS = 1024
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 def _positive_int(text: str) -> int:
@@ -30,6 +34,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an int >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: a finite float >= 0")
     return value
 
 
@@ -68,8 +79,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     net.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer <key>' on /v1/*; when not given, "
-        "$KESTREL_API_KEY is used; neither = no key",
+        help="require 'Authorization: Bearer <key>' on every route but --public-paths; when "
+        "not given, $KESTREL_API_KEY is used; neither = no key",
+    )
+    net.add_argument(
+        "--public-paths",
+        nargs="*",
+        default=None,
+        metavar="PATH",
+        help="routes that need no API key (default: /health /version /metrics /openapi.json "
+        "/docs /redoc); pass the flag with no paths to protect every route",
     )
     net.add_argument(
         "--chat-template",
@@ -80,8 +99,33 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--max-queued-requests",
         type=_non_negative_int,
         default=None,
-        help="requests allowed to wait beyond --max-num-seqs; more are refused with HTTP 503 "
-        "(default: unlimited)",
+        help="sequences (requests x n) allowed to wait beyond --max-num-seqs; more are refused "
+        "with HTTP 503, a request that could never fit with 400 (default: unlimited)",
+    )
+    net.add_argument(
+        "--max-n",
+        type=_positive_int,
+        default=DEFAULT_MAX_N,
+        help="most samples per prompt (n), and most sequences (prompts x n) per request",
+    )
+    net.add_argument(
+        "--max-prompts",
+        type=_positive_int,
+        default=DEFAULT_MAX_PROMPTS,
+        help="most prompts in one /v1/completions request",
+    )
+    net.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body accepted; larger ones get HTTP 413",
+    )
+    net.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help="seconds that running requests may go on after SIGINT/SIGTERM; streams still "
+        "running then end with an error event and [DONE]",
     )
     net.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info", help="log level of server and engine"
@@ -192,6 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from kestrel.engine.async_engine import AsyncLLMEngine
     from kestrel_server import ServerArgs, build_app
+    from kestrel_server.shutdown import DrainingServer
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -207,17 +252,14 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if not args.served_model_name and args.model is None:
         logging.getLogger(__name__).info("serving the default model as %r", engine.model_name)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
+    server = DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
+        engine,
+        drain_s=args.shutdown_timeout,
     )
-    # uvicorn handles SIGINT/SIGTERM: stop accepting, finish in-flight requests (up to
-    # GRACEFUL_SHUTDOWN_S), then the app's lifespan shuts the engine down. Afterwards uvicorn
+    # uvicorn handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (up to
+    # --shutdown-timeout, then they end with an error), then the app's lifespan shuts the
+    # engine down. Afterwards uvicorn
     # re-raises the signal into the handlers it found; these make that a clean exit (code 0)
     # instead of a KeyboardInterrupt traceback or death by SIGTERM.
     received: list[int] = []

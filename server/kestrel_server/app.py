@@ -15,19 +15,36 @@ from fastapi import FastAPI, Request, Response
 
 import kestrel
 from kestrel.engine.async_engine import AsyncLLMEngine
-from kestrel_server.auth import APIKeyMiddleware
-from kestrel_server.chat import create_chat_completion, render_prompt
-from kestrel_server.common import ServerState, check_token_ids, server_state
+from kestrel_server.auth import DEFAULT_PUBLIC_PATHS, APIKeyMiddleware
+from kestrel_server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware
+from kestrel_server.chat import create_chat_completion, render_prompt_off_loop
+from kestrel_server.common import (
+    RequestLimits,
+    ServerState,
+    check_token_ids,
+    off_loop,
+    server_state,
+)
 from kestrel_server.completions import create_completion
 from kestrel_server.errors import APIError, bad_request, install_error_handlers
 from kestrel_server.metrics import CONTENT_TYPE, ServerMetrics
+from kestrel_server.openapi import (
+    ServerLimits,
+    documented_errors,
+    install_openapi,
+    streaming_ok,
+)
 from kestrel_server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    VersionResponse,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,9 +55,13 @@ class ServerArgs:
     """The server's own settings (the engine's live in EngineConfig)."""
 
     served_model_name: list[str] | str | None = None  # default: the engine's model name
-    api_key: str | None = None  # None: /v1 is open
+    api_key: str | None = None  # None: every route is open
+    public_paths: list[str] | None = None  # open despite the key; None: DEFAULT_PUBLIC_PATHS
     chat_template: str | None = None  # a template file path or the template itself
     drain_timeout_s: float = 0.0  # at app shutdown: wait this long for requests still running
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
+    max_n: int = RequestLimits.max_n  # samples per prompt; also sequences per request
+    max_prompts: int = RequestLimits.max_prompts  # prompts per completions request
 
     @classmethod
     def from_namespace(cls, args: Any) -> ServerArgs:
@@ -74,6 +95,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         metrics=ServerMetrics(engine.stats, names[0]),
         api_key=settings.api_key or None,
         chat_template=load_chat_template(settings.chat_template),
+        limits=RequestLimits(max_n=settings.max_n, max_prompts=settings.max_prompts),
     )
 
     @asynccontextmanager
@@ -89,13 +111,27 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     app = FastAPI(title="Kestrel", version=kestrel.__version__, lifespan=lifespan)
     app.state.kestrel = state
     install_error_handlers(app)
+    # Outermost last: the key is checked before a body is read, the size before it is parsed.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if state.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
+        public = DEFAULT_PUBLIC_PATHS if settings.public_paths is None else settings.public_paths
+        app.add_middleware(APIKeyMiddleware, api_key=state.api_key, public_paths=public)
 
-    app.post("/v1/chat/completions")(create_chat_completion)
-    app.post("/v1/completions")(create_completion)
+    work = documented_errors(400, 401, 404, 413, 503)
+    app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={**streaming_ok(ChatCompletionResponse, ChatCompletionChunk), **work},
+        summary="Chat completion (JSON, or server-sent chat.completion.chunk events)",
+    )(create_chat_completion)
+    app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={**streaming_ok(CompletionResponse, CompletionResponse), **work},
+        summary="Text completion (JSON, or server-sent text_completion events)",
+    )(create_completion)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented_errors(401))
     async def list_models(request: Request) -> ModelList:
         st = server_state(request)
         cards = [
@@ -104,30 +140,38 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         ]
         return ModelList(data=cards)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=documented_errors(400, 401, 404, 413))
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         st = server_state(request)
         st.resolve_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            ids = render_prompt(st, body.messages, add_generation_prompt=body.add_generation_prompt)
+            ids = await render_prompt_off_loop(
+                st, body.messages, add_generation_prompt=body.add_generation_prompt
+            )
         else:
             if st.engine.tokenizer is None:
                 raise bad_request("this model has no tokenizer", param="prompt")
-            ids = st.engine.tokenizer.encode(body.prompt, body.add_special_tokens)
+            encode = st.engine.tokenizer.encode
+            ids = await off_loop(len(body.prompt), encode, body.prompt, body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=st.engine.max_model_len, tokens=ids)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=documented_errors(400, 401, 404, 413))
     async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
         st = server_state(request)
         st.resolve_model(body.model)
         if st.engine.tokenizer is None:
             raise bad_request("this model has no tokenizer", param="tokens")
         check_token_ids(body.tokens, st.engine.vocab_size, "tokens")
-        return DetokenizeResponse(prompt=st.engine.tokenizer.decode(body.tokens))
+        text = await off_loop(len(body.tokens) * 4, st.engine.tokenizer.decode, body.tokens)
+        return DetokenizeResponse(prompt=text)
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={200: {"description": "serving (empty body)"}, **documented_errors(503)},
+    )
     async def health(request: Request) -> Response:
         try:
             server_state(request).engine.check_health()
@@ -136,12 +180,23 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         return Response(status_code=200)
 
     @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": kestrel.__version__}
+    async def version() -> VersionResponse:
+        return VersionResponse(version=kestrel.__version__)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}},
+    )
     async def metrics(request: Request) -> Response:
         body = server_state(request).metrics.exposition()
         return Response(content=body, media_type=CONTENT_TYPE)
 
+    limits = ServerLimits(
+        vocab_size=engine.vocab_size,
+        max_model_len=engine.max_model_len,
+        max_n=settings.max_n,
+        max_prompts=settings.max_prompts,
+    )
+    install_openapi(app, [ChatCompletionChunk], limits)
     return app

@@ -9,20 +9,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from kestrel.outputs import CompletionOutput, RequestOutput
-from kestrel.sampling_params import MAX_LOGPROBS
 from kestrel.tokenizer.chat_template import ChatTemplateError
 from kestrel_server.common import (
     ServerState,
     check_context,
+    check_request_limits,
+    event_stream_response,
     final_outputs,
     merged_outputs,
+    off_loop,
     sampling_params,
     server_state,
     sse,
-    sse_stream,
     submit,
     unless_disconnected,
     usage,
@@ -41,7 +41,20 @@ from kestrel_server.protocol import (
     DeltaMessage,
 )
 
-_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Arguments of the renderer itself: a chat_template_kwargs key may not replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "self",
+        "messages",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "tokenize",
+        "template",
+        "template_source",
+        "variables",
+    }
+)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -49,29 +62,51 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     if not messages:
         raise bad_request("'messages' must hold at least one message", param="messages")
     out = []
-    for i, message in enumerate(messages):
-        if message.role not in _ROLES:
-            raise bad_request(
-                f"messages[{i}].role = {message.role!r} is invalid; allowed: {', '.join(_ROLES)}",
-                param=f"messages.{i}.role",
-            )
+    for message in messages:
         content = message.content
         if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(
-                        f"messages[{i}].content[{j}] has type {part.type!r}; only 'text' parts "
-                        "are supported",
-                        param=f"messages.{i}.content",
-                    )
-                texts.append(part.text)
-            content = "".join(texts)
+            content = "".join(part.text for part in content)
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
         out.append(entry)
     return out
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """chat_template_kwargs: no key may collide with the renderer's own arguments; `tools` and
+    `documents` (passed on to the template) must be lists of objects."""
+    kwargs = dict(kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise bad_request(
+            f"chat_template_kwargs may not set {', '.join(map(repr, reserved))}: these are the "
+            "renderer's own arguments (use the request's fields instead)",
+            param="chat_template_kwargs",
+        )
+    for key in ("tools", "documents"):
+        value = kwargs.get(key)
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, dict) for v in value)
+        ):
+            raise bad_request(
+                f"chat_template_kwargs.{key} must be a list of objects, got {type(value).__name__}"
+                + (" holding other values" if isinstance(value, list) else ""),
+                param=f"chat_template_kwargs.{key}",
+            )
+    return kwargs
+
+
+def message_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in the messages (to decide whether to render off the event loop)."""
+    total = 0
+    for message in messages:
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content is not None:
+            total += sum(len(part.text) for part in content)
+    return total
 
 
 def render_prompt(
@@ -82,6 +117,7 @@ def render_prompt(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
+    """Token ids of the rendered chat. Any failure of the template on this input is a 400."""
     tokenizer = state.engine.tokenizer
     if tokenizer is None:
         raise bad_request("this model has no tokenizer, so chat messages cannot be rendered")
@@ -90,37 +126,51 @@ def render_prompt(
             "add_generation_prompt and continue_final_message cannot both be true",
             param="continue_final_message",
         )
+    kwargs = check_template_kwargs(template_kwargs)
     try:
         return tokenizer.render_chat_prompt_ids(
             message_dicts(messages),
             add_generation_prompt=add_generation_prompt,
             chat_template=state.chat_template,
             continue_final_message=continue_final_message,
-            **(template_kwargs or {}),
+            **kwargs,
         )
     except ChatTemplateError as exc:
         raise bad_request(f"the chat template failed: {exc}", param="messages") from exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        # A template (or a special-token override) that cannot render this input.
+        raise bad_request(
+            f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
+            param="messages",
+        ) from exc
+
+
+async def render_prompt_off_loop(
+    state: ServerState, messages: list[ChatMessage], **kw
+) -> list[int]:
+    return await off_loop(message_chars(messages), render_prompt, state, messages, **kw)
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
-    state = server_state(request)
+    """Admission (rendering, queueing) and, without streaming, the whole generation run under a
+    disconnect watch: a client that leaves aborts all of its work."""
+    return await unless_disconnected(request, _create_chat_completion(body, server_state(request)))
+
+
+async def _create_chat_completion(body: ChatCompletionRequest, state: ServerState) -> Any:
     engine = state.engine
     model = state.resolve_model(body.model)
-    prompt_ids = render_prompt(
+    check_request_limits(state, body, 1)
+    top_logprobs = body.top_logprobs
+    if top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+    prompt_ids = await render_prompt_off_loop(
         state,
         body.messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         template_kwargs=body.chat_template_kwargs,
     )
-    top_logprobs = body.top_logprobs
-    if top_logprobs is not None and not body.logprobs:
-        raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
-    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
-        raise bad_request(
-            f"top_logprobs = {top_logprobs} is invalid; allowed: an int in [0, {MAX_LOGPROBS}]",
-            param="top_logprobs",
-        )
     requested = body.max_completion_tokens
     if requested is None:
         requested = body.max_tokens
@@ -134,11 +184,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _ChatEvents(state, request_id, model, params.n, top_k, include_usage)
-        return StreamingResponse(
-            sse_stream(lambda: events.run(merged_outputs(streams, state.metrics))),
-            media_type="text/event-stream",
+        return event_stream_response(
+            streams, lambda: events.run(merged_outputs(streams, state.metrics))
         )
-    finals = await unless_disconnected(request, final_outputs(streams, state.metrics))
+    finals = await final_outputs(streams, state.metrics)
     final = finals[0]
     choices = [
         ChatChoice(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from kestrel.engine.async_engine import AsyncLLMEngine, RequestStream
 from kestrel.outputs import RequestOutput
@@ -42,6 +44,19 @@ _DIRECT_FIELDS = (
 )
 
 
+# Inputs larger than this (characters, summed over a request's texts) are tokenized and rendered
+# in a worker thread, so the event loop keeps serving other requests (and /health) meanwhile.
+OFF_LOOP_CHARS = 16_384
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request bounds set by the server's flags (defaults as vLLM's effective limits)."""
+
+    max_n: int = 16_384  # samples per prompt (vLLM: VLLM_MAX_N_SEQUENCES)
+    max_prompts: int = 1024  # prompts in one completions request (VLLM_MAX_COMPLETION_PROMPTS)
+
+
 @dataclass
 class ServerState:
     """What the endpoints share; built once by build_app."""
@@ -51,6 +66,7 @@ class ServerState:
     metrics: ServerMetrics
     api_key: str | None = None
     chat_template: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, name: str | None) -> str:
@@ -70,6 +86,43 @@ class ServerState:
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.kestrel
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, in a worker thread when `size` (characters of input) is large:
+    tokenizing or rendering megabytes of text must not stall the event loop."""
+    if size <= OFF_LOOP_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def check_request_limits(state: ServerState, req: SamplingRequest, num_prompts: int) -> None:
+    """n, the prompt count and their product against the server's limits (400s naming them)."""
+    limits = state.limits
+    if req.n > limits.max_n:
+        raise bad_request(
+            f"n = {req.n} is invalid; allowed: an int in [1, {limits.max_n}] (--max-n)", "n"
+        )
+    if num_prompts > limits.max_prompts:
+        raise bad_request(
+            f"the request holds {num_prompts} prompts; allowed: at most {limits.max_prompts} "
+            "(--max-prompts)",
+            "prompt",
+        )
+    if num_prompts * req.n > limits.max_n:
+        raise bad_request(
+            f"{num_prompts} prompts x n = {req.n} make {num_prompts * req.n} sequences; "
+            f"allowed: at most {limits.max_n} per request (--max-n)",
+            "n",
+            code="request_too_large",
+        )
+    vocab = state.engine.vocab_size
+    if req.top_k is not None and req.top_k > vocab:
+        raise bad_request(
+            f"top_k = {req.top_k} is invalid; allowed: -1 or 0 (disabled) or an int in "
+            f"[1, {vocab}] (the vocabulary size)",
+            "top_k",
+        )
 
 
 def sampling_params(
@@ -121,28 +174,23 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
-    for token in ids:
-        if not 0 <= token < vocab_size:
-            raise bad_request(
-                f"{param} holds token id {token}, out of range [0, {vocab_size})", param=param
-            )
+    if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+        token = next(t for t in ids if not 0 <= t < vocab_size)
+        raise bad_request(
+            f"{param} holds token id {token}, out of range [0, {vocab_size})", param=param
+        )
 
 
 async def submit(
     engine: AsyncLLMEngine, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
 ) -> list[RequestStream]:
-    """Adds one engine request per prompt (ids `request_id-i`); all or nothing."""
-    streams: list[RequestStream] = []
+    """Adds one engine request per prompt (ids `request_id-i`) as one batch: all are admitted
+    before the next engine step, or none is. Cancelling the caller aborts them all."""
+    batch = [(f"{request_id}-{i}", prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]
     try:
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            streams.append(await engine.add_request(f"{request_id}-{i}", prompt, p))
-    except BaseException as exc:
-        for stream in streams:
-            stream.abort()
-        if isinstance(exc, Exception):
-            raise from_exception(exc) from exc
-        raise
-    return streams
+        return await engine.add_requests(batch)
+    except Exception as exc:
+        raise from_exception(exc) from exc
 
 
 async def merged_outputs(
@@ -204,8 +252,9 @@ async def final_outputs(
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Runs `work` but cancels it (aborting its engine requests) if the client disconnects
-    first; a disconnected client gets no response, so the 499 below is never read."""
+    """Runs `work` but cancels it (aborting its engine requests, also those of a batch being
+    admitted) if the client disconnects first; a disconnected client gets no response, so the
+    499 below is never read."""
 
     async def wait_for_disconnect() -> None:
         while True:
@@ -260,6 +309,21 @@ async def sse_stream(
     except Exception as exc:  # noqa: BLE001 - reported to the client in the stream
         yield from_exception(exc).sse()
     yield SSE_DONE
+
+
+def event_stream_response(
+    streams: list[RequestStream], events: Callable[[], AsyncIterator[str]]
+) -> StreamingResponse:
+    """Server-sent events; the engine requests are aborted once the response ends however it
+    ends (also when the client left before the first event, so the generator never ran)."""
+
+    def abort_all() -> None:
+        for stream in streams:
+            stream.abort()
+
+    return StreamingResponse(
+        sse_stream(events), media_type="text/event-stream", background=BackgroundTask(abort_all)
+    )
 
 
 def dumps(obj: Any) -> str:

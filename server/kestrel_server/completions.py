@@ -10,19 +10,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from kestrel.outputs import CompletionOutput, RequestOutput
 from kestrel_server.common import (
     ServerState,
     check_context,
+    check_request_limits,
     check_token_ids,
+    event_stream_response,
     final_outputs,
     merged_outputs,
+    off_loop,
     sampling_params,
     server_state,
     sse,
-    sse_stream,
     submit,
     unless_disconnected,
     usage,
@@ -37,14 +38,19 @@ from kestrel_server.protocol import (
 )
 
 
-def parse_prompts(state: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
-    """(text, token ids) per prompt; the text of a token prompt is its decoding (for echo)."""
-    tokenizer = state.engine.tokenizer
+def prompt_items(prompt: Any) -> list[str | list[int]]:
+    """The request's prompts: a text, a list of texts, one token-id list, or a list of them."""
     items = [prompt] if isinstance(prompt, str) else list(prompt)
     if items and all(isinstance(t, int) for t in items):
         items = [items]  # one prompt of token ids
     if not items:
         raise bad_request("'prompt' must not be empty", param="prompt")
+    return items
+
+
+def parse_prompts(state: ServerState, items: list[str | list[int]]) -> list[tuple[str, list[int]]]:
+    """(text, token ids) per prompt; the text of a token prompt is its decoding (for echo)."""
+    tokenizer = state.engine.tokenizer
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -65,7 +71,12 @@ def parse_prompts(state: ServerState, prompt: Any) -> list[tuple[str, list[int]]
 
 
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
-    state = server_state(request)
+    """Admission (tokenizing, queueing every prompt) and, without streaming, the whole
+    generation run under a disconnect watch: a client that leaves aborts all of its work."""
+    return await unless_disconnected(request, _create_completion(body, server_state(request)))
+
+
+async def _create_completion(body: CompletionRequest, state: ServerState) -> Any:
     engine = state.engine
     model = state.resolve_model(body.model)
     if body.suffix:
@@ -75,7 +86,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             "echo together with logprobs is not supported (prompt logprobs are not computed)",
             param="echo",
         )
-    prompts = parse_prompts(state, body.prompt)
+    items = prompt_items(body.prompt)
+    check_request_limits(state, body, len(items))
+    size = sum(len(t) if isinstance(t, str) else len(t) // 4 for t in items)
+    prompts = await off_loop(size, parse_prompts, state, items)
     params = [
         sampling_params(
             engine,
@@ -92,11 +106,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _CompletionEvents(state, request_id, model, n, body.logprobs, echoes)
-        return StreamingResponse(
-            sse_stream(lambda: events.run(merged_outputs(streams, state.metrics), include_usage)),
-            media_type="text/event-stream",
+        return event_stream_response(
+            streams, lambda: events.run(merged_outputs(streams, state.metrics), include_usage)
         )
-    finals = await unless_disconnected(request, final_outputs(streams, state.metrics))
+    finals = await final_outputs(streams, state.metrics)
     choices = []
     for p, final in enumerate(finals):
         for c in final.outputs:

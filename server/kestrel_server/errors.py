@@ -17,7 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kestrel.engine.async_engine import EngineDeadError, QueueFullError
+from kestrel.engine.async_engine import (
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+    RequestTooLargeError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,16 @@ _TYPES = {
 }
 # "SamplingParams.top_p = 2.0 is invalid; ..." -> "top_p"
 _PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+) = ")
+# Seconds a client is told to wait after a 503 (queue full, shutting down, engine restarting).
+RETRY_AFTER_S = 1
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped, so that any text (even a lone surrogate echoed back in a
+    message) renders; Starlette's JSONResponse would raise on it."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -45,6 +60,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -52,6 +68,9 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "error")
+        self.headers = dict(headers or {})
+        if status == 503:
+            self.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
 
     def body(self) -> dict[str, Any]:
         return {
@@ -64,11 +83,11 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return ErrorJSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def sse(self) -> str:
         """The error as a server-sent event (once a stream has started, the status is 200)."""
-        return f"data: {json.dumps(self.body())}\n\n"
+        return f"data: {json.dumps(self.body(), ensure_ascii=True)}\n\n"
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -83,6 +102,11 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, str(exc), code="queue_full")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, RequestTooLargeError):
+        return bad_request(str(exc), param="n", code="request_too_large")
+    if isinstance(exc, RequestFailedError):
+        # The engine attributed the failure to this request's parameters; the others went on.
+        return bad_request(f"the request failed: {exc}", code="request_failed")
     if isinstance(exc, (ValueError, TypeError)):
         message = str(exc)
         match = _PARAM_IN_MESSAGE.search(message)
@@ -91,6 +115,8 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error")
 
 
+# Characters of a bad value echoed in a validation message.
+_MAX_SHOWN = 200
 # Pydantic puts the member type of a union into `loc` ("stop", "str"); such tags are not fields.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
@@ -103,14 +129,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
+
+    # A value that fails every member of a union (`prompt: str | list[str] | ...`) yields one
+    # error per member; the useful one is the member whose type matched, so type mismatches
+    # come last; among the others the most precise location first, among type mismatches the
+    # least precise (the value as a whole has the wrong type).
+    def rank(error: Any) -> tuple[bool, int]:
+        is_type = str(error.get("type", "")).endswith("_type")
+        depth = len(error.get("loc", ()))
+        return is_type, depth if is_type else -depth
+
+    first = min(errors, key=rank)
     loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_type_tag(part)]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
     param = ".".join(loc) or None
     where = f"'{param}'" if param else "the request body"
-    value = first.get("input")
-    shown = "" if param is None else f" (got {value!r})"
+    value = repr(first.get("input"))
+    if len(value) > _MAX_SHOWN:
+        value = value[:_MAX_SHOWN] + "..."
+    shown = "" if param is None else f" (got {value})"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{where}: {first.get('msg')}{shown}{more}", param
 
@@ -137,9 +175,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return from_exception(exc).response()
 
     @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return APIError(500, f"internal server error: {type(exc).__name__}").response()
+    async def _other_error(request: Request, exc: Exception) -> JSONResponse:
+        # Engine errors (queue full, engine dead, a request failed alone) keep their status;
+        # anything else is a bug of the server: logged, and a 500 in OpenAI's shape.
+        error = from_exception(exc)
+        if error.status >= 500 and error.status != 503:
+            logger.error("on %s %s", request.method, request.url.path)
+        return error.response()
 
 
 def _phrase(status: int) -> str:

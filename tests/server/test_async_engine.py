@@ -13,6 +13,8 @@ from kestrel.engine.async_engine import (
     EngineDeadError,
     QueueFullError,
     RequestAbortedError,
+    RequestFailedError,
+    RequestTooLargeError,
 )
 from kestrel.sampling_params import SamplingParams
 
@@ -197,3 +199,75 @@ def test_shutdown_drains_when_asked(tiny_model):
 
     final = asyncio.run(main())
     assert final.finished and len(final.outputs[0].token_ids) == 20
+
+
+def test_n_counts_sequences_against_admission(tiny_model):
+    async def body(engine):
+        # max_num_seqs=4 + max_queued_requests=2: 6 sequences at most.
+        with pytest.raises(RequestTooLargeError, match="7 sequences"):
+            await engine.add_request("big", [4] * 8, greedy(5).clone(n=7))
+        first = await engine.add_request("n5", [4] * 8, greedy(200).clone(n=5))
+        assert engine.num_seqs_in_flight == 5 and engine.num_in_flight == 1
+        with pytest.raises(QueueFullError, match="5 sequences in flight"):
+            await engine.add_request("n2", [4] * 8, greedy(5).clone(n=2))
+        first.abort()
+        assert engine.num_seqs_in_flight == 0
+        final = [o async for o in await engine.add_request("n2b", [4] * 8, greedy(3).clone(n=2))]
+        return final[-1], engine.num_seqs_in_flight
+
+    final, left = run(tiny_model, body, max_queued_requests=2)
+    assert final.finished and [len(c.token_ids) for c in final.outputs] == [3, 3] and left == 0
+
+
+def test_batch_is_admitted_together_or_not_at_all(tiny_model):
+    async def body(engine):
+        steps = []
+        step = engine._engine.step
+
+        def counting_step():
+            outputs = step()
+            steps.append(engine._engine.num_unfinished_requests())
+            return outputs
+
+        engine._engine.step = counting_step
+        batch = [(f"b{i}", [4, 5, i + 6], greedy(3)) for i in range(20)]
+        streams = await engine.add_requests(batch)
+        finals = []
+        for stream in streams:
+            finals.append([o async for o in stream][-1])
+        # One bad prompt refuses the whole batch and leaves nothing behind.
+        bad = [("ok", [4, 5], greedy(3)), ("bad", [10**6], greedy(3))]
+        with pytest.raises(ValueError, match="out of range"):
+            await engine.add_requests(bad)
+        return steps[0], finals, engine.num_in_flight, engine.num_seqs_in_flight
+
+    first_step_requests, finals, in_flight, seqs = run(tiny_model, body)
+    assert first_step_requests == 20  # all twenty were in the engine at the first step
+    assert all(f.finished and len(f.outputs[0].token_ids) == 3 for f in finals)
+    assert in_flight == 0 and seqs == 0
+
+
+def test_request_failed_in_a_step_fails_only_its_stream(tiny_model, monkeypatch):
+    from kestrel.sample import Sampler
+
+    call = Sampler.__call__
+
+    def faulty(self, logits, batch):
+        if batch.max_num_logprobs == 3:  # only the faulty request asks for 3 logprobs
+            raise ValueError("injected sampling fault")
+        return call(self, logits, batch)
+
+    monkeypatch.setattr(Sampler, "__call__", faulty)
+
+    async def body(engine):
+        good = await engine.add_request("good", [4] * 8, greedy(30))
+        bad = await engine.add_request("bad", [5] * 8, greedy(30).clone(logprobs=3))
+        with pytest.raises(RequestFailedError, match="injected sampling fault"):
+            async for _ in bad:
+                pass
+        outs = [o async for o in good]
+        engine.check_health()
+        return outs[-1], engine.num_in_flight
+
+    final, in_flight = run(tiny_model, body)
+    assert final.finished and len(final.outputs[0].token_ids) == 30 and in_flight == 0

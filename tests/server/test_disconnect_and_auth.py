@@ -1,5 +1,5 @@
 """Client disconnects abort their requests and free the KV cache (read from /metrics); API keys
-guard /v1/* only; a full queue answers 503."""
+guard every route that does work; a full queue answers 503 with Retry-After."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_non_stream_disconnect_frees_kv_cache(server):
     assert after[ABORTED] == before + 1
 
 
-def test_api_key_required_on_v1_only(restricted_server):
+def test_api_key_required_on_every_working_route(restricted_server):
     url = restricted_server.url
     body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
@@ -70,7 +70,13 @@ def test_api_key_required_on_v1_only(restricted_server):
     good = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.post(url + "/v1/completions", json=body, headers=good, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-    for path in ("/health", "/metrics", "/version"):
+    for path, payload in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
+        r = httpx.post(url + path, json=payload, timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(url + path, json=payload, headers=good, timeout=30).status_code == 200
+    assert httpx.get(url + "/no/such/route", timeout=30).status_code == 401
+    for path in ("/health", "/metrics", "/version", "/openapi.json"):
         assert httpx.get(url + path, timeout=30).status_code == 200
 
 
@@ -104,6 +110,7 @@ def test_queue_full_is_503(restricted_server):
         assert first.status_code == 200 and second.status_code == 200
         r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
         assert r.status_code == 503, r.text
+        assert int(r.headers["Retry-After"]) >= 1
         error = r.json()["error"]
         assert error["code"] == "queue_full"
         assert set(error) == {"message", "type", "param", "code"}

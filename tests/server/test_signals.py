@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import httpx
@@ -35,5 +36,35 @@ def test_signal_drains_in_flight_stream_and_exits_cleanly(tiny_model, tmp_path, 
         assert server.proc.wait(30) == 0, server.log()
         with pytest.raises(httpx.ConnectError):
             httpx.get(server.url + "/health", timeout=5)
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_streams_outlasting_the_drain_window_end_with_an_error_event(tiny_model, tmp_path):
+    """--shutdown-timeout 0: a stream still running at SIGTERM gets an error event and [DONE]
+    (never a silent cut); the process exits with 0."""
+    server = start_server(tiny_model, tmp_path / "server.log", "--shutdown-timeout", "0")
+    try:
+        body = {
+            "model": MODEL_NAME,
+            "prompt": "hello",
+            "max_tokens": 500,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("POST", server.url + "/v1/completions", json=body) as r,
+        ):
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            server.proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        events = [line for line in rest if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][len("data: ") :])["error"]
+        assert "shutting down" in error["message"] and "--shutdown-timeout" in error["message"]
+        assert error["type"] == "service_unavailable_error"
+        assert server.proc.wait(30) == 0, server.log()
     finally:
         server.stop(signal.SIGKILL)

@@ -207,3 +207,15 @@ def test_malformed_tokenizer_config_names_the_file(tiny_dir: Path, tmp_path: Pat
     (path / "tokenizer_config.json").write_text('{"chat_template": 5}', encoding="utf-8")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: chat_template must be"):
         Tokenizer.from_dir(path)
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_long_text_encodes_as_transformers(tiny: Tokenizer, hf_tiny, add_special_tokens) -> None:
+    """Texts past the GIL-free threshold take the backend's batch call: same ids."""
+    rng = random.Random(7)
+    words = ["kestrel", "hover", " wind", "\n", "héllo", "🦅", "<|im_start|>", "42"]
+    text = "".join(rng.choice(words) for _ in range(40_000))
+    assert len(text) > 65_536
+    ids = tiny.encode(text, add_special_tokens)
+    assert ids == hf_tiny.encode(text, add_special_tokens=add_special_tokens)
+    assert ids == tiny._backend.encode(text, add_special_tokens=add_special_tokens).ids

@@ -10,9 +10,16 @@ Threads and ownership:
     boundary.
   * `stats()` reads a dict that the engine thread replaces (never mutates) after each loop turn.
 
+Admission counts sequences: a request with n samples, or a batch of prompts, takes one slot per
+sequence it creates against `max_num_seqs + max_queued_requests`; a batch that can never fit is
+a RequestTooLargeError (a ValueError: a 400), one that does not fit now a QueueFullError (503).
+A batch is queued as one command and applied before the next step (all or nothing).
+
 Failure model: a bad request (ValueError/TypeError from `LLMEngine.add_request`) fails only that
-request. An exception from `step()` fails every in-flight request with EngineDeadError, marks the
-engine dead (`check_health()` raises) and ends the thread; nothing waits forever.
+request; so does a failure inside a step that the engine attributes to one request (its final
+output carries `error`; its stream raises RequestFailedError). Any other exception from `step()`
+fails every in-flight request with EngineDeadError, marks the engine dead (`check_health()`
+raises) and ends the thread; nothing waits forever.
 """
 
 from __future__ import annotations
@@ -23,13 +30,36 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kestrel.config import EngineConfig
+from kestrel.engine.request_stream import (
+    _ACCEPTED,
+    EngineDeadError,
+    QueueFullError,
+    RequestAbortedError,
+    RequestFailedError,
+    RequestStream,
+    RequestTooLargeError,
+    _Abort,
+    _Add,
+    _AddBatch,
+    _Stop,
+    check_admission,
+)
 from kestrel.outputs import RequestOutput
 from kestrel.sampling_params import SamplingParams
+
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineDeadError",
+    "QueueFullError",
+    "RequestAbortedError",
+    "RequestFailedError",
+    "RequestStream",
+    "RequestTooLargeError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,79 +74,6 @@ def _model_name(engine: Any) -> str:
         return str(engine.config.model)
     path = getattr(getattr(engine, "model_source", None), "path", None)
     return Path(str(path)).stem if path is not None else "default"
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (an error or a shutdown); no request can run."""
-
-
-class QueueFullError(RuntimeError):
-    """More requests are in flight than `max_num_seqs + max_queued_requests`."""
-
-
-class RequestAbortedError(RuntimeError):
-    """Raised by a RequestStream that was aborted before it finished."""
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    arrival_time: float
-    priority: int
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-class _Stop:
-    pass
-
-
-_ACCEPTED = object()  # marker put on a stream when the engine thread has queued the request
-
-
-class RequestStream:
-    """The outputs of one request, in order; the last has `finished=True`. Lives on the loop."""
-
-    def __init__(self, request_id: str, owner: AsyncLLMEngine) -> None:
-        self.request_id = request_id
-        self._owner = owner
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.finished = False  # a finished output or an error was returned, or it was aborted
-        self.aborted = False
-
-    def _put(self, item: Any) -> None:
-        self._queue.put_nowait(item)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        assert isinstance(item, RequestOutput), item
-        if item.finished:
-            self.finished = True
-        return item
-
-    def abort(self) -> None:
-        """Stops the request (no-op once finished): its KV blocks are freed at the next step
-        boundary and a pending `__anext__` raises RequestAbortedError. Safe to call from
-        `finally` blocks and cancelled tasks; must run on the event loop."""
-        if self.finished:
-            return
-        self.finished = True
-        self.aborted = True
-        self._owner._abort(self.request_id)
-        self._queue.put_nowait(RequestAbortedError(f"request {self.request_id!r} was aborted"))
 
 
 class AsyncLLMEngine:
@@ -140,9 +97,10 @@ class AsyncLLMEngine:
         self.max_num_seqs: int = engine.config.max_num_seqs
         self.max_queued_requests = max_queued_requests
         self._default_params = engine.default_sampling_params()
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_AddBatch | _Abort | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # loop-owned
         self._num_in_flight = 0  # loop-owned: accepted or pending requests not yet finished
+        self._num_seqs_in_flight = 0  # loop-owned: their sequences (sum of n)
         self._stats: dict[str, Any] = dict(engine.stats())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -173,11 +131,22 @@ class AsyncLLMEngine:
         return self._num_in_flight
 
     @property
+    def num_seqs_in_flight(self) -> int:
+        return self._num_seqs_in_flight
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown began (stop_accepting or shutdown)."""
+        return not self._closing
+
     def check_health(self) -> None:
         """Raises EngineDeadError when the engine cannot serve requests."""
+        if self._closing:
+            raise EngineDeadError("the server is shutting down")
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         if self._thread is None or not self._thread.is_alive():
@@ -222,31 +191,56 @@ class AsyncLLMEngine:
 
         Raises ValueError/TypeError (bad request; nothing queued), QueueFullError, or
         EngineDeadError. If the awaiting task is cancelled, the request is aborted."""
+        streams = await self.add_requests([(request_id, prompt, params)], priority=priority)
+        return streams[0]
+
+    async def add_requests(
+        self,
+        requests: list[tuple[str, str | list[int], SamplingParams | None]],
+        *,
+        priority: int = 0,
+    ) -> list[RequestStream]:
+        """Queues (request_id, prompt, params) requests as one batch, applied before the next
+        step, and returns their streams in order once all are accepted. All or nothing: if one
+        is refused, the others are aborted and its error is raised (ValueError/TypeError,
+        RequestTooLargeError, QueueFullError or EngineDeadError). If the awaiting task is
+        cancelled, every request of the batch is aborted."""
         self._check_accepting()
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        limit = self.max_queued_requests
-        if limit is not None and self._num_in_flight >= self.max_num_seqs + limit:
-            raise QueueFullError(
-                f"the server is at capacity: {self._num_in_flight} requests in flight "
-                f"(max_num_seqs={self.max_num_seqs} running + max_queued_requests={limit} "
-                "waiting); retry later"
-            )
-        params = params if params is not None else self.default_sampling_params()
-        stream = RequestStream(request_id, self)
-        self._streams[request_id] = stream
-        self._num_in_flight += 1
-        self._commands.put(_Add(request_id, prompt, params, time.time(), priority))
+        ids = [request_id for request_id, _, _ in requests]
+        if len(set(ids)) != len(ids) or any(i in self._streams for i in ids):
+            taken = next(i for i in ids if i in self._streams or ids.count(i) > 1)
+            raise ValueError(f"request id {taken!r} is already in use")
+        resolved = [p if p is not None else self.default_sampling_params() for _, _, p in requests]
+        num_seqs = sum(p.n for p in resolved)
+        check_admission(
+            num_seqs, self._num_seqs_in_flight, self.max_num_seqs, self.max_queued_requests
+        )
+        now = time.time()
+        streams = []
+        adds = []
+        for (request_id, prompt, _), params in zip(requests, resolved):
+            stream = RequestStream(request_id, self, params.n)
+            self._streams[request_id] = stream
+            self._num_in_flight += 1
+            self._num_seqs_in_flight += params.n
+            streams.append(stream)
+            adds.append(_Add(request_id, prompt, params, now, priority))
+        self._commands.put(_AddBatch(adds))
         try:
-            item = await stream._queue.get()
+            replies = [await stream._queue.get() for stream in streams]
         except BaseException:
-            stream.abort()
+            for stream in streams:
+                stream.abort()
             raise
-        if isinstance(item, BaseException):
-            stream.finished = True
-            raise item
-        assert item is _ACCEPTED
-        return stream
+        failure = next((r for r in replies if isinstance(r, BaseException)), None)
+        if failure is not None:
+            for stream, reply in zip(streams, replies):
+                if isinstance(reply, BaseException):
+                    stream.finished = True
+                else:
+                    stream.abort()
+            raise failure
+        return streams
 
     async def generate(
         self,
@@ -270,14 +264,26 @@ class AsyncLLMEngine:
         if stream is not None:
             stream.abort()
 
+    def stop_accepting(self) -> None:
+        """New requests are refused from now on (EngineDeadError); running ones go on."""
+        self._closing = True
+
+    def fail_all(self, error: BaseException) -> None:
+        """Ends every open stream with `error` and aborts its engine request (event loop)."""
+        for request_id in list(self._streams):
+            self._commands.put(_Abort(request_id))
+        self._fail_all(error)
+
     def _check_accepting(self) -> None:
         if self._closing:
             raise EngineDeadError("the server is shutting down and accepts no new requests")
         self.check_health()
 
     def _abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
             self._num_in_flight -= 1
+            self._num_seqs_in_flight -= stream.num_seqs
             self._commands.put(_Abort(request_id))
 
     def _deliver(self, items: list[tuple[str, Any]]) -> None:
@@ -286,6 +292,8 @@ class AsyncLLMEngine:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue  # aborted meanwhile
+            if isinstance(item, RequestOutput) and getattr(item, "error", None):
+                item = RequestFailedError(item.error)
             stream._put(item)
             done = isinstance(item, BaseException) or (
                 isinstance(item, RequestOutput) and item.finished
@@ -293,6 +301,7 @@ class AsyncLLMEngine:
             if done:
                 del self._streams[request_id]
                 self._num_in_flight -= 1
+                self._num_seqs_in_flight -= stream.num_seqs
 
     def _fail_all(self, error: BaseException) -> None:
         """Event loop: ends every open stream with `error`."""
@@ -300,6 +309,7 @@ class AsyncLLMEngine:
             stream._put(error)
         self._streams.clear()
         self._num_in_flight = 0
+        self._num_seqs_in_flight = 0
 
     # ---- the engine thread ----------------------------------------------------------------
 
@@ -337,8 +347,8 @@ class AsyncLLMEngine:
             self._dead = exc
             self._post(self._fail_all, EngineDeadError(f"the engine failed: {exc!r}"))
 
-    def _drain_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
-        commands: list[_Add | _Abort | _Stop] = []
+    def _drain_commands(self, block: bool) -> list[_AddBatch | _Abort | _Stop]:
+        commands: list[_AddBatch | _Abort | _Stop] = []
         if block:
             commands.append(self._commands.get())
         while True:
@@ -347,27 +357,33 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return commands
 
-    def _apply(self, commands: list[_Add | _Abort | _Stop]) -> list[tuple[str, Any]]:
+    def _apply(self, commands: list[_AddBatch | _Abort | _Stop]) -> list[tuple[str, Any]]:
         replies: list[tuple[str, Any]] = []
         for command in commands:
-            if isinstance(command, _Add):
-                try:
-                    self._engine.add_request(
-                        command.request_id,
-                        command.prompt,
-                        command.params,
-                        priority=command.priority,
-                        arrival_time=command.arrival_time,
-                    )
-                except Exception as exc:  # noqa: BLE001 - a bad request fails only itself
-                    replies.append((command.request_id, exc))
-                else:
-                    self._active_ids.add(command.request_id)
-                    replies.append((command.request_id, _ACCEPTED))
+            if isinstance(command, _AddBatch):
+                replies += self._apply_adds(command.adds)
             elif isinstance(command, _Abort) and command.request_id in self._active_ids:
                 # Not active: it finished, or failed to be added, before the abort arrived.
                 self._active_ids.discard(command.request_id)
                 self._engine.abort_request(command.request_id)
+        return replies
+
+    def _apply_adds(self, adds: list[_Add]) -> list[tuple[str, Any]]:
+        replies: list[tuple[str, Any]] = []
+        for command in adds:
+            try:
+                self._engine.add_request(
+                    command.request_id,
+                    command.prompt,
+                    command.params,
+                    priority=command.priority,
+                    arrival_time=command.arrival_time,
+                )
+            except Exception as exc:  # noqa: BLE001 - a bad request fails only itself
+                replies.append((command.request_id, exc))
+            else:
+                self._active_ids.add(command.request_id)
+                replies.append((command.request_id, _ACCEPTED))
         return replies
 
     def _abort_everything(self) -> None:

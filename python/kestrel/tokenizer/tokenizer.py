@@ -26,6 +26,8 @@ from kestrel.tokenizer.chat_template import (
 )
 from kestrel.tokenizer.hf_files import NAMED_SPECIAL_TOKENS, read_tokenizer_dir
 
+# Texts longer than this (characters) are encoded through the backend's GIL-releasing batch call.
+_GIL_FREE_ENCODE_CHARS = 65_536
 _ADDED_TOKEN_FIELDS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 TokenSpec = str | AddedToken | Mapping[str, Any]
@@ -248,6 +250,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if len(text) > _GIL_FREE_ENCODE_CHARS:
+            # The backend's batch call releases the GIL (its single call does not): other
+            # threads, e.g. the server's event loop, run while a long text is encoded.
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(
