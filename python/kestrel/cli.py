@@ -268,6 +268,8 @@ def run_serve(args: argparse.Namespace) -> int:
     server.run()
     if received:
         logging.getLogger(__name__).info("stopped by %s", signal.Signals(received[0]).name)
+    if server.engine_died:
+        return 1
     return 0 if server.started else 1
 
 

@@ -5,6 +5,10 @@ the engine refuses new requests at once (503 with Retry-After; /health answers 5
 still running get up to the drain window to finish, and whatever still runs at its end is failed
 with an error: a stream then ends with an error event and `data: [DONE]`, a non-streaming request
 with a 503 body; nothing is cut silently. Then the engine stops and the process exits (code 0).
+
+When the engine dies (a failure no single request caused: the device, the forward pass), its
+requests have already ended with errors and /health answers 503; the server then shuts down
+the same way and `kestrel serve` exits with code 1, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.engine = engine
         self.drain_s = drain_s
+        self.engine_died = False
+
+    async def on_tick(self, counter: int) -> bool:
+        if not self.engine_died and self.engine.is_dead:
+            self.engine_died = True
+            logger.error("the engine died: shutting the server down (exit code 1)")
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.engine.stop_accepting()

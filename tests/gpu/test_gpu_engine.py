@@ -179,3 +179,45 @@ def test_bf16_qwen05_logits_and_greedy(qwen05_dir):
     assert max(vs_fp32) <= 1.25 * max(hf16_vs_fp32), (vs_fp32, hf16_vs_fp32)
     assert max(vs_hf16) < 5e-2, vs_hf16
     assert matches >= 0.9 * len(prompts), f"{matches}/{len(prompts)} greedy prefixes equal"
+
+
+MARK = 0.125  # logit_bias value of the request whose sampling the test makes fail
+
+
+def _fail_marked_batches(monkeypatch):
+    from kestrel.sample import Sampler
+
+    real_call = Sampler.__call__
+
+    def call(self, logits, batch):
+        values = batch.logit_bias_values
+        if values is not None and bool((values == MARK).any()):
+            raise ValueError("injected sampling fault")
+        return real_call(self, logits, batch)
+
+    monkeypatch.setattr(Sampler, "__call__", call)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampling_fault_fails_one_request_on_gpu(tiny_dir, monkeypatch, dtype):
+    """A request whose sampling raises fails alone on the GPU (bf16: CUDA graphs for decode);
+    the others finish. fp32 (eager): their tokens equal a run where it is healthy."""
+    prompts = _prompts([5, 9, 13, 7], seed=3)
+    sampled = SamplingParams(temperature=0.8, seed=11, max_tokens=24, ignore_eos=True)
+    params = [GREEDY, sampled, GREEDY]
+    llm = LLM(tiny_dir, dtype=dtype, num_kv_blocks=128, max_num_seqs=8)
+    healthy = GREEDY.clone(logit_bias={7: 0.25})
+    reference = llm.generate(prompts, [*params, healthy], use_tqdm=False)
+    _fail_marked_batches(monkeypatch)
+    faulty = GREEDY.clone(logit_bias={7: MARK})
+    outs = llm.generate(prompts, [*params, faulty], use_tqdm=False)
+    assert outs[3].error is not None and "injected sampling fault" in outs[3].error
+    assert outs[3].outputs[0].finish_reason == "error"
+    for out in outs[:3]:
+        assert out.error is None and len(out.outputs[0].token_ids) == 24
+    if dtype == "float32":
+        assert _ids(outs[:3]) == _ids(reference[:3])
+    again = llm.generate(prompts[:3], params, use_tqdm=False)
+    assert all(o.error is None and len(o.outputs[0].token_ids) == 24 for o in again)
+    stats = llm.engine.stats()
+    assert stats["num_free_blocks"] == 128 and stats["kv_cache_usage"] == 0.0, stats

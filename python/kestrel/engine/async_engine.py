@@ -139,9 +139,9 @@ class AsyncLLMEngine:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     @property
-    def accepting(self) -> bool:
-        """False once shutdown began (stop_accepting or shutdown)."""
-        return not self._closing
+    def is_dead(self) -> bool:
+        """True once the engine loop failed (not after a clean shutdown)."""
+        return self._dead is not None
 
     def check_health(self) -> None:
         """Raises EngineDeadError when the engine cannot serve requests."""
