@@ -329,31 +329,21 @@ def _break_detokenizer(request_id, sample, at_call, exc=None):
     return setup
 
 
-def test_detokenizer_fault_fails_only_its_request(llm, reference):
+@pytest.mark.parametrize("at_call", [3, 10])
+def test_detokenizer_fault_fails_only_its_request(llm, reference, at_call):
+    """at_call 10: the fault meets the token that also finishes the sequence in the core."""
     engine = llm.engine
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    requests = {**_healthy("d"), "faulty-d": (PROMPTS[2], plain)}
-    finals = _run(engine, requests, setup=_break_detokenizer("faulty-d", 0, at_call=3))
-    bad = finals["faulty-d"]
+    tag = f"d{at_call}"
+    requests = {**_healthy(tag), f"faulty-{tag}": (PROMPTS[2], plain)}
+    finals = _run(engine, requests, setup=_break_detokenizer(f"faulty-{tag}", 0, at_call=at_call))
+    bad = finals[f"faulty-{tag}"]
     _assert_failed(bad, "output processing", "RuntimeError: injected detokenizer fault")
     # The token that met the fault is kept; the text holds what was decoded before it.
-    assert len(bad.outputs[0].token_ids) == 3
-    _check_healthy(finals, "d", reference)
+    assert len(bad.outputs[0].token_ids) == at_call
+    _check_healthy(finals, tag, reference)
     _assert_no_leak(engine)
-    _check_engine_still_runs(llm, reference, "d-after")
-
-
-def test_detokenizer_fault_at_the_last_token(llm, reference):
-    """The fault meets the token that also finishes the sequence in the core."""
-    engine = llm.engine
-    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    requests = {**_healthy("dl"), "faulty-dl": (PROMPTS[2], plain)}
-    finals = _run(engine, requests, setup=_break_detokenizer("faulty-dl", 0, at_call=10))
-    bad = finals["faulty-dl"]
-    _assert_failed(bad, "output processing", "RuntimeError: injected detokenizer fault")
-    assert len(bad.outputs[0].token_ids) == 10
-    _check_healthy(finals, "dl", reference)
-    _assert_no_leak(engine)
+    _check_engine_still_runs(llm, reference, f"{tag}-after")
 
 
 @pytest.mark.parametrize("failing_sample", [0, 1])

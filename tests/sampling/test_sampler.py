@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batch_builder import build
 
-from kestrel.sample import Sampler, SamplingBatch, make_generator
+from kestrel.sample import Sampler, make_generator
 from kestrel.sampling_params import SamplingParams as P
-
-
-def build(params, vocab_size, generators=None, outputs=None, prompts=None, eos=None):
-    n = len(params)
-    return SamplingBatch.build(
-        params,
-        prompts if prompts is not None else [[]] * n,
-        outputs if outputs is not None else [[]] * n,
-        generators if generators is not None else [None] * n,
-        vocab_size,
-        "cpu",
-        eos,
-    )
 
 
 def test_greedy_equals_argmax_for_any_dtype():
