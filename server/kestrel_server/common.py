@@ -74,9 +74,10 @@ class ServerState:
         if name is None or name == "":
             return self.served_model_names[0]
         if name not in self.served_model_names:
+            shown = repr(name) if len(name) <= 200 else repr(name[:200]) + "..."
             raise APIError(
                 404,
-                f"the model {name!r} does not exist; this server serves "
+                f"the model {shown} does not exist; this server serves "
                 f"{', '.join(repr(n) for n in self.served_model_names)}",
                 param="model",
                 code="model_not_found",
