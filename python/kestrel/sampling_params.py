@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from kestrel.errors import InvalidRequestError
+
 # Temperatures below this are treated as greedy (argmax); dividing logits by them would overflow.
 GREEDY_TEMPERATURE_EPS = 1e-5
 # Bounds shared with the OpenAI API.
@@ -37,8 +39,10 @@ _FLOAT_MAX = sys.float_info.max
 _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def _fail(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"SamplingParams.{name} = {value!r} is invalid; allowed: {allowed}")
+def _fail(name: str, value: Any, allowed: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        name, f"SamplingParams.{name} = {value!r} is invalid; allowed: {allowed}"
+    )
 
 
 def _check_int(name: str, value: Any, lo: int | None, hi: int | None, allowed: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +22,7 @@ from kestrel.engine.async_engine import (
     RequestFailedError,
     RequestTooLargeError,
 )
+from kestrel.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ _TYPES = {
     413: "invalid_request_error",
     503: "service_unavailable_error",
 }
-# "SamplingParams.top_p = 2.0 is invalid; ..." -> "top_p"
-_PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+) = ")
 # Seconds a client is told to wait after a 503 (queue full, shutting down, engine restarting).
 RETRY_AFTER_S = 1
 
@@ -103,14 +101,14 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_unavailable")
     if isinstance(exc, RequestTooLargeError):
-        return bad_request(str(exc), param="n", code="request_too_large")
+        return bad_request(str(exc), param=exc.param, code="request_too_large")
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc), param=exc.param)
     if isinstance(exc, RequestFailedError):
         # The engine attributed the failure to this request's parameters; the others went on.
         return bad_request(f"the request failed: {exc}", code="request_failed")
     if isinstance(exc, (ValueError, TypeError)):
-        message = str(exc)
-        match = _PARAM_IN_MESSAGE.search(message)
-        return bad_request(message, param=match.group(1) if match else None)
+        return bad_request(str(exc))
     logger.error("internal error", exc_info=exc)
     return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error")
 

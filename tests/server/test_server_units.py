@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
-from kestrel.engine.async_engine import EngineDeadError, QueueFullError
+import pytest
+
+from kestrel.engine.async_engine import EngineDeadError, QueueFullError, RequestTooLargeError
+from kestrel.errors import InvalidRequestError
 from kestrel.outputs import Logprob
+from kestrel.sampling_params import SamplingParams
 from kestrel_server.common import check_context, sse
 from kestrel_server.errors import APIError, from_exception
 from kestrel_server.logprobs import chat_logprobs, completion_logprobs
@@ -62,8 +66,15 @@ def test_check_context():
 def test_exception_mapping():
     assert from_exception(QueueFullError("full")).status == 503
     assert from_exception(EngineDeadError("dead")).status == 503
-    err = from_exception(ValueError("SamplingParams.top_p = 2 is invalid; allowed: (0, 1]"))
+    # The param comes from the typed exception, never from parsing its text.
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(top_p=2.0)
+    err = from_exception(info.value)
     assert (err.status, err.param, err.type) == (400, "top_p", "invalid_request_error")
+    err = from_exception(ValueError("SamplingParams.top_p = 2 is invalid; allowed: (0, 1]"))
+    assert (err.status, err.param) == (400, None)
+    err = from_exception(RequestTooLargeError("n", "too many"))
+    assert (err.status, err.param, err.code) == (400, "n", "request_too_large")
     assert from_exception(RuntimeError("bug")).status == 500
 
 

@@ -22,6 +22,7 @@ from kestrel.config import EngineConfig
 from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
 from kestrel.engine.request_state import RequestState, SequenceState, child_generator
+from kestrel.errors import InvalidRequestError
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
@@ -233,22 +234,30 @@ class LLMEngine:
     def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("prompt", "the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+            raise InvalidRequestError(
+                "prompt", f"prompt token id {bad[0]} is out of range [0, {vocab})"
+            )
         for name, ids in (
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", list(params.logit_bias or {})),
         ):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"{name} holds token id {bad[0]}, out of range [0, {vocab})")
+                raise InvalidRequestError(
+                    name, f"{name} holds token id {bad[0]}, out of range [0, {vocab})"
+                )
         if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+            raise InvalidRequestError(
+                "logprobs", f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}"
+            )
         if params.top_k > vocab:
             allowed = f"-1 or 0 (disabled) or 1..{vocab} (the vocabulary size)"
-            raise ValueError(f"top_k={params.top_k} is out of range; allowed: {allowed}")
+            raise InvalidRequestError(
+                "top_k", f"top_k={params.top_k} is out of range; allowed: {allowed}"
+            )
 
     def _new_sequence(
         self,

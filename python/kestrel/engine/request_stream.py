@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kestrel.errors import InvalidRequestError
 from kestrel.outputs import RequestOutput
 from kestrel.sampling_params import SamplingParams
 
@@ -23,7 +24,7 @@ class QueueFullError(RuntimeError):
     """More requests are in flight than `max_num_seqs + max_queued_requests`."""
 
 
-class RequestTooLargeError(ValueError):
+class RequestTooLargeError(InvalidRequestError):
     """A request creates more sequences than the server ever admits at once."""
 
 
@@ -113,9 +114,10 @@ def check_admission(
     capacity = max_num_seqs + max_queued
     if num_seqs > capacity:
         raise RequestTooLargeError(
+            "n",
             f"the request creates {num_seqs} sequences (prompts x n), more than this server "
             f"ever admits at once: max_num_seqs ({max_num_seqs}) + max_queued_requests "
-            f"({max_queued}) = {capacity}; send fewer prompts or a smaller n"
+            f"({max_queued}) = {capacity}; send fewer prompts or a smaller n",
         )
     if seqs_in_flight + num_seqs > capacity:
         raise QueueFullError(
