@@ -26,22 +26,21 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("positions_int64"), py::arg("q"), py::arg("q_stride"), py::arg("num_q_heads"),
         py::arg("k"), py::arg("k_stride"), py::arg("num_kv_heads"), py::arg("v"),
         py::arg("v_stride"), py::arg("cos_sin"), py::arg("key_cache"), py::arg("value_cache"),
-        py::arg("slot_mapping"), py::arg("slots_int64"), py::arg("num_tokens"),
-        py::arg("head_dim"), py::arg("dtype"), py::arg("vec8"), py::arg("stream"));
+        py::arg("slot_mapping"), py::arg("slots_int64"), py::arg("num_tokens"), py::arg("head_dim"),
+        py::arg("dtype"), py::arg("vec8"), py::arg("stream"));
   m.def("paged_decode_attention", &paged_decode_attention, nogil, py::arg("out"),
         py::arg("out_stride"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
-        py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
-        py::arg("seq_lens"), py::arg("num_seqs"), py::arg("num_q_heads"),
-        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("scale"),
-        py::arg("heads_per_block"), py::arg("num_splits"), py::arg("split_len"), py::arg("workspace"),
-        py::arg("workspace_floats"), py::arg("dtype"), py::arg("stream"));
+        py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"), py::arg("seq_lens"),
+        py::arg("num_seqs"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+        py::arg("block_size"), py::arg("scale"), py::arg("heads_per_block"), py::arg("num_splits"),
+        py::arg("split_len"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("dtype"),
+        py::arg("stream"));
   m.def("paged_decode_blocks_per_sm", &paged_decode_blocks_per_sm, py::arg("head_dim"),
         py::arg("heads_per_block"), py::arg("dtype"));
   m.def("paged_prefill_attention", &paged_prefill_attention, nogil, py::arg("out"),
         py::arg("out_stride"), py::arg("q"), py::arg("q_stride"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"),
-        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("num_seqs"),
-        py::arg("num_tokens"), py::arg("num_q_heads"), py::arg("num_kv_heads"),
-        py::arg("head_dim"), py::arg("block_size"), py::arg("scale"), py::arg("variant"),
-        py::arg("dtype"), py::arg("stream"));
+        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("num_seqs"), py::arg("num_tokens"),
+        py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"),
+        py::arg("scale"), py::arg("variant"), py::arg("dtype"), py::arg("stream"));
 }

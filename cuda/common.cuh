@@ -111,7 +111,8 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[VEC]) {
 template <int WIDTH = 32>
 __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
-  for (int offset = WIDTH / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = WIDTH / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 

@@ -36,12 +36,12 @@ struct DecodeParams {
   int64_t bt_stride;
   const int32_t* seq_lens;  // [num_seqs], each >= 1
   int num_seqs, num_q_heads, num_kv_heads, block_size;
-  float scale_log2;  // softmax scale * log2(e)
+  float scale_log2;     // softmax scale * log2(e)
   int heads_per_block;  // G: query heads per block (1, 2, 4 or 8), the kernel template
-  int num_splits;    // >= 1
-  int split_len;     // tokens per split (the last split also takes any remainder)
-  float* partial_out;  // [num_splits, num_seqs, Hq, D] fp32 (num_splits > 1 only)
-  float* partial_lse;  // [num_splits, num_seqs, Hq] fp32, log2 domain
+  int num_splits;       // >= 1
+  int split_len;        // tokens per split (the last split also takes any remainder)
+  float* partial_out;   // [num_splits, num_seqs, Hq, D] fp32 (num_splits > 1 only)
+  float* partial_lse;   // [num_splits, num_seqs, Hq] fp32, log2 domain
 };
 
 // Epilogue of one (sequence, query head, split) for output element d: the normalized output when
@@ -66,16 +66,16 @@ constexpr int kTableChunk = 1024;  // block-table entries staged in shared memor
 
 template <int D, int G>
 struct DecodeShape {
-  static constexpr int LPT = D / 8;                 // lanes per token
-  static constexpr int TPW = 32 / LPT;              // tokens per warp per step
-  static constexpr int SLOTS = kDecodeWarps * TPW;  // token slots per block
-  static constexpr int U = 4;                       // tokens per slot per tile
-  static constexpr int TILE = SLOTS * U;            // tokens per tile (stage)
-  static constexpr int STAGES = G >= 8 ? 4 : 3;     // 2 blocks/SM at G = 8, 3-4 below
+  static constexpr int LPT = D / 8;                     // lanes per token
+  static constexpr int TPW = 32 / LPT;                  // tokens per warp per step
+  static constexpr int SLOTS = kDecodeWarps * TPW;      // token slots per block
+  static constexpr int U = 4;                           // tokens per slot per tile
+  static constexpr int TILE = SLOTS * U;                // tokens per tile (stage)
+  static constexpr int STAGES = G >= 8 ? 4 : 3;         // 2 blocks/SM at G = 8, 3-4 below
   static constexpr int STAGE_BYTES = TILE * D * 2 * 2;  // K and V, 16-bit: 16 KB
   static constexpr int MERGE_BYTES = SLOTS * G * (D + 2) * 4;
-  static constexpr int SMEM = STAGES * STAGE_BYTES > MERGE_BYTES ? STAGES * STAGE_BYTES
-                                                                   : MERGE_BYTES;
+  static constexpr int SMEM =
+      STAGES * STAGE_BYTES > MERGE_BYTES ? STAGES * STAGE_BYTES : MERGE_BYTES;
 };
 
 template <typename T, int D, int G>
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int lt = lane % LPT;                // this lane's 8-element chunk of the head
+  const int lt = lane % LPT;                 // this lane's 8-element chunk of the head
   const int slot = warp * TPW + lane / LPT;  // this lane's token slot
 
   // q, pre-multiplied by scale * log2(e) so scores are in the log2 domain.
@@ -232,8 +232,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
   // Merge the token slots of this block through shared memory (reusing the ring).
   __syncthreads();
   float* red_m = reinterpret_cast<float*>(smem_decode);  // [SLOTS][G]
-  float* red_l = red_m + SLOTS * G;                       // [SLOTS][G]
-  float* red_acc = red_l + SLOTS * G;                     // [SLOTS][G][D], 16-byte aligned
+  float* red_l = red_m + SLOTS * G;                      // [SLOTS][G]
+  float* red_acc = red_l + SLOTS * G;                    // [SLOTS][G][D], 16-byte aligned
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (lt == 0) {

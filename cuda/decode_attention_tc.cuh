@@ -21,15 +21,15 @@
 
 namespace kestrel::attention {
 
-constexpr int kTcHeads = 16;   // query heads (mma rows) per block
-constexpr int kTcSlice = 16;   // tokens per warp per tile
+constexpr int kTcHeads = 16;  // query heads (mma rows) per block
+constexpr int kTcSlice = 16;  // tokens per warp per tile
 constexpr int kTcStages = 3;
 
 template <int D>
 struct DecodeTcShape {
-  static constexpr int CH = D / 8;                              // 16-byte chunks per row
-  static constexpr int SLICE_BYTES = kTcSlice * D * 2;          // K (or V) of one warp slice
-  static constexpr int WARP_STAGE = 2 * SLICE_BYTES;            // K and V
+  static constexpr int CH = D / 8;                      // 16-byte chunks per row
+  static constexpr int SLICE_BYTES = kTcSlice * D * 2;  // K (or V) of one warp slice
+  static constexpr int WARP_STAGE = 2 * SLICE_BYTES;    // K and V
   static constexpr int RING = kDecodeWarps * kTcStages * WARP_STAGE;
   static constexpr int MERGE = kDecodeWarps * kTcHeads * (D + 2) * 4;
   static constexpr int SMEM = RING > MERGE ? RING : MERGE;
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain; rows g and g + 8
-  float row_sum[2] = {0.f, 0.f};               // this thread's share of its rows
+  float row_sum[2] = {0.f, 0.f};              // this thread's share of its rows
 
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
@@ -216,10 +216,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  __syncthreads();  // the ring is reused for the merge
-  float* red_m = reinterpret_cast<float*>(smem_tc);     // [warps][16]
-  float* red_l = red_m + kDecodeWarps * kTcHeads;       // [warps][16]
-  float* red_o = red_l + kDecodeWarps * kTcHeads;       // [warps][16][D]
+  __syncthreads();                                   // the ring is reused for the merge
+  float* red_m = reinterpret_cast<float*>(smem_tc);  // [warps][16]
+  float* red_l = red_m + kDecodeWarps * kTcHeads;    // [warps][16]
+  float* red_o = red_l + kDecodeWarps * kTcHeads;    // [warps][16][D]
   if (t4 == 0) {
     red_m[warp * kTcHeads + g] = row_max[0];
     red_m[warp * kTcHeads + g + 8] = row_max[1];

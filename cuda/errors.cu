@@ -1,7 +1,7 @@
 // error_string: text of a cudaError_t code returned by the launchers.
-#include "kernels.h"
-
 #include <cuda_runtime.h>
+
+#include "kernels.h"
 
 namespace kestrel::api {
 

@@ -16,8 +16,7 @@ const char* error_string(int code);
 // out[r] = rms_norm(x[r]) for r < rows; x row r at (r / inner) * stride_outer +
 // (r % inner) * stride_inner; out and weight contiguous. vec8: 16-byte vector path.
 int rms_norm(ptr_t out, ptr_t x, ptr_t weight, int64_t rows, int64_t inner, int64_t stride_outer,
-             int64_t stride_inner, int64_t hidden, double eps, int dtype, bool vec8,
-             ptr_t stream);
+             int64_t stride_inner, int64_t hidden, double eps, int dtype, bool vec8, ptr_t stream);
 
 // residual <- x + residual; x <- rms_norm(residual); both contiguous [rows, hidden].
 int fused_add_rms_norm(ptr_t x, ptr_t residual, ptr_t weight, int64_t rows, int64_t hidden,
@@ -31,11 +30,11 @@ int silu_and_mul(ptr_t out, ptr_t x, int64_t tokens, int64_t inter, int dtype, b
 // D) with cos_sin (fp32 [max_position, D]) at positions, then write k and v (token stride
 // v_stride) into the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping (< 0: skip).
 int rotary_embedding_and_cache(ptr_t positions, bool positions_int64, ptr_t q, int64_t q_stride,
-                               int64_t num_q_heads, ptr_t k, int64_t k_stride,
-                               int64_t num_kv_heads, ptr_t v, int64_t v_stride, ptr_t cos_sin,
-                               ptr_t key_cache, ptr_t value_cache, ptr_t slot_mapping,
-                               bool slots_int64, int64_t num_tokens, int64_t head_dim, int dtype,
-                               bool vec8, ptr_t stream);
+                               int64_t num_q_heads, ptr_t k, int64_t k_stride, int64_t num_kv_heads,
+                               ptr_t v, int64_t v_stride, ptr_t cos_sin, ptr_t key_cache,
+                               ptr_t value_cache, ptr_t slot_mapping, bool slots_int64,
+                               int64_t num_tokens, int64_t head_dim, int dtype, bool vec8,
+                               ptr_t stream);
 
 // Decode attention: one query per sequence (q row i, token stride q_stride), K/V through
 // block_tables [num_seqs, bt_stride] int32 and seq_lens [num_seqs] int32. Each block serves
@@ -45,11 +44,10 @@ int rotary_embedding_and_cache(ptr_t positions, bool positions_int64, ptr_t q, i
 // num_splits * num_seqs * num_q_heads * (head_dim + 1) floats, workspace_floats given).
 int paged_decode_attention(ptr_t out, int64_t out_stride, ptr_t q, int64_t q_stride,
                            ptr_t key_cache, ptr_t value_cache, ptr_t block_tables,
-                           int64_t bt_stride, ptr_t seq_lens, int64_t num_seqs,
-                           int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                           int64_t block_size, double scale, int64_t heads_per_block,
-                           int64_t num_splits, int64_t split_len, ptr_t workspace,
-                           int64_t workspace_floats, int dtype, ptr_t stream);
+                           int64_t bt_stride, ptr_t seq_lens, int64_t num_seqs, int64_t num_q_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, double scale,
+                           int64_t heads_per_block, int64_t num_splits, int64_t split_len,
+                           ptr_t workspace, int64_t workspace_floats, int dtype, ptr_t stream);
 
 // Resident decode-attention blocks per multiprocessor of the current device for this head_dim,
 // heads per block and dtype (0 when unsupported): the split planner's wave size.

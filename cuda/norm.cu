@@ -11,15 +11,15 @@ int run_rms_norm(const norm::RmsNormParams& p, int dtype, bool vec8, ptr_t strea
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return vec8 ? norm::launch_rms_norm<T, 8, FUSED>(p, s) : norm::launch_rms_norm<T, 1, FUSED>(p, s);
+    return vec8 ? norm::launch_rms_norm<T, 8, FUSED>(p, s)
+                : norm::launch_rms_norm<T, 1, FUSED>(p, s);
   });
 }
 
 }  // namespace
 
 int rms_norm(ptr_t out, ptr_t x, ptr_t weight, int64_t rows, int64_t inner, int64_t stride_outer,
-             int64_t stride_inner, int64_t hidden, double eps, int dtype, bool vec8,
-             ptr_t stream) {
+             int64_t stride_inner, int64_t hidden, double eps, int dtype, bool vec8, ptr_t stream) {
   if (inner <= 0 || hidden > INT32_MAX) return cudaErrorInvalidValue;
   norm::RmsNormParams p{};
   p.out = reinterpret_cast<void*>(out);

@@ -29,8 +29,7 @@ struct RmsNormParams {
 
 // TPR threads cooperate on one row; each holds up to NV vectors of VEC elements in registers.
 template <typename T, int VEC, int NV, int TPR, bool FUSED>
-__global__ void __launch_bounds__(TPR >= 256 ? TPR : 256)
-    rms_norm_kernel(const RmsNormParams p) {
+__global__ void __launch_bounds__(TPR >= 256 ? TPR : 256) rms_norm_kernel(const RmsNormParams p) {
   constexpr int kBlock = TPR >= 256 ? TPR : 256;
   constexpr int kRowsPerBlock = kBlock / TPR;
   const int sub = threadIdx.x / TPR;
@@ -40,8 +39,8 @@ __global__ void __launch_bounds__(TPR >= 256 ? TPR : 256)
   // with one row per block the whole block leaves together.
   if (row >= p.rows) return;
 
-  const int64_t in_off = FUSED ? row * p.hidden
-                               : (row / p.inner) * p.stride_outer + (row % p.inner) * p.stride_inner;
+  const int64_t in_off =
+      FUSED ? row * p.hidden : (row / p.inner) * p.stride_outer + (row % p.inner) * p.stride_inner;
   T* x = static_cast<T*>(p.x) + in_off;
   T* res = FUSED ? static_cast<T*>(p.residual) + row * p.hidden : nullptr;
   const T* w = static_cast<const T*>(p.weight);
@@ -136,8 +135,10 @@ cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.hidden <= 0 || p.hidden % VEC != 0 || nvec > kMaxVectorsPerRow || p.rows >= (1LL << 31)) {
     return cudaErrorInvalidValue;
   }
-  if (nvec <= 32 * 4) return launch_rms_norm_nv<T, VEC, 32, FUSED>(p, next_pow2(ceil_div(nvec, 32)), stream);
-  if (nvec <= 256 * 8) return launch_rms_norm_nv<T, VEC, 256, FUSED>(p, next_pow2(ceil_div(nvec, 256)), stream);
+  if (nvec <= 32 * 4)
+    return launch_rms_norm_nv<T, VEC, 32, FUSED>(p, next_pow2(ceil_div(nvec, 32)), stream);
+  if (nvec <= 256 * 8)
+    return launch_rms_norm_nv<T, VEC, 256, FUSED>(p, next_pow2(ceil_div(nvec, 256)), stream);
   return launch_rms_norm_nv<T, VEC, 1024, FUSED>(p, next_pow2(ceil_div(nvec, 1024)), stream);
 }
 

@@ -40,8 +40,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(const PrefillParams p) {
   constexpr int BM = kPrefillBM;
   constexpr int BN = prefill_bn<D>();
-  constexpr int CH = D / 8;                 // 16-byte chunks per row
-  constexpr bool kQInRegs = D <= 128;       // D = 256 re-reads Q from shared memory
+  constexpr int CH = D / 8;            // 16-byte chunks per row
+  constexpr bool kQInRegs = D <= 128;  // D = 256 re-reads Q from shared memory
   static_assert(D % 64 == 0 && D <= 256, "head_dim must be 64, 128 or 256");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   load_kv(0, 0);
   mma::cp_async_commit();
 
-  const int r0 = warp * 16 + lane / 4;       // this thread's first row in the tile
+  const int r0 = warp * 16 + lane / 4;         // this thread's first row in the tile
   const int qpos0 = tile.ctx0 + tile.m0 + r0;  // its position (the second row: + 8)
 
   uint32_t qf[kQInRegs ? D / 16 : 1][4];

@@ -34,8 +34,8 @@ constexpr int kSm90Stages = 3;
 
 // Block shape the launcher uses for head dim D: warpgroups per block and key-tile rows. On the
 // H100 (4k tokens, causal, Hkv 8) head_dim 128 ran 1.16x faster with (2, 128) than with (1, 64)
-// and 1.08x faster than with (2, 64); head_dim 64 ran fastest with (1, 64), 1.22x faster than (2, 64)
-// and 1.10x faster than (2, 128). (2, 128) takes 246 registers a thread (one block per SM).
+// and 1.08x faster than with (2, 64); head_dim 64 ran fastest with (1, 64), 1.22x faster than (2,
+// 64) and 1.10x faster than (2, 128). (2, 128) takes 246 registers a thread (one block per SM).
 template <int D>
 struct Sm90Shape {
   static constexpr int kWarpgroups = D == 128 ? 2 : 1;
@@ -126,9 +126,9 @@ template <typename T, int D, int NWG, int BN>
 __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
     prefill_attention_sm90_kernel(const PrefillParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int NT = 128 * NWG;                      // threads
-  constexpr int BM = 64 * NWG;                       // query rows of the block
-  constexpr int CH = D / 8;                          // 16-byte chunks per row
+  constexpr int NT = 128 * NWG;                           // threads
+  constexpr int BM = 64 * NWG;                            // query rows of the block
+  constexpr int CH = D / 8;                               // 16-byte chunks per row
   constexpr uint32_t kStage = sm90_stage_bytes<D, BN>();  // multiple of 1024
   constexpr uint32_t kKBytes = BN * D * 2;
   constexpr int kLoads = BN * CH / NT;  // 16-byte chunks of K (and of V) a thread copies a tile
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
 
   extern __shared__ __align__(128) unsigned char smem_sm90[];
   const uint32_t stage0 = (mma::smem_addr(smem_sm90) + 1023) & ~1023u;  // 1 KB-aligned atoms
-  const uint32_t q_s = stage0 + 2 * kStage;  // prologue only
+  const uint32_t q_s = stage0 + 2 * kStage;                             // prologue only
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;  // warp w of the block: rows 16 w .. 16 w + 15 (warpgroup w / 4)
@@ -181,8 +181,7 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
         const int r = ld_r + i * kRowStep;
         const int pos = j * BN + r;
         const bool valid = pos < tile.kv_end;
-        const int in_block =
-            p.block_shift >= 0 ? pos & (p.block_size - 1) : pos % p.block_size;
+        const int in_block = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos % p.block_size;
         const int64_t row = static_cast<int64_t>(blk[i]) * p.block_size + in_block;
         const int64_t off = valid ? (row * p.num_kv_heads + kvh) * D + ld_c * 8 : 0;
         const uint32_t at = sw128<BN>(r, ld_c);
@@ -253,8 +252,7 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
     if (j >= 1) fetch_blocks(j + 2);  // consumed by issue_kv(j + 2) below
     // Softmax of S_j while P_{j-1} V_{j-1} may still run.
     float alpha[2];
-    softmax_scores_tree(s, row_max, row_sum, alpha, j >= first_masked, j * BN, qpos0,
-                        p.scale_log2);
+    softmax_scores_tree(s, row_max, row_sum, alpha, j >= first_masked, j * BN, qpos0, p.scale_log2);
     wgmma::wait<0>();  // P_{j-1} V_{j-1} done: O may be rescaled, stage (j - 1) % 3 is free
     wgmma::fence_operands(o);
     wgmma::fence_operands(pa);

@@ -38,12 +38,12 @@ struct PrefillParams {
 
 // The query tile a block works on and the key range it needs.
 struct PrefillTile {
-  int seq;           // sequence index in the prefill batch
-  int q_begin;       // first q/out row of the sequence
-  int m0;            // first query of the tile within the sequence
-  int rows;          // valid query rows in the tile (<= BM)
-  int ctx0;          // position of the sequence's first query
-  int kv_end;        // keys [0, kv_end) are visible to some row of the tile
+  int seq;      // sequence index in the prefill batch
+  int q_begin;  // first q/out row of the sequence
+  int m0;       // first query of the tile within the sequence
+  int rows;     // valid query rows in the tile (<= BM)
+  int ctx0;     // position of the sequence's first query
+  int kv_end;   // keys [0, kv_end) are visible to some row of the tile
 };
 
 // Finds this block's tile; returns false (uniformly across the block) for an unused slot.
@@ -59,9 +59,8 @@ __device__ __forceinline__ bool locate_tile(const PrefillParams& p, PrefillTile&
     int base = 0;
     for (int s0 = 0; s0 < p.num_seqs; s0 += 32) {
       const int s = s0 + lane;
-      const int n = s < p.num_seqs
-                        ? (p.query_start_loc[s + 1] - p.query_start_loc[s] + BM - 1) / BM
-                        : 0;
+      const int n =
+          s < p.num_seqs ? (p.query_start_loc[s + 1] - p.query_start_loc[s] + BM - 1) / BM : 0;
       int incl = n;
 #pragma unroll
       for (int o = 1; o < 32; o *= 2) {
@@ -92,13 +91,13 @@ __device__ __forceinline__ bool locate_tile(const PrefillParams& p, PrefillTile&
 // thread's two rows, at positions qpos0 and qpos0 + 8 (scale_log2 = softmax scale * log2(e) > 0;
 // row_max is kept in the log2 domain): masks keys past each row's position when `masked`,
 // updates row_max / row_sum, leaves the unnormalized probabilities in s and returns in alpha the
-// factors by which the output accumulators must be rescaled. key0: position of the tile's first key. The caller guarantees every row sees at
-// least one key in the first tile it processes (key 0 is visible to all), so maxima are finite.
+// factors by which the output accumulators must be rescaled. key0: position of the tile's first
+// key. The caller guarantees every row sees at least one key in the first tile it processes (key 0
+// is visible to all), so maxima are finite.
 template <int NS>
 __device__ __forceinline__ void softmax_scores(float (&s)[NS][4], float (&row_max)[2],
-                                               float (&row_sum)[2], float (&alpha)[2],
-                                               bool masked, int key0, int qpos0,
-                                               float scale_log2) {
+                                               float (&row_sum)[2], float (&alpha)[2], bool masked,
+                                               int key0, int qpos0, float scale_log2) {
   if (masked) {  // only tiles that reach past some row's position pay for the mask
     const int key_t = key0 + 2 * (threadIdx.x % 4);
 #pragma unroll
@@ -170,14 +169,16 @@ __device__ __forceinline__ void store_output(const PrefillParams& p, const Prefi
     T* dst = out + static_cast<int64_t>(tile.q_begin + tile.m0 + r0) * p.out_stride;
 #pragma unroll
     for (int i = 0; i < NO; ++i) {
-      *reinterpret_cast<T2*>(dst + i * 8) = from_float2<T>(make_float2(o[i][0] * inv0, o[i][1] * inv0));
+      *reinterpret_cast<T2*>(dst + i * 8) =
+          from_float2<T>(make_float2(o[i][0] * inv0, o[i][1] * inv0));
     }
   }
   if (r0 + 8 < tile.rows) {
     T* dst = out + static_cast<int64_t>(tile.q_begin + tile.m0 + r0 + 8) * p.out_stride;
 #pragma unroll
     for (int i = 0; i < NO; ++i) {
-      *reinterpret_cast<T2*>(dst + i * 8) = from_float2<T>(make_float2(o[i][2] * inv1, o[i][3] * inv1));
+      *reinterpret_cast<T2*>(dst + i * 8) =
+          from_float2<T>(make_float2(o[i][2] * inv1, o[i][3] * inv1));
     }
   }
 }

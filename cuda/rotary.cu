@@ -5,11 +5,11 @@
 namespace kestrel::api {
 
 int rotary_embedding_and_cache(ptr_t positions, bool positions_int64, ptr_t q, int64_t q_stride,
-                               int64_t num_q_heads, ptr_t k, int64_t k_stride,
-                               int64_t num_kv_heads, ptr_t v, int64_t v_stride, ptr_t cos_sin,
-                               ptr_t key_cache, ptr_t value_cache, ptr_t slot_mapping,
-                               bool slots_int64, int64_t num_tokens, int64_t head_dim, int dtype,
-                               bool vec8, ptr_t stream) {
+                               int64_t num_q_heads, ptr_t k, int64_t k_stride, int64_t num_kv_heads,
+                               ptr_t v, int64_t v_stride, ptr_t cos_sin, ptr_t key_cache,
+                               ptr_t value_cache, ptr_t slot_mapping, bool slots_int64,
+                               int64_t num_tokens, int64_t head_dim, int dtype, bool vec8,
+                               ptr_t stream) {
   if (num_q_heads <= 0 || num_kv_heads <= 0 || head_dim > 4096 || num_q_heads > 4096 ||
       num_kv_heads > 4096) {
     return cudaErrorInvalidValue;

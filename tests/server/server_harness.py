@@ -63,7 +63,7 @@ def start_server(model_dir: str, log_path: Path, *extra: str, env: dict | None =
     """Starts `kestrel serve` and waits until /health answers 200 (bounded)."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "kestrel.cli", "serve", model_dir,
+        sys.executable, "-m", "kestrel_server.cli", "serve", model_dir,
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", MODEL_NAME,
         "--max-model-len", str(MAX_MODEL_LEN),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kestrel.cli import build_parser, engine_config, main, resolve_api_key
+from kestrel_server.cli import build_parser, engine_config, main, resolve_api_key
 
 SERVE_FLAGS = (
     "--host", "--port", "--served-model-name", "--api-key", "--dtype", "--max-model-len",
@@ -29,7 +29,7 @@ def test_serve_help_lists_every_flag(capsys):
 
 def test_top_level_help_runs_as_a_script():
     out = subprocess.run(
-        [sys.executable, "-m", "kestrel.cli", "--help"],
+        [sys.executable, "-m", "kestrel_server.cli", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

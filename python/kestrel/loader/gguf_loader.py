@@ -21,8 +21,11 @@ from gguf import GGUFReader
 from torch import nn
 from tqdm.auto import tqdm
 
+from kestrel.loader.dtypes import resolve_dtype
+from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
 from kestrel.model_config import ModelConfig
+from kestrel.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -333,10 +336,6 @@ def load_gguf_model(
 
     Returns (model in eval mode on `device`, its ModelConfig).
     """
-    from kestrel.loader.dummy import init_dummy_weights
-    from kestrel.loader.load import resolve_dtype
-    from kestrel.models.registry import get_model_class
-
     f = as_gguf_file(source)
     config = gguf_model_config(f)
     device = torch.device(device)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_loader import load_gguf_model
 from kestrel.loader.hf_dir import (
@@ -21,33 +22,8 @@ from kestrel.models.registry import get_model_class
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
-
-def resolve_dtype(
-    dtype: torch.dtype | str | None, config: ModelConfig, device: torch.device
-) -> torch.dtype:
-    """Model dtype: an explicit torch dtype or name, or "auto"/None = the checkpoint's dtype
-    (float32 if config.json names none), except that float32 becomes bfloat16 on a GPU."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype={dtype} is not supported; supported: float32/16, bfloat16")
-        return dtype
-    if dtype is None or dtype == "auto":
-        chosen = _DTYPES[config.dtype] if config.dtype is not None else torch.float32
-        if chosen == torch.float32 and device.type == "cuda":
-            logger.info("checkpoint dtype is float32; running in bfloat16 on %s", device)
-            chosen = torch.bfloat16
-        return chosen
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; supported: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+__all__ = ["LOAD_FORMATS", "load_model", "resolve_dtype"]
 
 
 def load_model(

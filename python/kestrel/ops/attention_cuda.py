@@ -17,7 +17,7 @@ import torch
 from kestrel.ops import _dispatch
 
 if TYPE_CHECKING:
-    from kestrel.ops.attention import AttentionMetadata
+    from kestrel.ops.attention_metadata import AttentionMetadata
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # A decode split covers at least this many tokens.
