@@ -1,9 +1,10 @@
 """Random arrivals, lengths, stops and aborts; invariants checked after every step."""
 
 import numpy as np
-from core_utils import check_invariants, make_scheduler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.core.helpers import check_invariants, make_scheduler
 
 request = st.tuples(
     st.integers(1, 40),  # prompt length

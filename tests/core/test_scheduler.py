@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from core_utils import check_invariants, core, make_scheduler, run_step
+
+from tests.core.helpers import check_invariants, core, make_scheduler, run_step
 
 
 def test_config_validation():

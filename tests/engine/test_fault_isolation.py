@@ -11,10 +11,10 @@ import re
 
 import pytest
 import torch
-from engine_utils import prompts_of
 
 from kestrel import LLM, SamplingParams
 from kestrel.sample import Sampler
+from tests.engine.helpers import prompts_of
 
 NUM_BLOCKS = 512
 VOCAB = 512  # the tiny models' vocabulary

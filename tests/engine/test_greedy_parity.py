@@ -1,9 +1,9 @@
 """Greedy generations are token-for-token those of transformers, whatever the batching path."""
 
 import pytest
-from engine_utils import prompts_of
 
 from kestrel import LLM, SamplingParams
+from tests.engine.helpers import prompts_of
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 LENGTHS = [1, 5, 17, 33, 50]

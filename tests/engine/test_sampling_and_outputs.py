@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from engine_utils import prompts_of
 
 from kestrel import LLM, SamplingParams
+from tests.engine.helpers import prompts_of
 
 
 @pytest.fixture(scope="module")

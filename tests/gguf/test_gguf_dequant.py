@@ -8,11 +8,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import write_gguf
 
 from kestrel.loader import gguf_dequant
 from kestrel.loader.gguf_dequant import UnsupportedTensorTypeError, dequantize_to_torch
 from kestrel.loader.gguf_loader import GGUFFile
+from tests.gguf.fixtures import write_gguf
 
 Q = gguf.GGMLQuantizationType
 ROWS, COLS = 6, 512

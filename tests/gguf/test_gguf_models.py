@@ -10,7 +10,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import prefill_logits, write_gguf, write_gguf_from_hf
 
 from kestrel import LLM, SamplingParams
 from kestrel.loader import load_model
@@ -18,6 +17,7 @@ from kestrel.loader.gguf_dequant import UnsupportedTensorTypeError
 from kestrel.loader.gguf_loader import GGUFFile, llama3_scaling_from_factors
 from kestrel.ops import compute_cos_sin_cache
 from kestrel.testing.tiny_models import make_tiny_model
+from tests.gguf.fixtures import prefill_logits, write_gguf, write_gguf_from_hf
 
 transformers = pytest.importorskip("transformers")
 

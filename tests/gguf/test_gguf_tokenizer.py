@@ -5,7 +5,6 @@ written by the test."""
 from __future__ import annotations
 
 import pytest
-from gguf_fixtures import write_gguf
 
 from kestrel.loader.gguf_loader import GGUFFile
 from kestrel.loader.gguf_tokenizer import (
@@ -13,6 +12,7 @@ from kestrel.loader.gguf_tokenizer import (
     load_gguf_tokenizer,
     merges_from_scores,
 )
+from tests.gguf.fixtures import write_gguf
 
 transformers = pytest.importorskip("transformers")
 

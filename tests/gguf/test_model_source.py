@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import pytest
-from gguf_fixtures import write_gguf
 
 from kestrel import LLM, SamplingParams
 from kestrel.model_source import ModelNotFoundError, hf_hub_cache_dir, resolve_model
 from kestrel.testing.tiny_models import make_tiny_model
+from tests.gguf.fixtures import write_gguf
 
 REV_MAIN = "a" * 40
 REV_OLD = "b" * 40

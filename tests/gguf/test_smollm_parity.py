@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf_fixtures import prefill_logits
 
 from kestrel import SamplingParams
+from tests.gguf.fixtures import prefill_logits
 
 PROMPTS = [
     "The kestrel is a bird of prey that",

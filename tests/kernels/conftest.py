@@ -4,7 +4,8 @@ import zlib
 
 import pytest
 import torch
-from kernel_utils import KernelSpy, kernel_spy, poisoned_empty
+
+from tests.kernels.helpers import KernelSpy, kernel_spy, poisoned_empty
 
 
 @pytest.fixture

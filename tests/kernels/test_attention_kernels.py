@@ -4,9 +4,9 @@ read outside the context shows up; outputs and split workspaces start as NaN (po
 
 import pytest
 import torch
-from kernel_utils import DTYPES, assert_close, dense_attention, make_paged_batch
 
 from kestrel.ops import KernelError, attention_cuda, paged_attention
+from tests.kernels.helpers import DTYPES, assert_close, dense_attention, make_paged_batch
 
 pytestmark = pytest.mark.cuda
 

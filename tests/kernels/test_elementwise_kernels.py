@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from kernel_utils import DTYPES, TOLERANCE, assert_close, randn, rel_err
 
 from kestrel.ops import (
     fused_add_rms_norm,
@@ -12,6 +11,7 @@ from kestrel.ops import (
     silu_and_mul,
     silu_and_mul_reference,
 )
+from tests.kernels.helpers import DTYPES, TOLERANCE, assert_close, randn, rel_err
 
 pytestmark = pytest.mark.cuda
 

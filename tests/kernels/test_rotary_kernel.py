@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from kernel_utils import DTYPES, assert_close, randn
 
 from kestrel.ops import (
     compute_cos_sin_cache,
     rotary_embedding_and_cache,
     rotary_embedding_and_cache_reference,
 )
+from tests.kernels.helpers import DTYPES, assert_close, randn
 
 pytestmark = pytest.mark.cuda
 

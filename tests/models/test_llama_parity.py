@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from paged_batch import PagedRunner
 
 from kestrel.loader import load_model
 from kestrel.testing.tiny_models import make_tiny_model
+from tests.models.paged_batch import PagedRunner
 
 transformers = pytest.importorskip("transformers")
 

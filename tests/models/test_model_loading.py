@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from paged_batch import PagedRunner
 
 from kestrel.loader import (
     find_safetensors_files,
@@ -21,6 +20,7 @@ from kestrel.loader import (
 )
 from kestrel.models import LlamaForCausalLM, get_model_class, supported_architectures
 from kestrel.testing.tiny_models import make_tiny_model
+from tests.models.paged_batch import PagedRunner
 
 pytest.importorskip("transformers")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batch_builder import build
 
 from kestrel.sample import Sampler, make_generator
 from kestrel.sampling_params import SamplingParams as P
+from tests.sampling.helpers import build
 
 
 def test_greedy_equals_argmax_for_any_dtype():

@@ -1,4 +1,4 @@
-"""Session servers for tests/server (see server_harness.py): `server` (open, 64 sequences) and
+"""Session servers for tests/server (see harness.py): `server` (open, 64 sequences) and
 `restricted_server` (API key, one running sequence, one queued request)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from server_harness import API_KEY, MAX_MODEL_LEN, ServerProcess, start_server
 
 from kestrel.testing.tiny_models import make_tiny_model
+from tests.server.harness import API_KEY, MAX_MODEL_LEN, ServerProcess, start_server
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from server_harness import MODEL_NAME
-
 from kestrel import SamplingParams
+from tests.server.harness import MODEL_NAME
 
 NUM_REQUESTS = 64
 MAX_TOKENS = 12

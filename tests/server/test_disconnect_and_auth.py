@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from server_harness import API_KEY, MODEL_NAME
+
+from tests.server.harness import API_KEY, MODEL_NAME
 
 RUNNING = 'kestrel:num_requests_running{model_name="tiny"}'
 KV_USAGE = 'kestrel:kv_cache_usage_perc{model_name="tiny"}'

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 import httpx
-from server_harness import MODEL_NAME, start_server
+
+from tests.server.harness import MODEL_NAME, start_server
 
 INJECTION = Path(__file__).parent / "fault_injection"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_harness import MAX_MODEL_LEN, MODEL_NAME
+
+from tests.server.harness import MAX_MODEL_LEN, MODEL_NAME
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

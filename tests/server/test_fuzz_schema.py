@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_harness import start_server
+
+from tests.server.harness import start_server
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from server_harness import MAX_MODEL_LEN, MODEL_NAME
 
 from kestrel_server.protocol import MAX_STOP_STRINGS
+from tests.server.harness import MAX_MODEL_LEN, MODEL_NAME
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -234,7 +234,7 @@ def test_prompt_batch_is_admitted_at_once_and_aborted_on_disconnect(server):
 
 
 def test_n_counts_as_sequences_and_never_fitting_batch_is_400(restricted_server):
-    from server_harness import API_KEY
+    from tests.server.harness import API_KEY
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
     # max_num_seqs=1 + max_queued_requests=1: two sequences fit, three never will.

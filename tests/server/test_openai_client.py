@@ -7,9 +7,9 @@ import math
 
 import httpx
 import pytest
-from server_harness import MAX_MODEL_LEN, MODEL_NAME
 
 from kestrel import SamplingParams
+from tests.server.harness import MAX_MODEL_LEN, MODEL_NAME
 
 MESSAGES = [{"role": "user", "content": "Tell me about the kestrel."}]
 PROMPT = "The kestrel is a small falcon"

@@ -7,7 +7,8 @@ import signal
 
 import httpx
 import pytest
-from server_harness import MODEL_NAME, start_server
+
+from tests.server.harness import MODEL_NAME, start_server
 
 
 def _signal_mid_stream(server, sig: int, max_tokens: int) -> list[str]:
