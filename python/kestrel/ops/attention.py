@@ -11,11 +11,16 @@ prefix. The query tokens of a sequence are the LAST query_len positions of its c
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
-from kestrel.ops import _dispatch
+from kestrel.ops.attention_backend import ad_hoc_plan
 from kestrel.ops.attention_cuda import paged_attention_cuda
 from kestrel.ops.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionMetadata",
@@ -156,6 +161,27 @@ def paged_prefill_attention(
         out[begin:end] = _attend(q[begin:end], k, v, visible, scale).to(out.dtype)
 
 
+@functools.cache
+def _log_fallback(what: str) -> None:
+    logger.warning(
+        "paged attention: the CUDA kernels cannot take %s; using the torch reference", what
+    )
+
+
+def _reference_fallback(q: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """A planned kernel call fell back to the reference: logged once per input kind; an error
+    under CUDA graph capture (the reference synchronizes with the host)."""
+    what = (
+        f"q {q.dtype} with head_dim {q.shape[-1]}, cache {key_cache.dtype} "
+        f"(contiguous: {key_cache.is_contiguous()})"
+    )
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"paged attention fell back to the torch reference under capture: {what}"
+        )
+    _log_fallback(what)
+
+
 def paged_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -183,17 +209,26 @@ def paged_attention(
     and prefill kernels, with no host synchronization (CUDA-graph capturable); other inputs run
     the reference below.
     """
-    metadata.validate(block_size=key_cache.shape[1])
+    plan = metadata.plan
+    if plan is None:  # metadata built by hand: validate and plan here, for this call
+        metadata.validate(block_size=key_cache.shape[1])
+        plan = ad_hoc_plan(q, key_cache, metadata)
+    elif plan.block_size != key_cache.shape[1]:
+        raise ValueError(
+            f"the attention plan is for block_size {plan.block_size}; the cache has "
+            f"{key_cache.shape[1]}"
+        )
     num_tokens, num_decode_tokens = metadata.num_tokens, metadata.num_decode_tokens
     if q.dim() != 3 or q.shape[0] < num_tokens:
         raise ValueError(
             f"q must be [num_tokens >= {num_tokens}, num_q_heads, head_dim]; got {tuple(q.shape)}"
         )
-    if _dispatch.use_kernels(q):
+    if plan.use_kernels:
         _check_attention_args(q, key_cache, value_cache, q)
-        kernel_out = paged_attention_cuda(q, key_cache, value_cache, metadata, scale)
+        kernel_out = paged_attention_cuda(q, key_cache, value_cache, metadata, scale, plan)
         if kernel_out is not None:
             return kernel_out
+        _reference_fallback(q, key_cache)
     out = torch.zeros_like(q)
     paged_decode_attention(
         q[:num_decode_tokens], key_cache, value_cache, metadata, scale, out[:num_decode_tokens]

@@ -1,5 +1,6 @@
-"""CUDA path of paged attention: decode split planning, the split workspace, and the launches of
-the decode kernel (first ``num_decodes`` sequences) and the tensor-core prefill kernel (the rest).
+"""CUDA path of paged attention: decode split planning and the launches of the decode kernel
+(first ``num_decodes`` sequences) and the tensor-core prefill kernel (the rest), as an
+:class:`~kestrel.ops.attention_backend.AttentionPlan` says (splits, workspace, variant).
 
 Nothing here synchronizes with the device or depends on device-side values for launch shapes,
 so a captured CUDA graph replays it; launch shapes depend on (num_decodes, heads, head_dim,
@@ -9,7 +10,6 @@ metadata.max_seq_len) and the prefill token/sequence counts, all host-side value
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from kestrel.ops import _dispatch
 
 if TYPE_CHECKING:
+    from kestrel.ops.attention_backend import AttentionPlan
     from kestrel.ops.attention_metadata import AttentionMetadata
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -33,11 +34,6 @@ WAVE_OVERHEAD_TOKENS = 32
 # else mma.sync), "mma" or "wgmma" (for tests and benchmarks).
 PREFILL_KERNEL_ENV = "KESTREL_PREFILL_KERNEL"
 _PREFILL_VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
-
-# Split workspaces, keyed by (device, number of floats). Kept alive for the process so that a
-# CUDA graph captured with one keeps a valid pointer; warm up (one eager call) before capturing
-# so the capture allocates nothing.
-_WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def heads_per_block(group: int, head_dim: int) -> int:
@@ -105,23 +101,13 @@ def decode_plan(
     return plan_decode_splits(num_decodes, num_q_heads, num_kv_heads, max_seq_len, wave, heads)
 
 
-def prefill_variant() -> int:
-    """Kernel variant code for the prefill launcher, from KESTREL_PREFILL_KERNEL."""
-    name = os.environ.get(PREFILL_KERNEL_ENV, "auto")
+def prefill_variant_code(name: str) -> int:
+    """Kernel variant code for the prefill launcher from a KESTREL_PREFILL_KERNEL value."""
     if name not in _PREFILL_VARIANTS:
         raise ValueError(
             f"{PREFILL_KERNEL_ENV}={name!r} is not one of {', '.join(_PREFILL_VARIANTS)}"
         )
     return _PREFILL_VARIANTS[name]
-
-
-def _workspace(device: torch.device, floats: int) -> torch.Tensor:
-    key = (device, floats)
-    buf = _WORKSPACES.get(key)
-    if buf is None:
-        buf = torch.empty(floats, dtype=torch.float32, device=device)
-        _WORKSPACES[key] = buf
-    return buf
 
 
 def _layout_supported(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
@@ -157,10 +143,11 @@ def paged_attention_cuda(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    plan: AttentionPlan,
 ) -> torch.Tensor | None:
-    """The kernel path of :func:`kestrel.ops.paged_attention`; None when the inputs need the
-    reference (dtype, head dim or layout the kernels do not handle, or a scale <= 0). Inputs are
-    validated by the caller."""
+    """The kernel path of :func:`kestrel.ops.paged_attention`, launched as `plan` says; None
+    when the inputs need the reference (dtype, head dim or layout the kernels do not handle, or
+    a scale <= 0). Inputs are validated by the caller."""
     code = _dispatch.dtype_code(q.dtype)
     if code is None or not scale > 0 or not _layout_supported(q, key_cache, value_cache):
         return None
@@ -187,9 +174,9 @@ def paged_attention_cuda(
     stream = _dispatch.stream_handle(q.device)
     with _dispatch.on_device(q.device):
         if num_decodes > 0:
-            splits, split_len = decode_plan(q, num_kv_heads, num_decodes, metadata.max_seq_len)
-            floats = splits * num_decodes * num_q_heads * (head_dim + 1)
-            ws = _workspace(q.device, floats) if splits > 1 else None
+            splits, split_len, ws = plan.decode_splits, plan.decode_split_len, plan.workspace
+            if splits > 1 and ws is None:
+                raise ValueError("the attention plan has decode splits but no workspace")
             status = kernels.paged_decode_attention(
                 out.data_ptr(),
                 out.stride(0),
@@ -236,7 +223,7 @@ def paged_attention_cuda(
                 head_dim,
                 block_size,
                 float(scale),
-                prefill_variant(),
+                plan.prefill_variant,
                 code,
                 stream,
             )

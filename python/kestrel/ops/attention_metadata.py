@@ -4,8 +4,12 @@ query rows and of the paged KV cache is described in `kestrel.ops.attention`).""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kestrel.ops.attention_backend import AttentionPlan
 
 
 @dataclass
@@ -22,6 +26,10 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: torch.Tensor  # CPU int32 copy of query_start_loc
     seq_lens_cpu: torch.Tensor  # CPU int32 copy of seq_lens
+    # Set by PagedAttentionBackend.plan() once per step: the metadata is validated and the
+    # kernel choice, decode split and workspace are fixed, so each layer only launches. None for
+    # metadata built by hand (tests, benchmarks): then every attention call plans for itself.
+    plan: AttentionPlan | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -4,9 +4,10 @@ A decode step (every request has one query token) is replayed from a graph: the 
 are copied into static device buffers, rows past the real batch are padding (slot -1, so nothing
 is written to the KV cache; context length 1 over block 0, so attention reads valid memory), and
 the graph recomputes hidden states and logits for the whole bucket. Graphs share one memory
-pool, captured largest first. The attention kernels size their work from the captured
-`max_seq_len` (the engine's max_model_len) and each row's `seq_lens`, so one graph serves every
-context length.
+pool, captured largest first. The attention plan (decode split, workspace) is made at capture
+for the captured `max_seq_len` (the engine's max_model_len), and the kernels read each row's
+`seq_lens`, so one graph serves every context length (short contexts then run over splits
+planned for the longest one: planning graphs by the real lengths is still to do).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kestrel.ops import AttentionMetadata
+from kestrel.ops.attention_backend import PagedAttentionBackend
 
 if TYPE_CHECKING:
     from kestrel._core import SchedulerOutput
@@ -38,6 +40,7 @@ class DecodeGraphs:
         self,
         model: torch.nn.Module,
         kv_caches: list,
+        attention: PagedAttentionBackend,
         *,
         max_num_seqs: int,
         max_model_len: int,
@@ -46,6 +49,7 @@ class DecodeGraphs:
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.attention = attention
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
@@ -62,7 +66,8 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
 
     def _metadata(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
+        """Planned once per captured graph (the plan's launch shapes are baked into it)."""
+        metadata = AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
@@ -75,6 +80,7 @@ class DecodeGraphs:
             # Shape-defining host copy: the longest context a graph must serve.
             seq_lens_cpu=torch.full((bs,), self.max_model_len, dtype=torch.int32),
         )
+        return self.attention.plan(metadata)
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kestrel.ops import AttentionMetadata
+from kestrel.ops.attention_backend import PagedAttentionBackend
 from kestrel.runner.cuda_graphs import DecodeGraphs
 from kestrel.runner.staging import HostStager
 from kestrel.sample import Sampler, SamplerOutput, SamplingBatch
@@ -106,6 +107,14 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.stager = HostStager(device)
         self.graphs: DecodeGraphs | None = None
+        self.attention = PagedAttentionBackend(
+            num_q_heads=model_config.num_attention_heads,
+            num_kv_heads=model_config.num_key_value_heads,
+            head_dim=model_config.head_dim,
+            block_size=block_size,
+            dtype=dtype,
+            device=device,
+        )
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
         mc = self.model_config
@@ -153,6 +162,7 @@ class ModelRunner:
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
+        meta = self.attention.plan(meta)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -173,6 +183,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             self.model,
             self.kv_caches,
+            self.attention,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             block_size=self.block_size,
@@ -181,19 +192,8 @@ class ModelRunner:
         self.graphs.capture()
 
     def build_attention_metadata(self, out: SchedulerOutput) -> AttentionMetadata:
-        stage = self.stager.to_device
-        return AttentionMetadata(
-            slot_mapping=stage(out.slot_mapping),
-            query_start_loc=stage(out.query_start_loc),
-            seq_lens=stage(out.seq_lens),
-            block_tables=stage(out.block_tables),
-            num_decodes=out.num_decodes,
-            num_decode_tokens=out.num_decodes,
-            max_query_len=out.max_query_len,
-            max_seq_len=out.max_seq_len,
-            query_start_loc_cpu=torch.from_numpy(out.query_start_loc),
-            seq_lens_cpu=torch.from_numpy(out.seq_lens),
-        )
+        """The step's metadata, staged to the device and planned (validated once)."""
+        return self.attention.metadata_for(out, self.stager.to_device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, rows: list[SampleRow]) -> StepResult:
