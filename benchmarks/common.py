@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kestrel.config import EngineConfig
+from kestrel.config_args import add_dataclass_arguments, namespace_kwargs
+
 # Real configs of the yardstick models (DESIGN.md section 4), for load_format="dummy".
 _QWEN2 = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -166,22 +169,43 @@ def report(
     bar_chart(args.png, chart_title, list(results), [r[metric] for r in results.values()], ylabel)
 
 
+# The benchmarks' defaults where they differ from EngineConfig's.
+ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "bfloat16"}
+
+
 def engine_arg_parser(
-    description: str, default_model: str = "qwen2.5-7b"
+    description: str, default_model: str = "qwen2.5-7b", *, skip: tuple[str, ...] = ()
 ) -> argparse.ArgumentParser:
-    """The flags every Kestrel-vs-transformers script shares; scripts add their workload's."""
+    """The flags every Kestrel-vs-transformers script shares (scripts add their workload's):
+    --model (a preset or a dir), --compare-hf, --json, --png, and one flag per EngineConfig
+    field, as `kestrel serve` has them. `skip`: engine fields a script sets from its own
+    workload flags (e.g. max_num_seqs from --batch-size); see engine_kwargs."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument(
         "--model",
         default=default_model,
         help=f"a preset shape with random weights ({', '.join(SHAPES)}) or a model dir",
     )
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--compare-hf", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--png")
+    engine = ap.add_argument_group("engine", "kestrel.EngineConfig's fields")
+    add_dataclass_arguments(engine, EngineConfig, skip=("model", *skip))
+    ap.set_defaults(**ENGINE_DEFAULTS)
     return ap
+
+
+def engine_kwargs(args: argparse.Namespace, dummy: bool, **workload: Any) -> dict[str, Any]:
+    """LLM(...) keyword arguments from the parsed engine flags (not --model: scripts pass the
+    model dir), load_format "dummy" for a preset shape (its dir holds only config.json), and
+    `workload` values for fields the flags leave unset (None) or that the script skipped."""
+    kwargs = namespace_kwargs(EngineConfig, args, skip=("model",))
+    for name, value in workload.items():
+        if kwargs.get(name) is None:
+            kwargs[name] = value
+    if dummy:
+        kwargs["load_format"] = "dummy"
+    return kwargs
 
 
 def run_both(

@@ -20,6 +20,7 @@ from common import (
     commit,
     device_name,
     engine_arg_parser,
+    engine_kwargs,
     hf_model,
     model_dir_for,
     print_table,
@@ -38,11 +39,12 @@ def kestrel_latency(model_dir: str, dummy: bool, args) -> dict:
 
     llm = LLM(
         model_dir,
-        load_format="dummy" if dummy else "auto",
-        dtype=args.dtype,
-        max_model_len=args.input_len + args.output_len + 16,
-        max_num_seqs=args.batch_size,
-        enforce_eager=args.enforce_eager,
+        **engine_kwargs(
+            args,
+            dummy,
+            max_model_len=args.input_len + args.output_len + 16,
+            max_num_seqs=args.batch_size,
+        ),
     )
     engine = llm.engine
     prompt = torch.randint(
@@ -97,8 +99,8 @@ def hf_latency(model_dir: str, dummy: bool, args) -> dict:
 
 
 def main() -> None:
-    ap = engine_arg_parser(__doc__.split("\n")[0])
-    ap.add_argument("--batch-size", type=int, default=1)
+    ap = engine_arg_parser(__doc__.split("\n")[0], skip=("max_num_seqs",))
+    ap.add_argument("--batch-size", type=int, default=1, help="also the engine's max_num_seqs")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)

@@ -18,6 +18,7 @@ from common import (
     commit,
     device_name,
     engine_arg_parser,
+    engine_kwargs,
     hf_model,
     model_dir_for,
     print_table,
@@ -41,11 +42,7 @@ def kestrel_run(model_dir: str, dummy: bool, prompts: list[list[int]], args) -> 
 
     llm = LLM(
         model_dir,
-        load_format="dummy" if dummy else "auto",
-        dtype=args.dtype,
-        max_model_len=args.max_input + args.output_len + 16,
-        max_num_seqs=args.max_num_seqs,
-        enforce_eager=args.enforce_eager,
+        **engine_kwargs(args, dummy, max_model_len=args.max_input + args.output_len + 16),
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -92,8 +89,6 @@ def main() -> None:
     ap.add_argument("--min-input", type=int, default=100)
     ap.add_argument("--max-input", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=512)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     model_dir, dummy = model_dir_for(args.model)

@@ -1,56 +1,109 @@
-"""EngineConfig: everything that shapes an engine instance, validated at construction."""
+"""EngineConfig: everything that shapes an engine instance, validated at construction.
+
+EngineConfig is the one source of the engine's settings: each field carries its help text
+(metadata "help") and, where its values form a closed set, the allowed values (metadata
+"choices"). `kestrel serve`'s engine flags, the benchmarks' flags (both through
+kestrel.config_args) and `LLM(**engine_args)` are derived from it, so a new field needs only
+to be added here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
+_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def _fail(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{name} = {value!r} is invalid; allowed: {allowed}")
+class ConfigError(ValueError):
+    """A setting EngineConfig rejects; `field` names it (a front end maps it to its flag)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _fail(name: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(name, f"{name} = {value!r} is invalid; allowed: {allowed}")
+
+
+def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with its documentation: metadata "help" (one line, shown by --help)
+    and, for a closed set of values, "choices" (checked in __post_init__ and by argparse)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class EngineConfig:
-    # A Hugging Face model directory, a .gguf file, a Hugging Face model id (org/name), or
-    # None for the default model (SmolLM2-135M-Instruct, fetched once; see default_model.py).
-    model: str | None = None
-    tokenizer: str | None = None  # tokenizer directory or .gguf; default: the model's own
-    dtype: str = "auto"  # auto = float32 on CPU, the checkpoint's dtype (bf16/fp16) on GPU
-    device: str = "auto"  # auto = cuda when available, else cpu
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # default: sized from memory (see kv_cache_memory_gib)
-    kv_cache_memory_gib: float = 1.0  # CPU: KV cache budget when num_kv_blocks is not set
-    gpu_memory_utilization: float = 0.9  # GPU: fraction of device memory the engine may use
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(8192, max_num_seqs)
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"
-    seed: int = 0  # seeds dummy weights and the shared sampling generator
-    load_format: str = "auto"
-    enforce_eager: bool = False  # GPU: no CUDA graphs
+    model: str | None = setting(
+        None,
+        "a Hugging Face model directory (config.json + safetensors + tokenizer.json), a .gguf "
+        "file or a Hugging Face model id (org/name); None = Kestrel's default model "
+        "(SmolLM2-135M-Instruct, fetched once)",
+    )
+    tokenizer: str | None = setting(None, "tokenizer directory or .gguf (default: MODEL)")
+    dtype: str = setting(
+        "auto",
+        "weight and activation dtype: auto (float32 on CPU, the checkpoint's on GPU), "
+        "float32, float16 (half), bfloat16",
+        choices=_DTYPES,
+    )
+    device: str = setting(
+        "auto", "where to run (auto: cuda when available, else cpu)", choices=_DEVICES
+    )
+    max_model_len: int | None = setting(
+        None, "context length in tokens (prompt + output); default: the model's"
+    )
+    block_size: int = setting(16, "tokens per KV-cache block (power of 2)", choices=_BLOCK_SIZES)
+    num_kv_blocks: int | None = setting(
+        None,
+        "KV-cache blocks to allocate; default: sized from memory (--kv-cache-memory-gib on "
+        "CPU, --gpu-memory-utilization on GPU)",
+    )
+    kv_cache_memory_gib: float = setting(
+        1.0, "CPU only: memory for the KV cache, in GiB (when --num-kv-blocks is not set)"
+    )
+    gpu_memory_utilization: float = setting(
+        0.9, "fraction of GPU memory the engine may use (weights, activations, KV cache)"
+    )
+    max_num_seqs: int = setting(256, "most sequences in one batch")
+    max_num_batched_tokens: int | None = setting(
+        None, "most tokens in one engine step (default: max(8192, --max-num-seqs))"
+    )
+    enable_prefix_caching: bool = setting(True, "reuse the KV cache of shared prompt prefixes")
+    enable_chunked_prefill: bool = setting(
+        True,
+        "split long prompts over several engine steps (--max-num-batched-tokens each), "
+        "batched with running decodes",
+    )
+    scheduling_policy: str = setting(
+        "fcfs",
+        "order of admission: fcfs (first come, first served) or priority (a request's "
+        "priority, lower first, then arrival)",
+        choices=_POLICIES,
+    )
+    seed: int = setting(
+        0, "seed of the engine's random state (dummy weights, the shared sampling generator)"
+    )
+    load_format: str = setting(
+        "auto",
+        "weights format: auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
+        choices=_LOAD_FORMATS,
+    )
+    enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise _fail("model", self.model, "None (the default model) or a non-empty path / id")
-        if self.dtype not in _DTYPES:
-            raise _fail("dtype", self.dtype, ", ".join(_DTYPES))
-        if self.device not in _DEVICES:
-            raise _fail("device", self.device, ", ".join(_DEVICES))
-        if self.load_format not in _LOAD_FORMATS:
-            raise _fail("load_format", self.load_format, ", ".join(_LOAD_FORMATS))
-        if self.scheduling_policy not in _POLICIES:
-            raise _fail("scheduling_policy", self.scheduling_policy, ", ".join(_POLICIES))
+        self._check_choices()
         if self.max_model_len is not None and self.max_model_len < 2:
             raise _fail("max_model_len", self.max_model_len, "None or an int >= 2")
-        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-            raise _fail("block_size", self.block_size, "a power of two in [1, 128]")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise _fail("num_kv_blocks", self.num_kv_blocks, "None or an int >= 1")
         if not self.kv_cache_memory_gib > 0:
@@ -63,3 +116,10 @@ class EngineConfig:
             self.max_num_batched_tokens = max(8192, self.max_num_seqs)
         if self.max_num_batched_tokens < 1:
             raise _fail("max_num_batched_tokens", self.max_num_batched_tokens, "an int >= 1")
+
+    def _check_choices(self) -> None:
+        """Every field with metadata "choices" holds one of them (the CLI offers the same)."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise _fail(f.name, getattr(self, f.name), ", ".join(map(str, choices)))

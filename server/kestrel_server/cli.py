@@ -11,16 +11,20 @@ import sys
 from collections.abc import Sequence
 
 import kestrel
+from kestrel.config import ConfigError, EngineConfig
+from kestrel.config_args import add_dataclass_arguments, dataclass_from_namespace, flag_name
+
+# The server's own defaults live in ServerArgs. Importing it costs `kestrel --help` nothing
+# today: the kestrel_server package (__init__) imports the app before any of its modules.
+from kestrel_server.app import ServerArgs
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # vllm-serve spellings of dtypes -> EngineConfig's.
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Default drain window: seconds in-flight requests may run on after SIGINT/SIGTERM.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
-# Defaults of the request limits (as vLLM's: VLLM_MAX_N_SEQUENCES, VLLM_MAX_COMPLETION_PROMPTS).
-DEFAULT_MAX_N = 16_384
-DEFAULT_MAX_PROMPTS = 1024
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# Request limits' defaults (as vLLM's: VLLM_MAX_N_SEQUENCES, VLLM_MAX_COMPLETION_PROMPTS).
+_SERVER_DEFAULTS = ServerArgs()
 
 
 def _positive_int(text: str) -> int:
@@ -51,13 +55,22 @@ def _port(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to a flag's help unless the help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve",
         help="start the OpenAI-compatible HTTP server",
         description="Start an OpenAI-compatible HTTP server (/v1/chat/completions, "
         "/v1/completions, /v1/models, /tokenize, /detokenize, /health, /version, /metrics).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "model",
@@ -105,19 +118,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     net.add_argument(
         "--max-n",
         type=_positive_int,
-        default=DEFAULT_MAX_N,
+        default=_SERVER_DEFAULTS.max_n,
         help="most samples per prompt (n), and most sequences (prompts x n) per request",
     )
     net.add_argument(
         "--max-prompts",
         type=_positive_int,
-        default=DEFAULT_MAX_PROMPTS,
+        default=_SERVER_DEFAULTS.max_prompts,
         help="most prompts in one /v1/completions request",
     )
     net.add_argument(
         "--max-request-bytes",
         type=_positive_int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
+        default=_SERVER_DEFAULTS.max_request_bytes,
         help="largest request body accepted; larger ones get HTTP 413",
     )
     net.add_argument(
@@ -130,64 +143,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     net.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info", help="log level of server and engine"
     )
-    eng = p.add_argument_group("engine")
-    eng.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL)")
-    eng.add_argument(
-        "--dtype",
-        default="auto",
-        help="weight and activation dtype: auto (float32 on CPU, the checkpoint's on GPU), "
-        "float32, float16 (half), bfloat16",
+    eng = p.add_argument_group(
+        "engine", "kestrel.EngineConfig's fields (the keyword arguments of kestrel.LLM)"
     )
-    eng.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run"
+    add_dataclass_arguments(
+        eng, EngineConfig, skip=("model",), value_aliases={"dtype": _DTYPE_ALIASES}
     )
-    eng.add_argument(
-        "--load-format",
-        default="auto",
-        help="weights format: auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
-    )
-    eng.add_argument(
-        "--max-model-len",
-        type=_positive_int,
-        default=None,
-        help="context length in tokens (prompt + output); default: the model's",
-    )
-    eng.add_argument(
-        "--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch"
-    )
-    eng.add_argument(
-        "--max-num-batched-tokens",
-        type=_positive_int,
-        default=None,
-        help="most tokens in one engine step (default: max(8192, --max-num-seqs))",
-    )
-    eng.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of GPU memory the engine may use (weights, activations, KV cache)",
-    )
-    eng.add_argument(
-        "--kv-cache-memory-gib",
-        type=float,
-        default=1.0,
-        help="CPU only: memory for the KV cache, in GiB",
-    )
-    eng.add_argument(
-        "--block-size", type=int, default=16, help="tokens per KV-cache block (power of 2)"
-    )
-    eng.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV cache of shared prompt prefixes",
-    )
-    eng.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="GPU: always run eagerly (no CUDA graphs)",
-    )
-    eng.add_argument("--seed", type=int, default=0, help="seed of the engine's random state")
     p.set_defaults(handler=run_serve)
     return p
 
@@ -203,26 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def engine_config(args: argparse.Namespace):
-    """EngineConfig from the parsed flags; raises ValueError naming a bad value."""
-    from kestrel.config import EngineConfig
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the parsed flags (MODEL and the engine group; --dtype aliases are
+    resolved while parsing); raises ConfigError naming a bad value."""
+    return dataclass_from_namespace(EngineConfig, args)
 
-    return EngineConfig(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        dtype=_DTYPE_ALIASES.get(args.dtype, args.dtype),
-        device=args.device,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_memory_gib=args.kv_cache_memory_gib,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        load_format=args.load_format,
-        enforce_eager=args.enforce_eager,
-    )
+
+def _engine_flag(field: str) -> str:
+    """The command-line spelling of EngineConfig field `field`."""
+    return "MODEL" if field == "model" else flag_name(field)
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """The parsed command line. For `serve`, the engine flags must also form a valid
+    EngineConfig: a value it rejects (a range, say) is a usage error naming the flag, exit 2,
+    like argparse's own, reported before any engine or server is built."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            engine_config(args)
+        except ConfigError as exc:
+            parser.exit(2, f"kestrel serve: error: argument {_engine_flag(exc.field)}: {exc}\n")
+    return args
 
 
 def resolve_api_key(args: argparse.Namespace) -> str | None:
@@ -235,7 +201,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kestrel.engine.async_engine import AsyncLLMEngine
-    from kestrel_server import ServerArgs, build_app
+    from kestrel_server.app import build_app
     from kestrel_server.shutdown import DrainingServer
 
     logging.basicConfig(
@@ -275,7 +241,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0

@@ -14,6 +14,8 @@ SERVE_FLAGS = (
     "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization", "--block-size",
     "--enable-prefix-caching", "--no-enable-prefix-caching", "--load-format",
     "--max-queued-requests", "--chat-template", "--enforce-eager", "--seed", "--log-level",
+    "--num-kv-blocks", "--scheduling-policy", "--enable-chunked-prefill",
+    "--no-enable-chunked-prefill", "--tokenizer", "--device", "--kv-cache-memory-gib",
 )  # fmt: skip
 
 
@@ -74,6 +76,14 @@ def test_api_key_from_environment_and_never_in_help(monkeypatch, capsys):
         (["serve", "m", "--max-num-seqs", "0"], "--max-num-seqs"),
         (["serve", "m", "--port", "70000"], "--port"),
         (["serve", "m", "--log-level", "loud"], "--log-level"),
+        # Checked by EngineConfig, reported by the CLI under the flag's name:
+        (["serve", "m", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+        (["serve", "m", "--num-kv-blocks", "0"], "--num-kv-blocks"),
+        (["serve", "m", "--max-model-len", "1"], "--max-model-len"),
+        (["serve", ""], "MODEL"),
+        # A closed set (EngineConfig's metadata "choices"), checked by argparse:
+        (["serve", "m", "--block-size", "3"], "--block-size"),
+        (["serve", "m", "--scheduling-policy", "lifo"], "--scheduling-policy"),
     ],
 )
 def test_bad_flag_values_exit_with_usage_error(argv, needle, capsys):
@@ -84,6 +94,8 @@ def test_bad_flag_values_exit_with_usage_error(argv, needle, capsys):
 
 
 def test_bad_engine_value_is_a_clear_error(tiny_model, capsys):
-    assert main(["serve", tiny_model, "--dtype", "int3"]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["serve", tiny_model, "--dtype", "int3"])
+    assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "dtype" in err and "int3" in err
+    assert "kestrel serve: error:" in err and "dtype" in err and "int3" in err

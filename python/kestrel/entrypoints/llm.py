@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -17,14 +18,28 @@ Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
+def _check_engine_args(engine_args: Mapping[str, Any]) -> None:
+    """A TypeError naming every keyword that is not an EngineConfig field (`model` is LLM's
+    own argument), with the allowed ones listed, before anything is loaded."""
+    allowed = [f.name for f in dataclasses.fields(EngineConfig) if f.name != "model"]
+    unknown = sorted(set(engine_args) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"LLM() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"allowed (EngineConfig fields): {', '.join(allowed)}"
+        )
+
+
 class LLM:
     """Generates for a batch of prompts through the engine's continuous batching.
 
     `model`: a Hugging Face model directory, a .gguf file, a Hugging Face model id, or None for
-    the default model. Keyword arguments are EngineConfig fields (dtype, max_model_len, ...).
+    the default model. Keyword arguments are EngineConfig fields (dtype, max_model_len, ...);
+    any other is a TypeError naming it.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        _check_engine_args(engine_args)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
