@@ -7,7 +7,9 @@ Torch-free on purpose: the engine, the scheduler and the server can read model g
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -34,11 +36,49 @@ _DEFAULT_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
+class KVCacheSpec:
+    """What one attention layer keeps in the paged KV cache: K and V of `num_kv_heads` heads
+    of `head_dim` per cached token."""
+
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name}={value!r} must be > 0")
+
+    def bytes_per_token(self, element_size: int) -> int:
+        """Cache bytes of one token in this layer (keys and values)."""
+        return 2 * self.num_kv_heads * self.head_dim * element_size
+
+
+@dataclass(frozen=True)
+class FullAttentionSpec(KVCacheSpec):
+    """Each token attends to every earlier token: the layer keeps the whole sequence's K/V."""
+
+
+@dataclass(frozen=True)
+class SlidingWindowSpec(KVCacheSpec):
+    """Each token attends to the last `window` tokens (itself included), so K/V older than
+    that may be dropped. Expressible only: no model uses it yet (the engine assumes full
+    attention in every layer)."""
+
+    window: int = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window <= 0:
+            raise ValueError(f"SlidingWindowSpec.window={self.window!r} must be > 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Geometry and per-family switches of a Llama-family decoder.
 
     Invariants (checked in `__post_init__`): all sizes > 0, num_attention_heads is a multiple
-    of num_key_value_heads, head_dim is even (rotate-half RoPE).
+    of num_key_value_heads, head_dim is even (rotate-half RoPE), one KV-cache spec per layer.
     """
 
     architecture: str  # first entry of config.json `architectures`
@@ -65,6 +105,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # recorded only; attention is always full
+    # One per layer; () = full attention of num_key_value_heads x head_dim everywhere (filled
+    # in by __post_init__).
+    kv_cache_specs: tuple[KVCacheSpec, ...] = ()
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +143,18 @@ class ModelConfig:
                 f"{_CONFIG_FILE}: dtype={self.dtype!r} is not supported; "
                 f"supported: {list(_DTYPE_NAMES)}"
             )
+        if not self.kv_cache_specs:
+            full = FullAttentionSpec(self.num_key_value_heads, self.head_dim)
+            object.__setattr__(self, "kv_cache_specs", (full,) * self.num_hidden_layers)
+        specs = tuple(self.kv_cache_specs)
+        object.__setattr__(self, "kv_cache_specs", specs)
+        if len(specs) != self.num_hidden_layers or not all(
+            isinstance(spec, KVCacheSpec) for spec in specs
+        ):
+            raise ValueError(
+                f"kv_cache_specs must hold one KVCacheSpec per layer "
+                f"({self.num_hidden_layers}), got {specs!r}"
+            )
 
     @property
     def q_size(self) -> int:
@@ -134,14 +189,9 @@ class ModelConfig:
         if head_dim is None:
             head_dim = _divide_exact(d["hidden_size"], num_heads)
         rope_theta, rope_scaling = _parse_rope(d)
-
-        is_qwen2 = model_type == "qwen2" or architecture == "Qwen2ForCausalLM"
-        is_qwen3 = model_type == "qwen3" or architecture == "Qwen3ForCausalLM"
-        attention_bias = bool(d.get("attention_bias") or False)
-        # Qwen2 always has q/k/v biases and never an o_proj bias; the other families use
-        # `attention_bias` for all four projections.
-        qkv_bias = True if is_qwen2 else attention_bias
-        o_proj_bias = False if is_qwen2 else attention_bias
+        read_fields = _ARCHITECTURE_FIELDS.get(architecture) or _MODEL_TYPE_FIELDS.get(
+            model_type, _llama_fields
+        )
 
         config = cls(
             architecture=architecture,
@@ -158,10 +208,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=d["max_position_embeddings"],
             tie_word_embeddings=bool(d.get("tie_word_embeddings") or False),
-            qkv_bias=qkv_bias,
-            o_proj_bias=o_proj_bias,
-            mlp_bias=bool(d.get("mlp_bias") or False),
-            qk_norm=is_qwen3,
+            **read_fields(d),
             hidden_act=str(d.get("hidden_act") or "silu"),
             dtype=_parse_dtype(d),
             bos_token_id=_first_id(d.get("bos_token_id"), "bos_token_id"),
@@ -171,6 +218,58 @@ class ModelConfig:
         )
         _warn_sliding_window(config, d)
         return config
+
+
+# ---- per-architecture fields -----------------------------------------------------------------
+# Each returns the family switches of ModelConfig (qkv_bias, o_proj_bias, mlp_bias, qk_norm)
+# read from that architecture's config.json fields. They live here, not in the model files,
+# so that the engine can read a ModelConfig without importing torch.
+
+
+def _llama_fields(d: dict[str, Any]) -> dict[str, bool]:
+    """Llama: `attention_bias` on q/k/v and o_proj, `mlp_bias` on gate/up/down."""
+    attention_bias = bool(d.get("attention_bias") or False)
+    return {
+        "qkv_bias": attention_bias,
+        "o_proj_bias": attention_bias,
+        "mlp_bias": bool(d.get("mlp_bias") or False),
+        "qk_norm": False,
+    }
+
+
+def _mistral_fields(d: dict[str, Any]) -> dict[str, bool]:
+    """Mistral: Llama's layout (its configs set no bias key; Llama-style keys are honoured)."""
+    return _llama_fields(d)
+
+
+def _qwen2_fields(d: dict[str, Any]) -> dict[str, bool]:
+    """Qwen2/2.5: always q/k/v biases, never an o_proj bias."""
+    return {**_llama_fields(d), "qkv_bias": True, "o_proj_bias": False}
+
+
+def _qwen3_fields(d: dict[str, Any]) -> dict[str, bool]:
+    """Qwen3: per-head RMSNorm of q and k before RoPE; `attention_bias` like Llama."""
+    return {**_llama_fields(d), "qk_norm": True}
+
+
+_FieldReader = Callable[[dict[str, Any]], dict[str, bool]]
+# By config.json `architectures[0]`, then by `model_type`; anything else reads like Llama.
+_ARCHITECTURE_FIELDS: MappingProxyType[str, _FieldReader] = MappingProxyType(
+    {
+        "LlamaForCausalLM": _llama_fields,
+        "MistralForCausalLM": _mistral_fields,
+        "Qwen2ForCausalLM": _qwen2_fields,
+        "Qwen3ForCausalLM": _qwen3_fields,
+    }
+)
+_MODEL_TYPE_FIELDS: MappingProxyType[str, _FieldReader] = MappingProxyType(
+    {
+        "llama": _llama_fields,
+        "mistral": _mistral_fields,
+        "qwen2": _qwen2_fields,
+        "qwen3": _qwen3_fields,
+    }
+)
 
 
 def _divide_exact(hidden_size: int, num_heads: int) -> int:

@@ -40,7 +40,7 @@ def copy_dir(src: Path, dst: Path) -> Path:
 
 def test_registry_maps_all_families_and_lists_supported_on_error() -> None:
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        assert get_model_class(arch) is LlamaForCausalLM
+        assert get_model_class(arch).__name__ == arch  # one class per architecture
     assert supported_architectures() == sorted(
         ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
     )

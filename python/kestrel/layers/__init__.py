@@ -1,18 +1,39 @@
 """Reusable model building blocks (linear projections, norms, embeddings, rotary, attention)."""
 
 from kestrel.layers.attention import PagedAttention
-from kestrel.layers.embedding import LMHead, VocabEmbedding
-from kestrel.layers.linear import Linear, MergedLinear, default_weight_loader
+from kestrel.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kestrel.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+    default_weight_loader,
+    process_weights_after_loading,
+)
 from kestrel.layers.norm import RMSNorm
+from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
 from kestrel.layers.rotary import RotaryEmbedding
 
 __all__ = [
-    "LMHead",
-    "Linear",
-    "MergedLinear",
+    "SINGLE_RANK",
+    "ColumnParallelLinear",
+    "LinearBase",
+    "LinearMethodBase",
+    "MergedColumnParallelLinear",
     "PagedAttention",
+    "ParallelLMHead",
+    "QKVParallelLinear",
     "RMSNorm",
+    "ReplicatedLinear",
     "RotaryEmbedding",
-    "VocabEmbedding",
+    "RowParallelLinear",
+    "TensorParallelGroup",
+    "UnquantizedLinearMethod",
+    "VocabParallelEmbedding",
     "default_weight_loader",
+    "process_weights_after_loading",
 ]

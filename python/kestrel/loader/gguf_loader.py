@@ -2,7 +2,7 @@
 
 Supported architectures: `llama` (incl. Mistral-style files), `qwen2`, `qwen3`. Tensors are
 dequantized one at a time into the run dtype (`gguf_dequant`), renamed to the Hugging Face names
-`LlamaForCausalLM.load_weights` understands, and, for `llama`, the Q/K rows are put back in the
+the models' `load_weights` understands (packed q/k/v and gate/up included), and, for `llama`, the Q/K rows are put back in the
 Hugging Face order (llama.cpp's converter interleaves the two rotary halves of every head).
 """
 
@@ -21,6 +21,7 @@ from gguf import GGUFReader
 from torch import nn
 from tqdm.auto import tqdm
 
+from kestrel.layers.linear import process_weights_after_loading
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
@@ -348,6 +349,7 @@ def load_gguf_model(
             model.load_weights(iter_gguf_weights(f, config, torch_dtype))
         except ValueError as exc:
             raise type(exc)(f"{f.path}: {exc}") from exc  # keeps UnsupportedTensorTypeError
+    process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
     logger.info("loaded %s from %s (%s, %s)", config.architecture, f.path, torch_dtype, device)
     return model, config

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kestrel.layers.linear import process_weights_after_loading
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_loader import load_gguf_model
@@ -60,6 +61,7 @@ def load_model(
         init_dummy_weights(model, seed=seed)
     else:
         model.load_weights(iter_safetensors_weights(files))
+    process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
     logger.info(
         "loaded %s from %s (%s, %s, format=%s)",

@@ -7,14 +7,17 @@ from types import MappingProxyType
 from torch import nn
 
 from kestrel.models.llama import LlamaForCausalLM
+from kestrel.models.mistral import MistralForCausalLM
+from kestrel.models.qwen2 import Qwen2ForCausalLM
+from kestrel.models.qwen3 import Qwen3ForCausalLM
 
 # Read-only: architecture name (as in config.json) -> model class.
 MODEL_REGISTRY: MappingProxyType[str, type[nn.Module]] = MappingProxyType(
     {
         "LlamaForCausalLM": LlamaForCausalLM,
-        "MistralForCausalLM": LlamaForCausalLM,
-        "Qwen2ForCausalLM": LlamaForCausalLM,
-        "Qwen3ForCausalLM": LlamaForCausalLM,
+        "MistralForCausalLM": MistralForCausalLM,
+        "Qwen2ForCausalLM": Qwen2ForCausalLM,
+        "Qwen3ForCausalLM": Qwen3ForCausalLM,
     }
 )
 

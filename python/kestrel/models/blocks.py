@@ -1,0 +1,289 @@
+"""Shared blocks of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+Pre-norm decoder layers of RMSNorm -> attention (fused q/k/v, optional per-head q/k RMSNorm,
+RoPE, GQA) and RMSNorm -> SwiGLU MLP, over a (vocabulary-parallel) embedding and LM head. The
+per-architecture switches come from `ModelConfig` (qkv_bias, o_proj_bias, mlp_bias, qk_norm);
+each architecture's file subclasses `DecoderForCausalLM`.
+
+Tensor parallelism (Megatron layout): q/k/v and gate/up are column-parallel (heads and
+intermediate columns sharded), o_proj and down_proj row-parallel (all-reduce after), so each
+rank runs attention over its own heads. At tp size 1 the forward pass is one F.linear per
+projection, exactly as an unsharded model.
+
+Parameter names follow the Hugging Face checkpoints except for the packed projections listed in
+each model's `packed_modules_mapping`: `self_attn.qkv_proj` (rows: q, then k, then v) and
+`mlp.gate_up_proj` (rows: gate, then up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kestrel import ops
+from kestrel.layers import (
+    SINGLE_RANK,
+    MergedColumnParallelLinear,
+    PagedAttention,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    TensorParallelGroup,
+    VocabParallelEmbedding,
+)
+from kestrel.model_config import ModelConfig
+from kestrel.models.weights import load_packed_weights
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
+Device = torch.device | str
+
+
+class DecoderMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate/up fused, column-parallel; down row-parallel."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: Device,
+        tp_group: TensorParallelGroup,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [inter, inter], bias=config.mlp_bias, dtype=dtype, device=device,
+            tp_group=tp_group, prefix=f"{prefix}.gate_up_proj",
+        )  # fmt: skip
+        self.down_proj = RowParallelLinear(
+            inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device, tp_group=tp_group,
+            prefix=f"{prefix}.down_proj",
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, hidden] -> gate_up [T, 2 * I/tp] -> [T, I/tp] -> [T, hidden] (summed over ranks)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderAttention(nn.Module):
+    """Self-attention over this rank's heads: num_heads = Hq/tp query heads and num_kv_heads
+    key/value heads (Hkv/tp, or 1 replicated KV head when Hkv < tp)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: Device,
+        tp_group: TensorParallelGroup,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, config.num_attention_heads,
+            config.num_key_value_heads, bias=config.qkv_bias, dtype=dtype, device=device,
+            tp_group=tp_group, prefix=f"{prefix}.qkv_proj",
+        )  # fmt: skip
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.qkv_proj.q_size  # num_heads * head_dim
+        self.kv_size = self.qkv_proj.kv_size  # num_kv_heads * head_dim
+        self.o_proj = RowParallelLinear(
+            config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype,
+            device=device, tp_group=tp_group, prefix=f"{prefix}.o_proj",
+        )  # fmt: skip
+        if config.qk_norm:
+            eps = config.rms_norm_eps
+            self.q_norm: RMSNorm | None = RMSNorm(head_dim, eps, dtype, device)
+            self.k_norm: RMSNorm | None = RMSNorm(head_dim, eps, dtype, device)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KVCache,
+        attn_metadata: ops.AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # Views into qkv; RoPE rotates q and k in place.
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, _ = self.q_norm(q)  # per-head RMSNorm over D, before RoPE
+            k, _ = self.k_norm(k)
+        out = self.attn(positions, q, k, v, cos_sin_cache, kv_cache, attn_metadata)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: Device,
+        tp_group: TensorParallelGroup,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.self_attn = DecoderAttention(config, dtype, device, tp_group, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.mlp = DecoderMLP(config, dtype, device, tp_group, f"{prefix}.mlp")
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KVCache,
+        attn_metadata: ops.AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block with the residual carried separately.
+
+        In: hidden = this layer's input delta, residual = running sum so far (None for the
+        first layer, whose hidden is the embedding). Out: (mlp output, updated residual); the
+        true hidden state after the layer is their sum.
+        """
+        if residual is None:
+            residual = hidden
+            hidden, _ = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, cos_sin_cache, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        assert residual is not None
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """The trunk: embedding -> layers -> final norm (one RoPE table shared by all layers)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: Device,
+        tp_group: TensorParallelGroup,
+        prefix: str = "model",
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device,
+            tp_group=tp_group, prefix=f"{prefix}.embed_tokens",
+        )  # fmt: skip
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            device,
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, dtype, device, tp_group, f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn_metadata: ops.AttentionMetadata,
+    ) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(
+                f"need one (key_cache, value_cache) pair per layer: {len(self.layers)} layers, "
+                f"got {len(kv_caches)} pairs"
+            )
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual: torch.Tensor | None = None
+        cos_sin_cache = self.rotary_emb.cos_sin_cache
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(
+                positions, hidden, residual, cos_sin_cache, kv_cache, attn_metadata
+            )
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module):
+    """Decoder + LM head. Inference only: parameters have requires_grad=False.
+
+    Subclasses (one per architecture) declare `packed_modules_mapping`: packed parameter
+    module -> the checkpoint modules fused into it, in the order of its shards.
+    """
+
+    packed_modules_mapping: ClassVar[Mapping[str, Sequence[str]]] = {}
+    # Checkpoint tensors that are not parameters here (recomputed buffers).
+    ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: Device = "cpu",
+        *,
+        tp_group: TensorParallelGroup = SINGLE_RANK,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tp_group = tp_group
+        self.model = DecoderModel(config, dtype, device, tp_group)
+        tie_to = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device,
+            tp_group=tp_group, tie_to=tie_to, prefix="lm_head",
+        )  # fmt: skip
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        attn_metadata: ops.AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] int; kv_caches: one (key_cache, value_cache) per layer,
+        each [num_blocks, block_size, num_kv_heads, head_dim] (this rank's KV heads), written
+        in place for every row whose slot_mapping entry is >= 0. Returns the final-normed
+        hidden states [T, hidden]."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, hidden] (the rows to sample) -> logits [S, vocab_size] float32."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy Hugging Face-named checkpoint tensors (full, unsharded) into the parameters
+        (this rank's shards, dtype converted).
+
+        Tensors of packed modules go to their shard of the packed parameter. Returns the names
+        of the parameters loaded. Raises ValueError, after consuming every tensor, that lists
+        unknown checkpoint names and parameters (or packed shards) never loaded.
+        """
+        tied = self.config.tie_word_embeddings
+
+        def skip(name: str) -> bool:
+            if name == "lm_head.weight" and tied:
+                return True  # the head reuses model.embed_tokens.weight
+            return name.endswith(self.ignored_checkpoint_suffixes)
+
+        what = f"{type(self).__name__} ({self.config.architecture})"
+        return load_packed_weights(self, weights, self.packed_modules_mapping, skip, what)
