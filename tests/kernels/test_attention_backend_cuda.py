@@ -33,7 +33,13 @@ def test_split_follows_the_real_longest_context(context):
     backend = _backend()
     assert backend.kernels
     batch = make_paged_batch(
-        [(1, context)] * 4, 4, HQ, HKV, D, torch.bfloat16, torch.Generator().manual_seed(1)
+        [(1, context)] * 4,
+        4,
+        HQ,
+        HKV,
+        D,
+        torch.bfloat16,
+        torch.Generator(device="cuda").manual_seed(1),
     )
     plan = backend.plan(batch.metadata).plan
     assert (plan.decode_splits, plan.decode_split_len) == decode_plan(batch.q, HKV, 4, context)
@@ -44,7 +50,9 @@ def test_split_follows_the_real_longest_context(context):
 
 def test_planned_equals_hand_planned_bitwise():
     lens = [(1, 700), (1, 33), (1, 4100), (57, 57), (9, 300)]
-    batch = make_paged_batch(lens, 3, HQ, HKV, D, torch.bfloat16, torch.Generator().manual_seed(2))
+    batch = make_paged_batch(
+        lens, 3, HQ, HKV, D, torch.bfloat16, torch.Generator(device="cuda").manual_seed(2)
+    )
     planned = _backend().plan(batch.metadata)
     got = paged_attention(batch.q, batch.key_cache, batch.value_cache, planned, D**-0.5)
     want = paged_attention(batch.q, batch.key_cache, batch.value_cache, batch.metadata, D**-0.5)
@@ -54,7 +62,7 @@ def test_planned_equals_hand_planned_bitwise():
 def test_graph_replays_a_planned_step():
     backend = _backend()
     batch = make_paged_batch(
-        [(1, 900)] * 8, 8, HQ, HKV, D, torch.bfloat16, torch.Generator().manual_seed(3)
+        [(1, 900)] * 8, 8, HQ, HKV, D, torch.bfloat16, torch.Generator(device="cuda").manual_seed(3)
     )
     planned = backend.plan(batch.metadata)
     eager = paged_attention(batch.q, batch.key_cache, batch.value_cache, planned, D**-0.5)
@@ -72,7 +80,7 @@ def test_graph_replays_a_planned_step():
 def test_fallback_under_capture_is_an_error():
     backend = _backend()
     batch = make_paged_batch(
-        [(1, 64)] * 2, 2, HQ, HKV, D, torch.bfloat16, torch.Generator().manual_seed(4)
+        [(1, 64)] * 2, 2, HQ, HKV, D, torch.bfloat16, torch.Generator(device="cuda").manual_seed(4)
     )
     planned = backend.plan(batch.metadata)
     odd_cache = batch.key_cache.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous

@@ -25,13 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kestrel.ops import _dispatch
-from kestrel.ops.attention_cuda import (
-    PREFILL_KERNEL_ENV,
-    SUPPORTED_HEAD_DIMS,
-    decode_plan,
-    prefill_variant_code,
-)
+from kestrel.ops import _dispatch, attention_cuda
+from kestrel.ops.attention_cuda import PREFILL_KERNEL_ENV, SUPPORTED_HEAD_DIMS, prefill_variant_code
 from kestrel.ops.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -112,7 +107,7 @@ class PagedAttentionBackend:
         splits, split_len, workspace = 1, 0, None
         if self.kernels and metadata.num_decodes > 0:
             assert self._probe is not None
-            splits, split_len = decode_plan(
+            splits, split_len = attention_cuda.decode_plan(
                 self._probe, self.num_kv_heads, metadata.num_decodes, metadata.max_seq_len
             )
             if splits > 1:
@@ -155,7 +150,9 @@ def ad_hoc_plan(
     splits, split_len, workspace = 1, 0, None
     if use and metadata.num_decodes > 0:
         num_kv_heads = key_cache.shape[2]
-        splits, split_len = decode_plan(q, num_kv_heads, metadata.num_decodes, metadata.max_seq_len)
+        splits, split_len = attention_cuda.decode_plan(
+            q, num_kv_heads, metadata.num_decodes, metadata.max_seq_len
+        )
         if splits > 1:
             floats = splits * metadata.num_decodes * q.shape[1] * (q.shape[2] + 1)
             workspace = torch.empty(floats, dtype=torch.float32, device=q.device)
