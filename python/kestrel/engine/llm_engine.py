@@ -1,7 +1,7 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run -> update.
 
     batch = scheduler.schedule()           # C++ kestrel._core
-    result = runner.execute(batch, rows)   # torch (+ kernels)
+    result = executor.execute(batch, rows) # the model runner: torch (+ kernels)
     done = scheduler.update(result.ids)    # C++: append tokens, stop checks, free blocks
 
 Python keeps what the core does not need: sampling parameters, generators, detokenizers and
@@ -21,8 +21,9 @@ from kestrel import _core
 from kestrel.config import EngineConfig
 from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
+from kestrel.engine.request_checks import check_request
 from kestrel.engine.request_state import RequestState, SequenceState, child_generator
-from kestrel.errors import InvalidRequestError
+from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
@@ -87,6 +88,7 @@ class LLMEngine:
             block_size=config.block_size,
             seed=config.seed,
         )
+        self.executor: Executor = UniProcExecutor(self.runner)  # every step goes through it
         num_blocks = plan_num_kv_blocks(config, self.runner, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
         self.scheduler = _core.Scheduler(
@@ -185,7 +187,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else self.default_sampling_params()
         prompt_text, prompt_ids = self._tokenize(prompt)
-        self._check_token_ids(prompt_ids, params)
+        check_request(prompt_ids, params, self.model_config.vocab_size)
         state = RequestState(
             request_id=request_id,
             prompt=prompt_text,
@@ -230,34 +232,6 @@ class LLMEngine:
         if isinstance(prompt, (list, tuple, np.ndarray)):
             return None, [int(t) for t in prompt]
         raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-
-    def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        if not prompt_ids:
-            raise InvalidRequestError("prompt", "the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                "prompt", f"prompt token id {bad[0]} is out of range [0, {vocab})"
-            )
-        for name, ids in (
-            ("stop_token_ids", params.stop_token_ids),
-            ("logit_bias", list(params.logit_bias or {})),
-        ):
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    name, f"{name} holds token id {bad[0]}, out of range [0, {vocab})"
-                )
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise InvalidRequestError(
-                "logprobs", f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}"
-            )
-        if params.top_k > vocab:
-            allowed = f"-1 or 0 (disabled) or 1..{vocab} (the vocabulary size)"
-            raise InvalidRequestError(
-                "top_k", f"top_k={params.top_k} is out of range; allowed: {allowed}"
-            )
 
     def _new_sequence(
         self,
@@ -324,7 +298,7 @@ class LLMEngine:
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
         rows = [self._seqs[s][1].row for s in sampled_seq_ids]
         try:
-            result = self.runner.execute(out, rows)
+            result = self.executor.execute(StepInput.from_scheduler_output(out), rows)
         except Exception:
             abort_step(self, out)  # not attributable to one request: fatal
             raise

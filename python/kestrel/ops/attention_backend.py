@@ -30,7 +30,7 @@ from kestrel.ops.attention_cuda import PREFILL_KERNEL_ENV, SUPPORTED_HEAD_DIMS, 
 from kestrel.ops.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
-    from kestrel._core import SchedulerOutput
+    from kestrel.executor.step_input import StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ class PagedAttentionBackend:
         self._workspaces: list[torch.Tensor] = []  # grow-only; all kept alive (graph pointers)
 
     def metadata_for(
-        self, out: SchedulerOutput, stage: Callable[[np.ndarray], torch.Tensor]
+        self, out: StepInput, stage: Callable[[np.ndarray], torch.Tensor]
     ) -> AttentionMetadata:
-        """The one builder of a step's metadata from a SchedulerOutput: its arrays staged to the
+        """The one builder of a step's metadata from a StepInput: its arrays staged to the
         device with `stage` (one copy each), then planned."""
         metadata = AttentionMetadata(
             slot_mapping=stage(out.slot_mapping),

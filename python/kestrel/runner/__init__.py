@@ -1,4 +1,4 @@
-"""Model runner: turns a SchedulerOutput into tensors, runs the model, samples."""
+"""Model runner: turns a step's StepInput into tensors, runs the model, samples."""
 
 from kestrel.runner.model_runner import ModelRunner, SampleRow
 

@@ -23,7 +23,7 @@ from kestrel.ops import AttentionMetadata
 from kestrel.ops.attention_backend import PagedAttentionBackend
 
 if TYPE_CHECKING:
-    from kestrel._core import SchedulerOutput
+    from kestrel.executor.step_input import StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class DecodeGraphs:
             time.perf_counter() - start,
         )
 
-    def can_run(self, out: SchedulerOutput) -> bool:
+    def can_run(self, out: StepInput) -> bool:
         n = out.num_reqs
         return (
             n > 0
@@ -121,7 +121,7 @@ class DecodeGraphs:
             and out.max_blocks_per_seq <= self.max_blocks
         )
 
-    def run(self, out: SchedulerOutput, stage) -> torch.Tensor:
+    def run(self, out: StepInput, stage) -> torch.Tensor:
         """Replays the smallest graph that holds the batch; returns logits [n, vocab]."""
         n = out.num_reqs
         bs = next(s for s in self.sizes if s >= n)

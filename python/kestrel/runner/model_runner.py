@@ -1,6 +1,6 @@
 """ModelRunner: one forward pass per scheduler step over the paged KV cache.
 
-Per step: the SchedulerOutput's flat arrays become device tensors (one copy each, no per-token
+Per step: the StepInput's flat arrays become device tensors (one copy each, no per-token
 Python), the model runs over every scheduled token, the rows named by `logits_indices` are
 projected to logits and sampled, and the sampled ids come back to the host in one transfer.
 
@@ -29,7 +29,7 @@ from kestrel.runner.staging import HostStager
 from kestrel.sample import Sampler, SamplerOutput, SamplingBatch
 
 if TYPE_CHECKING:
-    from kestrel._core import SchedulerOutput
+    from kestrel.executor.step_input import StepInput
     from kestrel.model_config import ModelConfig
     from kestrel.sampling_params import SamplingParams
 
@@ -191,12 +191,12 @@ class ModelRunner:
         )
         self.graphs.capture()
 
-    def build_attention_metadata(self, out: SchedulerOutput) -> AttentionMetadata:
+    def build_attention_metadata(self, out: StepInput) -> AttentionMetadata:
         """The step's metadata, staged to the device and planned (validated once)."""
         return self.attention.metadata_for(out, self.stager.to_device)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, rows: list[SampleRow]) -> StepResult:
+    def execute(self, out: StepInput, rows: list[SampleRow]) -> StepResult:
         """Runs the step; `rows` describe the sampled rows in `out.logits_indices` order."""
         if len(rows) != out.num_sampled:
             raise ValueError(f"{len(rows)} sample rows for {out.num_sampled} logits indices")
@@ -218,7 +218,7 @@ class ModelRunner:
                 raise
             return result
 
-    def _logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _logits(self, out: StepInput) -> torch.Tensor | None:
         """The forward pass: logits [S, vocab] fp32 of the sampled rows, None when S == 0."""
         self.stager.begin_step()
         if self.graphs is not None and out.num_sampled == out.num_reqs and self.graphs.can_run(out):
@@ -271,7 +271,7 @@ class ModelRunner:
             sampler_output = Sampler.with_logprobs(logits, sampled, max(num_logprobs))
         return StepResult(tokens, sampler_output, failed)
 
-    def _forward_eager(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _forward_eager(self, out: StepInput) -> torch.Tensor | None:
         """Logits [S, vocab] fp32 of the sampled rows, or None when no row is sampled."""
         stage = self.stager.to_device
         input_ids = stage(out.input_ids, torch.int64)
