@@ -98,7 +98,8 @@ async def off_loop(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -
 
 
 def check_request_limits(state: ServerState, req: SamplingRequest, num_prompts: int) -> None:
-    """n, the prompt count and their product against the server's limits (400s naming them)."""
+    """n, the prompt count and their product against the server's limits (400s naming them).
+    Limits of the model (top_k, token ids) are the engine's checks, made at admission."""
     limits = state.limits
     if req.n > limits.max_n:
         raise bad_request(
@@ -116,13 +117,6 @@ def check_request_limits(state: ServerState, req: SamplingRequest, num_prompts: 
             f"allowed: at most {limits.max_n} per request (--max-n)",
             "n",
             code="request_too_large",
-        )
-    vocab = state.engine.vocab_size
-    if req.top_k is not None and req.top_k > vocab:
-        raise bad_request(
-            f"top_k = {req.top_k} is invalid; allowed: -1 or 0 (disabled) or an int in "
-            f"[1, {vocab}] (the vocabulary size)",
-            "top_k",
         )
 
 

@@ -292,7 +292,7 @@ class AsyncLLMEngine:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            if isinstance(item, RequestOutput) and getattr(item, "error", None):
+            if isinstance(item, RequestOutput) and item.error:
                 item = RequestFailedError(item.error)
             stream._put(item)
             done = isinstance(item, BaseException) or (

@@ -57,7 +57,10 @@ class PagedAttentionBackend:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        allocate_in_capture: bool = False,
     ) -> None:
+        """`allocate_in_capture`: a one-off backend may allocate its workspace while a graph is
+        captured (the graph's pool then owns it); a long-lived one must not (see _workspace)."""
         if num_q_heads % num_kv_heads != 0:
             raise ValueError(
                 f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
@@ -80,6 +83,7 @@ class PagedAttentionBackend:
             if self.kernels
             else None
         )
+        self._allocate_in_capture = allocate_in_capture
         self._workspaces: list[torch.Tensor] = []  # grow-only; all kept alive (graph pointers)
 
     def metadata_for(
@@ -104,6 +108,10 @@ class PagedAttentionBackend:
     def plan(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """The metadata with this step's plan attached (validated here, once)."""
         metadata.validate(block_size=self.block_size)
+        return dataclasses.replace(metadata, plan=self.decide(metadata))
+
+    def decide(self, metadata: AttentionMetadata) -> AttentionPlan:
+        """The plan for already validated metadata."""
         splits, split_len, workspace = 1, 0, None
         if self.kernels and metadata.num_decodes > 0:
             assert self._probe is not None
@@ -113,7 +121,7 @@ class PagedAttentionBackend:
             if splits > 1:
                 floats = splits * metadata.num_decodes * self.num_q_heads * (self.head_dim + 1)
                 workspace = self._workspace(floats)
-        plan = AttentionPlan(
+        return AttentionPlan(
             block_size=self.block_size,
             use_kernels=self.kernels,
             decode_splits=splits,
@@ -121,12 +129,11 @@ class PagedAttentionBackend:
             prefill_variant=self.prefill_variant,
             workspace=workspace,
         )
-        return dataclasses.replace(metadata, plan=plan)
 
     def _workspace(self, floats: int) -> torch.Tensor:
         if self._workspaces and self._workspaces[-1].numel() >= floats:
             return self._workspaces[-1]
-        if torch.cuda.is_current_stream_capturing():
+        if not self._allocate_in_capture and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "paged attention: a split workspace must be allocated during CUDA graph capture; "
                 "run one eager step of the same shape first"
@@ -139,28 +146,20 @@ class PagedAttentionBackend:
 def ad_hoc_plan(
     q: torch.Tensor, key_cache: torch.Tensor, metadata: AttentionMetadata
 ) -> AttentionPlan:
-    """A plan for metadata built by hand (tests, benchmarks, one-off calls): the same choices
-    as a backend makes, read from the environment now, with a workspace of its own."""
-    use = (
-        _dispatch.use_kernels(q)
-        and _dispatch.dtype_code(q.dtype) is not None
-        and q.dim() == 3
-        and q.shape[2] in SUPPORTED_HEAD_DIMS
-    )
-    splits, split_len, workspace = 1, 0, None
-    if use and metadata.num_decodes > 0:
-        num_kv_heads = key_cache.shape[2]
-        splits, split_len = attention_cuda.decode_plan(
-            q, num_kv_heads, metadata.num_decodes, metadata.max_seq_len
-        )
-        if splits > 1:
-            floats = splits * metadata.num_decodes * q.shape[1] * (q.shape[2] + 1)
-            workspace = torch.empty(floats, dtype=torch.float32, device=q.device)
-    return AttentionPlan(
+    """A plan for metadata built by hand (tests, benchmarks, one-off calls), made by a backend
+    for these shapes built now (environment read now, a workspace of its own). The caller has
+    validated the metadata. Shapes no backend takes get a reference plan: the reference's
+    argument checks then name what is wrong."""
+    if q.dim() != 3 or key_cache.dim() != 4 or q.shape[1] % key_cache.shape[2] != 0:
+        block_size = key_cache.shape[1] if key_cache.dim() == 4 else 0
+        return AttentionPlan(block_size, False, 1, 0, 0, None)
+    backend = PagedAttentionBackend(
+        num_q_heads=q.shape[1],
+        num_kv_heads=key_cache.shape[2],
+        head_dim=q.shape[2],
         block_size=key_cache.shape[1],
-        use_kernels=use,
-        decode_splits=splits,
-        decode_split_len=split_len,
-        prefill_variant=prefill_variant_code(os.environ.get(PREFILL_KERNEL_ENV, "auto")),
-        workspace=workspace,
+        dtype=q.dtype,
+        device=q.device,
+        allocate_in_capture=True,
     )
+    return backend.decide(metadata)
