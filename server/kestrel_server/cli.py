@@ -23,6 +23,8 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Default drain window: seconds in-flight requests may run on after SIGINT/SIGTERM.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# Seconds an API server may take to exit after the engine died or the others stopped.
+CORE_STOP_GRACE_S = 60.0
 # Request limits' defaults (as vLLM's: VLLM_MAX_N_SEQUENCES, VLLM_MAX_COMPLETION_PROMPTS).
 _SERVER_DEFAULTS = ServerArgs()
 
@@ -143,6 +145,20 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     net.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info", help="log level of server and engine"
     )
+    net.add_argument(
+        "--api-server-count",
+        type=_positive_int,
+        default=1,
+        help="API server processes sharing the port in front of the one engine core process "
+        "(tokenization, detokenization and HTTP spread over them)",
+    )
+    net.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="run the engine in a thread of the API server process instead of a process of "
+        "its own (for debugging: the HTTP work and the step loop then share one interpreter "
+        "lock); only with --api-server-count 1",
+    )
     eng = p.add_argument_group(
         "engine", "kestrel.EngineConfig's fields (the keyword arguments of kestrel.LLM)"
     )
@@ -197,27 +213,53 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("KESTREL_API_KEY") or None
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from kestrel.engine.async_engine import AsyncLLMEngine
-    from kestrel_server.app import build_app
-    from kestrel_server.shutdown import DrainingServer
-
+def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args)
     args.api_key = resolve_api_key(args)
+    if args.api_server_count > 1:
+        if args.engine_in_process:
+            print(
+                "kestrel serve: error: --engine-in-process needs --api-server-count 1",
+                file=sys.stderr,
+            )
+            return 2
+        return _run_api_servers(args)
+    from kestrel.engine.async_engine import AsyncLLMEngine
+    from kestrel.engine.core_client import MPAsyncEngine
+
     try:
         config = engine_config(args)
-        engine = AsyncLLMEngine.from_config(config, max_queued_requests=args.max_queued_requests)
-        app = build_app(engine, ServerArgs.from_namespace(args))
+        if args.engine_in_process:
+            engine = AsyncLLMEngine.from_config(
+                config, max_queued_requests=args.max_queued_requests
+            )
+        else:
+            engine = MPAsyncEngine.launch(
+                config, max_queued_requests=args.max_queued_requests, log_level=args.log_level
+            )
     except (ValueError, OSError, RuntimeError) as exc:  # bad flags, missing model, fetch failed
         logging.getLogger(__name__).debug("start-up failed", exc_info=exc)
         print(f"kestrel serve: error: {exc}", file=sys.stderr)
         return 2
     if not args.served_model_name and args.model is None:
         logging.getLogger(__name__).info("serving the default model as %r", engine.model_name)
+    return _serve(engine, args)
+
+
+def _serve(engine, args: argparse.Namespace, sockets: list | None = None) -> int:
+    """Runs the HTTP server over `engine` until a signal or the engine's death."""
+    import uvicorn
+
+    from kestrel_server.app import build_app
+    from kestrel_server.shutdown import DrainingServer
+
+    app = build_app(engine, ServerArgs.from_namespace(args))
     server = DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
         engine,
@@ -231,12 +273,112 @@ def run_serve(args: argparse.Namespace) -> int:
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    server.run()
+    server.run(sockets=sockets)
     if received:
         logging.getLogger(__name__).info("stopped by %s", signal.Signals(received[0]).name)
     if server.engine_died:
         return 1
     return 0 if server.started else 1
+
+
+def _api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -> None:
+    """One of --api-server-count processes: a client of the shared engine core."""
+    from kestrel.engine.core_client import MPAsyncEngine
+    from kestrel.engine.llm_engine import load_tokenizer
+    from kestrel.model_source import resolve_model
+
+    _setup_logging(args)
+    config = engine_config(args)
+    tokenizer = load_tokenizer(config, resolve_model(config.model))
+    engine = MPAsyncEngine.connect(
+        facts, tokenizer, input_address, max_queued_requests=args.max_queued_requests
+    )
+    sys.exit(_serve(engine, args, sockets=[sock]))
+
+
+def _run_api_servers(args: argparse.Namespace) -> int:
+    """--api-server-count N > 1: the engine core, then N API server processes on one listening
+    socket (bound here, shared). SIGINT/SIGTERM are passed on to the API servers, which drain;
+    the core stops after them. Exit code 1 when the engine died."""
+    import multiprocessing
+    import socket
+
+    from kestrel.engine import core_protocol as cp
+    from kestrel.engine.core_client import launch_core
+
+    log = logging.getLogger(__name__)
+    try:
+        config = engine_config(args)
+        core, _ = launch_core(
+            config, max_queued_requests=args.max_queued_requests, log_level=args.log_level
+        )
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.debug("start-up failed", exc_info=exc)
+        print(f"kestrel serve: error: {exc}", file=sys.stderr)
+        return 2
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(
+            target=_api_server_main,
+            args=(args, core.facts, core.input_address, sock),
+            name=f"kestrel-api-{i}",
+        )
+        for i in range(args.api_server_count)
+    ]
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        for w in workers:
+            if w.pid is not None and w.is_alive():
+                os.kill(w.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    for w in workers:
+        w.start()
+    log.info(
+        "%d API servers on http://%s:%d in front of one engine core (pid %d)",
+        len(workers), args.host, args.port, core.pid,
+    )  # fmt: skip
+    code = 0
+    try:
+        while any(w.is_alive() for w in workers):
+            for w in workers:
+                w.join(0.2)
+                if w.exitcode not in (None, 0) and not received:
+                    # One API server failed (the engine died, or a crash): stop the rest.
+                    code = 1
+                    forward(signal.SIGTERM, None)
+            if not core.is_alive() and not received:
+                code = 1
+                forward(signal.SIGTERM, None)
+    finally:
+        for w in workers:
+            w.join(CORE_STOP_GRACE_S)
+            if w.is_alive():
+                w.kill()
+            if w.exitcode not in (0, None):
+                code = 1 if not received or w.exitcode == 1 else code
+        if core.is_alive():
+            import zmq
+
+            push = zmq.Context.instance().socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(core.input_address)
+            push.send(cp.request_encoder.encode(cp.Shutdown()))
+            push.close()
+            core.stop()
+        sock.close()
+    if received:
+        log.info("stopped by %s", signal.Signals(received[0]).name)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

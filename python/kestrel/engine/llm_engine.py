@@ -27,7 +27,7 @@ from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
-from kestrel.model_source import resolve_model
+from kestrel.model_source import ModelSource, resolve_model
 from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner, SampleRow
@@ -49,6 +49,23 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_tokenizer(
+    config: EngineConfig, source: ModelSource, gguf_file: GGUFFile | None = None
+) -> Tokenizer | None:
+    """The tokenizer of `config` (its `tokenizer` path, else the model's own), without loading
+    the model: a front end process needs only this. None when a model directory has no
+    tokenizer.json (then only token-id prompts are accepted)."""
+    path = Path(config.tokenizer) if config.tokenizer is not None else source.path
+    if path.suffix.lower() == ".gguf":
+        if gguf_file is None or config.tokenizer is not None:
+            gguf_file = GGUFFile(path)
+        return load_gguf_tokenizer(gguf_file)
+    if config.tokenizer is None and not (path / "tokenizer.json").is_file():
+        logger.warning("%s has no tokenizer.json: only token-id prompts are accepted", path)
+        return None
+    return Tokenizer.from_dir(path)
+
+
 def _as_id_list(value: object) -> list[int]:
     if value is None:
         return []
@@ -58,8 +75,11 @@ def _as_id_list(value: object) -> list[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, token_texts: bool = True) -> None:
+        """`token_texts=False`: logprob entries carry no decoded token text (an engine core
+        whose front end decodes them itself)."""
         self.config = config
+        self._token_texts = token_texts
         self.device = _resolve_device(config.device)
         self.model_source = resolve_model(config.model)
         if self.model_source.is_gguf:
@@ -69,7 +89,7 @@ class LLMEngine:
             self.model, self.model_config = load_model(
                 model_dir, config.dtype, self.device, config.load_format, seed=config.seed
             )
-            self.tokenizer = self._load_tokenizer(Path(config.tokenizer or model_dir))
+            self.tokenizer = load_tokenizer(config, self.model_source)
             self.generation_config = read_generation_config(model_dir)
         self.dtype = next(self.model.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
@@ -143,19 +163,8 @@ class LLMEngine:
             dummy=self.config.load_format == "dummy",
             seed=self.config.seed,
         )
-        if self.config.tokenizer is not None:
-            self.tokenizer = self._load_tokenizer(Path(self.config.tokenizer))
-        else:
-            self.tokenizer = load_gguf_tokenizer(gguf_file)
+        self.tokenizer = load_tokenizer(self.config, self.model_source, gguf_file)
         self.generation_config = gguf_generation_config(gguf_file)
-
-    def _load_tokenizer(self, path: Path) -> Tokenizer | None:
-        if path.suffix.lower() == ".gguf":
-            return load_gguf_tokenizer(GGUFFile(path))
-        if self.config.tokenizer is None and not (path / "tokenizer.json").is_file():
-            logger.warning("%s has no tokenizer.json: only token-id prompts are accepted", path)
-            return None
-        return Tokenizer.from_dir(path)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = _as_id_list(self.generation_config.get("eos_token_id"))
@@ -281,6 +290,24 @@ class LLMEngine:
         for seq_id in [k for k, (r, _) in self._seqs.items() if r is state]:
             del self._seqs[seq_id]
 
+    def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> bool:
+        """Ends sample `index` of a request now (a front end found a stop string in its text)
+        and frees its KV blocks; the whole request ends with its last sample. False when the
+        request or the sample has already finished (nothing to do)."""
+        state = self._requests.get(request_id)
+        if state is None or not 0 <= index < len(state.seqs):
+            return False
+        seq = state.seqs[index]
+        if seq.finish_reason is not None:
+            return False
+        self.scheduler.finish(seq.core_id, reason)
+        seq.finish_reason = reason
+        for seq_id in [k for k, (_, s) in self._seqs.items() if s is seq]:
+            del self._seqs[seq_id]
+        if state.finished:
+            del self._requests[request_id]
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -294,6 +321,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step; returns an output for every request that changed."""
+        changed, now = self.step_states()
+        return self._collect(changed, now)
+
+    def step_states(self) -> tuple[dict[str, RequestState], float]:
+        """One scheduler step without building outputs: the states of the requests that changed
+        (finished ones are still in `_requests`: the caller collects them, see `_collect`), and
+        the step's time."""
         out = self.scheduler.schedule()
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
         rows = [self._seqs[s][1].row for s in sampled_seq_ids]
@@ -317,7 +351,7 @@ class LLMEngine:
         changed = failed | self._process_tokens(upd, sampled_seq_ids, result, now)
         if out.num_tokens == 0 and self._requests and not changed:
             raise RuntimeError("scheduler made no progress with requests pending")
-        return self._collect(changed, now)
+        return changed, now
 
     def _process_tokens(
         self, upd, sampled_seq_ids: list[int], result: StepResult, now: float
@@ -378,6 +412,6 @@ class LLMEngine:
         return outputs
 
     def _token_text(self, token_id: int) -> str | None:
-        if self.tokenizer is None:
+        if self.tokenizer is None or not self._token_texts:
             return None
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

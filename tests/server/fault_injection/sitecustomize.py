@@ -1,5 +1,6 @@
-"""Loaded by the server processes of test_engine_death.py (this folder leads their PYTHONPATH):
-the engine's step raises a device-like error from step KESTREL_TEST_FAIL_AT_STEP on."""
+"""Loaded by the server processes of test_engine_death.py (this folder leads their PYTHONPATH),
+the engine core process among them: the engine's step raises a device-like error from step
+KESTREL_TEST_FAIL_AT_STEP on (`step_states` is the step of both `LLMEngine.step` and the core)."""
 
 import os
 
@@ -8,7 +9,7 @@ _FAIL_AT = int(os.environ.get("KESTREL_TEST_FAIL_AT_STEP", "0"))
 if _FAIL_AT > 0:
     from kestrel.engine import llm_engine
 
-    _real_step = llm_engine.LLMEngine.step
+    _real_step = llm_engine.LLMEngine.step_states
     _steps = [0]
 
     def _failing_step(self):
@@ -17,4 +18,4 @@ if _FAIL_AT > 0:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         return _real_step(self)
 
-    llm_engine.LLMEngine.step = _failing_step
+    llm_engine.LLMEngine.step_states = _failing_step

@@ -1,0 +1,605 @@
+"""MPAsyncEngine: the asyncio engine API of `AsyncLLMEngine`, over an engine core process.
+
+The core (`engine/core_process.py`) runs the scheduler, executor and sampler in a process of its
+own; this client, in the API server process, keeps everything else: tokenization of text
+prompts, the per-request streams, detokenization, stop strings and logprob texts
+(`engine/output_processor.py`). Messages are msgspec structs over ZeroMQ (`core_protocol`).
+
+One process starts the core (`MPAsyncEngine.launch`) and owns it: it stops it at shutdown, and
+the core stops when its parent dies. With several API server processes (`kestrel serve
+--api-server-count N`) a launcher starts the core and each API process connects its own client
+(`MPAsyncEngine.connect`); requests are admitted by the core over all of them.
+
+Loop ownership as in AsyncLLMEngine: streams and counters belong to the event loop; a reader
+task receives the core's outputs and hands them to the streams. A watchdog notices a core that
+died without a word (killed): every stream then fails with EngineDeadError and `is_dead` is set,
+so the server exits with code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import select
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from kestrel.config import EngineConfig
+from kestrel.engine import core_protocol as cp
+from kestrel.engine.output_processor import RequestOutputProcessor
+from kestrel.engine.request_stream import (
+    _ACCEPTED,
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+    RequestStream,
+    RequestTooLargeError,
+)
+from kestrel.errors import InvalidRequestError
+from kestrel.outputs import RequestOutput
+from kestrel.sampling_params import SamplingParams
+from kestrel.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Seconds between two checks that the core process still runs.
+WATCHDOG_INTERVAL_S = 0.5
+# How long the owner waits for the core to stop after Shutdown before killing it.
+CORE_STOP_TIMEOUT_S = 30.0
+_client_ids = itertools.count(1)
+
+
+def new_ipc_address(kind: str) -> str:
+    """A fresh ipc:// endpoint in the temporary directory (unique per call)."""
+    return f"ipc://{Path(tempfile.gettempdir()) / f'kestrel-{kind}-{uuid.uuid4().hex[:12]}'}"
+
+
+class _RefusedWithBatch(RuntimeError):
+    """A request refused only because another request of its batch was."""
+
+
+def _reply_error(reply: cp.Reply) -> BaseException:
+    if reply.kind == "too_large":
+        return RequestTooLargeError(reply.param, reply.message)
+    if reply.kind == "queue_full":
+        return QueueFullError(reply.message)
+    if reply.kind == "invalid":
+        return InvalidRequestError(reply.param, reply.message)
+    if reply.kind == "type":
+        return TypeError(reply.message)
+    if reply.kind == "batch":
+        return _RefusedWithBatch(reply.message)
+    return RuntimeError(reply.message)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not reaped by its parent yet) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class CoreProcess:
+    """A started engine core process (`python -m kestrel.engine.core_process`) and what it
+    reported when ready. A plain subprocess, not multiprocessing: nothing of the caller's
+    __main__ is re-imported, and the caller needs no `if __name__ == "__main__"` guard."""
+
+    def __init__(self, config: EngineConfig, max_queued_requests: int | None, log_level: str):
+        self.input_address = new_ipc_address("core")
+        read_fd, write_fd = os.pipe()
+        spec = pickle.dumps(
+            {
+                "config": config,
+                "input_address": self.input_address,
+                "max_queued_requests": max_queued_requests,
+                "ready_fd": write_fd,
+                "log_level": log_level,
+            }
+        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kestrel.engine.core_process"],
+                stdin=subprocess.PIPE,
+                pass_fds=(write_fd,),
+            )
+        finally:
+            os.close(write_fd)
+        assert self.process.stdin is not None
+        self.process.stdin.write(spec)
+        self.process.stdin.close()
+        self._ready_fd = read_fd
+        self.facts: cp.CoreFacts | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def wait_ready(self) -> cp.CoreFacts:
+        """Blocks until the core loaded its model; raises its start-up error otherwise."""
+        chunks: list[bytes] = []
+        try:
+            while True:
+                readable, _, _ = select.select([self._ready_fd], [], [], 0.2)
+                if readable:
+                    chunk = os.read(self._ready_fd, 1 << 16)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                elif not self.is_alive():
+                    break
+        finally:
+            os.close(self._ready_fd)
+        if not chunks:
+            self.process.wait(10)
+            raise RuntimeError(
+                f"the engine core process exited during start-up (code {self.exitcode}); "
+                "see its log above"
+            )
+        kind, payload, type_name = msgspec.msgpack.decode(b"".join(chunks))
+        if kind == "error":
+            self.process.wait(10)
+            if type_name in ("ValueError", "KeyError", "FileNotFoundError", "ConfigError"):
+                raise ValueError(payload)
+            raise RuntimeError(payload)
+        self.facts = msgspec.msgpack.decode(payload, type=cp.CoreFacts)
+        return self.facts
+
+    def stop(self, timeout_s: float = CORE_STOP_TIMEOUT_S) -> None:
+        """After a Shutdown message: waits for the process, then kills it if it lingers."""
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.error("the engine core did not stop within %.0f s: killing it", timeout_s)
+            self.kill()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.process.kill()
+            self.process.wait(10)
+
+
+def launch_core(
+    config: EngineConfig, *, max_queued_requests: int | None, log_level: str = "INFO"
+) -> tuple[CoreProcess, Tokenizer | None]:
+    """Starts the core process and loads the tokenizer here meanwhile; returns both once the
+    core is ready. The model is resolved (fetched) here first, so the two processes never
+    fetch it at the same time."""
+    from kestrel.engine.llm_engine import load_tokenizer
+    from kestrel.model_source import resolve_model
+
+    source = resolve_model(config.model)
+    core = CoreProcess(config, max_queued_requests, log_level)
+    try:
+        tokenizer = load_tokenizer(config, source)
+        core.wait_ready()
+    except BaseException:
+        core.kill()
+        raise
+    return core, tokenizer
+
+
+class MPAsyncEngine:
+    """The AsyncLLMEngine interface over an engine core process (see the module docstring)."""
+
+    def __init__(
+        self,
+        facts: cp.CoreFacts,
+        tokenizer: Tokenizer | None,
+        input_address: str,
+        *,
+        core: CoreProcess | None = None,
+        max_queued_requests: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = facts.max_model_len
+        self.vocab_size = facts.vocab_size
+        self.model_name = facts.model_name
+        self.max_num_seqs = facts.max_num_seqs
+        self.max_queued_requests = max_queued_requests
+        self._default_params = cp.params_from_wire(facts.default_params)
+        self._stats: dict[str, Any] = dict(facts.stats)
+        self._core_pid = facts.pid
+        self._core = core
+        self._input_address = input_address
+        self._client = os.getpid() * 1000 + next(_client_ids)
+        self._streams: dict[str, RequestStream] = {}
+        self._requests: dict[str, RequestOutputProcessor] = {}
+        self._num_in_flight = 0
+        self._num_seqs_in_flight = 0
+        self._dead: BaseException | None = None
+        self._closing = False
+        self._started = False
+        self._stopped = False
+        self._tasks: list[asyncio.Task] = []
+        self._utility_calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._ctx: zmq.asyncio.Context | None = None
+        self._push: zmq.Socket | None = None
+        self._pull: zmq.asyncio.Socket | None = None
+
+    @classmethod
+    def launch(
+        cls,
+        config: EngineConfig,
+        *,
+        max_queued_requests: int | None = None,
+        log_level: str = "INFO",
+    ) -> MPAsyncEngine:
+        """Starts an engine core process for `config` and a client that owns it."""
+        core, tokenizer = launch_core(
+            config, max_queued_requests=max_queued_requests, log_level=log_level
+        )
+        assert core.facts is not None
+        return cls(
+            core.facts,
+            tokenizer,
+            core.input_address,
+            core=core,
+            max_queued_requests=max_queued_requests,
+        )
+
+    @classmethod
+    def connect(
+        cls,
+        facts: cp.CoreFacts,
+        tokenizer: Tokenizer | None,
+        input_address: str,
+        *,
+        max_queued_requests: int | None = None,
+    ) -> MPAsyncEngine:
+        """A client of a core another process started (one of several API servers)."""
+        return cls(facts, tokenizer, input_address, max_queued_requests=max_queued_requests)
+
+    # ---- facts and health -----------------------------------------------------------------
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self._default_params.clone()
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._num_in_flight
+
+    @property
+    def num_seqs_in_flight(self) -> int:
+        return self._num_seqs_in_flight
+
+    @property
+    def is_running(self) -> bool:
+        return self._started and not self._stopped and self._dead is None
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    def check_health(self) -> None:
+        if self._closing:
+            raise EngineDeadError("the server is shutting down")
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine core has stopped: {self._dead}")
+        if not self.is_running:
+            raise EngineDeadError("the engine client is not running")
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connects to the core and starts the reader and the watchdog (on the running loop)."""
+        if self._started:
+            raise RuntimeError("the engine is already started")
+        self._started = True
+        self._ctx = zmq.asyncio.Context()
+        output_address = new_ipc_address("out")
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(output_address)
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(self._input_address)
+        self._send(cp.Register(self._client, output_address))
+        self._tasks = [
+            asyncio.create_task(self._read_outputs(), name="kestrel-core-reader"),
+            asyncio.create_task(self._watchdog(), name="kestrel-core-watchdog"),
+        ]
+
+    async def shutdown(self, drain_timeout_s: float = 0.0, join_timeout_s: float = 30.0) -> None:
+        """Refuses new requests, waits up to `drain_timeout_s` for in-flight ones, fails the
+        rest, and stops the core when this client owns it."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._num_in_flight > 0 and self.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._started and not self._stopped:
+            for request_id in list(self._streams):
+                self._send(cp.Abort(self._client, [request_id]))
+            if self._core is not None and self._dead is None:
+                self._send(cp.Shutdown())
+        self._stopped = True
+        self._fail_all(EngineDeadError("the server is shutting down; the request was aborted"))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._core is not None:
+            await asyncio.to_thread(self._core.stop, join_timeout_s)
+        for sock in (self._push, self._pull):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    # ---- requests (event loop) ------------------------------------------------------------
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+    ) -> RequestStream:
+        streams = await self.add_requests([(request_id, prompt, params)], priority=priority)
+        return streams[0]
+
+    async def add_requests(
+        self,
+        requests: list[tuple[str, str | list[int], SamplingParams | None]],
+        *,
+        priority: int = 0,
+    ) -> list[RequestStream]:
+        """As AsyncLLMEngine.add_requests: one batch, admitted by the core before its next
+        step, all or nothing; returns the streams once the core accepted them."""
+        self._check_accepting()
+        ids = [request_id for request_id, _, _ in requests]
+        if len(set(ids)) != len(ids) or any(i in self._streams for i in ids):
+            taken = next(i for i in ids if i in self._streams or ids.count(i) > 1)
+            raise InvalidRequestError(None, f"request id {taken!r} is already in use")
+        resolved = [p if p is not None else self.default_sampling_params() for _, _, p in requests]
+        now = time.time()
+        wire: list[cp.AddRequest] = []
+        processors = []
+        for (request_id, prompt, _), params in zip(requests, resolved):
+            prompt_text, prompt_ids = self._tokenize(prompt)
+            processors.append(
+                RequestOutputProcessor(
+                    request_id, prompt_text, prompt_ids, params, self.tokenizer, now
+                )
+            )
+            core_params = params.clone(stop=[], detokenize=False)
+            wire.append(
+                cp.AddRequest(request_id, prompt_ids, cp.params_to_wire(core_params), now, priority)
+            )
+        streams = []
+        for processor in processors:
+            stream = RequestStream(processor.request_id, self, processor.params.n)
+            self._streams[processor.request_id] = stream
+            self._requests[processor.request_id] = processor
+            self._num_in_flight += 1
+            self._num_seqs_in_flight += processor.params.n
+            streams.append(stream)
+        self._send(cp.AddBatch(self._client, wire))
+        try:
+            replies = [await stream._queue.get() for stream in streams]
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        if failures:
+            for stream, reply in zip(streams, replies):
+                if isinstance(reply, BaseException):
+                    stream.finished = True
+                else:
+                    stream.abort()
+            causes = [f for f in failures if not isinstance(f, _RefusedWithBatch)]
+            raise (causes or failures)[0]
+        return streams
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, [int(t) for t in prompt]
+        raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(request_id, prompt, params, priority=priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.abort()
+
+    def stop_accepting(self) -> None:
+        self._closing = True
+
+    def fail_all(self, error: BaseException) -> None:
+        ids = list(self._streams)
+        if ids and self.is_running:
+            self._send(cp.Abort(self._client, ids))
+        self._fail_all(error)
+
+    async def call_utility(self, method: str, timeout_s: float = 10.0) -> Any:
+        """A utility call on the core ("stats", "ping"); raises on error or timeout."""
+        self.check_health()
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._utility_calls[call_id] = future
+        self._send(cp.Utility(self._client, call_id, method))
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._utility_calls.pop(call_id, None)
+
+    def _check_accepting(self) -> None:
+        if self._closing:
+            raise EngineDeadError("the server is shutting down and accepts no new requests")
+        self.check_health()
+
+    def _send(self, msg: Any) -> None:
+        if self._push is None:
+            return
+        try:
+            self._push.send(cp.request_encoder.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            logger.error("could not send to the engine core: %s", exc)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        self._requests.pop(request_id, None)
+        if stream is not None:
+            self._num_in_flight -= 1
+            self._num_seqs_in_flight -= stream.num_seqs
+            self._send(cp.Abort(self._client, [request_id]))
+
+    def _finish(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        self._requests.pop(request_id, None)
+        if stream is not None:
+            self._num_in_flight -= 1
+            self._num_seqs_in_flight -= stream.num_seqs
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream._put(error)
+        self._streams.clear()
+        self._requests.clear()
+        self._num_in_flight = 0
+        self._num_seqs_in_flight = 0
+        for future in self._utility_calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(str(error)))
+
+    # ---- outputs (event loop) -------------------------------------------------------------
+
+    async def _read_outputs(self) -> None:
+        assert self._pull is not None
+        while True:
+            frame = await self._pull.recv(copy=False)
+            try:
+                outputs = cp.output_decoder.decode(frame)
+            except msgspec.DecodeError:
+                logger.exception("undecodable message from the engine core dropped")
+                continue
+            try:
+                self._on_outputs(outputs)
+            except Exception:
+                logger.exception("processing the engine core's outputs failed")
+
+    def _on_outputs(self, outputs: cp.CoreOutputs) -> None:
+        if outputs.stats is not None:
+            self._stats = outputs.stats
+        for reply in outputs.replies:
+            stream = self._streams.get(reply.request_id)
+            if stream is None:
+                continue
+            if reply.kind is None:
+                stream._put(_ACCEPTED)
+            else:
+                self._streams.pop(reply.request_id, None)
+                self._requests.pop(reply.request_id, None)
+                self._num_in_flight -= 1
+                self._num_seqs_in_flight -= stream.num_seqs
+                stream._put(_reply_error(reply))
+        now = time.time()
+        for delta in outputs.deltas:
+            self._on_delta(delta, now)
+        for result in outputs.utility:
+            future = self._utility_calls.get(result.call_id)
+            if future is not None and not future.done():
+                if result.error is not None:
+                    future.set_exception(RuntimeError(result.error))
+                else:
+                    future.set_result(result.result)
+        if outputs.dead is not None:
+            self._mark_dead(outputs.dead)
+
+    def _on_delta(self, delta: cp.RequestDelta, now: float) -> None:
+        processor = self._requests.get(delta.request_id)
+        stream = self._streams.get(delta.request_id)
+        if processor is None or stream is None:
+            return  # aborted or finished here meanwhile
+        try:
+            output, stopped = processor.apply(delta, now)
+        except Exception as exc:  # noqa: BLE001 - this request's output processing failed
+            logger.warning("output processing of request %s failed: %r", delta.request_id, exc)
+            self._finish(delta.request_id)
+            self._send(cp.Abort(self._client, [delta.request_id]))
+            stream._put(
+                RequestFailedError(
+                    f"{type(exc).__name__}: {exc} (this request's output processing failed)"
+                )
+            )
+            return
+        for index in stopped:
+            self._send(cp.FinishSample(self._client, delta.request_id, index))
+        if output is None:
+            return
+        if output.error:
+            self._finish(delta.request_id)
+            stream._put(RequestFailedError(output.error))
+            return
+        stream._put(output)
+        if output.finished:
+            self._finish(delta.request_id)
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead is not None:
+            return
+        logger.error("the engine core died: %s", reason)
+        self._dead = RuntimeError(reason)
+        self._fail_all(EngineDeadError(f"the engine failed: {reason}"))
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            if self._stopped:
+                return
+            alive = self._core.is_alive() if self._core is not None else _pid_alive(self._core_pid)
+            if not alive:
+                code = self._core.exitcode if self._core is not None else None
+                self._mark_dead(f"the engine core process exited (code {code})")
+                return
