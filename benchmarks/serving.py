@@ -244,6 +244,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    for r in rows:
+        for error in r["errors"]:
+            print(f"failed (rate {r['request_rate']}, concurrency {r['max_concurrency']}): {error}")
 
 
 def server_facts(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:

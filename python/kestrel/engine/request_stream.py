@@ -72,6 +72,7 @@ class RequestStream:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False  # a finished output or an error was returned, or it was aborted
         self.aborted = False
+        self._held: Any = None  # an item taken off the queue while joining outputs
 
     def _put(self, item: Any) -> None:
         self._queue.put_nowait(item)
@@ -82,11 +83,22 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
         assert isinstance(item, RequestOutput), item
+        # A reader that fell behind gets what queued up as one output (deltas joined), so a
+        # busy server writes fewer, larger chunks instead of falling further behind.
+        while not item.finished and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if not isinstance(nxt, RequestOutput):
+                self._held = nxt  # an error: delivered after what came before it
+                break
+            item = _joined(item, nxt)
         if item.finished:
             self.finished = True
         return item
@@ -101,6 +113,14 @@ class RequestStream:
         self.aborted = True
         self._owner._abort(self.request_id)
         self._queue.put_nowait(RequestAbortedError(f"request {self.request_id!r} was aborted"))
+
+
+def _joined(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` with `earlier`'s deltas in front of its own (totals are `later`'s already)."""
+    for a, b in zip(earlier.outputs, later.outputs):
+        b.text_delta = a.text_delta + b.text_delta
+        b.token_ids_delta = a.token_ids_delta + b.token_ids_delta
+    return later
 
 
 def check_admission(
