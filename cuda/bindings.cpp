@@ -33,8 +33,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("value_cache"), py::arg("block_tables"), py::arg("bt_stride"), py::arg("seq_lens"),
         py::arg("num_seqs"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
         py::arg("block_size"), py::arg("scale"), py::arg("heads_per_block"), py::arg("num_splits"),
-        py::arg("split_len"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("min_split_len"), py::arg("workspace"), py::arg("workspace_floats"),
+        py::arg("dtype"), py::arg("stream"));
   m.def("paged_decode_blocks_per_sm", &paged_decode_blocks_per_sm, py::arg("head_dim"),
         py::arg("heads_per_block"), py::arg("dtype"));
   m.def("paged_prefill_attention", &paged_prefill_attention, nogil, py::arg("out"),

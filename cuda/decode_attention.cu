@@ -11,11 +11,11 @@ int paged_decode_attention(ptr_t out, int64_t out_stride, ptr_t q, int64_t q_str
                            ptr_t key_cache, ptr_t value_cache, ptr_t block_tables,
                            int64_t bt_stride, ptr_t seq_lens, int64_t num_seqs, int64_t num_q_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, double scale,
-                           int64_t heads_per_block, int64_t num_splits, int64_t split_len,
+                           int64_t heads_per_block, int64_t num_splits, int64_t min_split_len,
                            ptr_t workspace, int64_t workspace_floats, int dtype, ptr_t stream) {
   if (num_q_heads <= 0 || num_q_heads > 65535 || num_kv_heads <= 0 || block_size <= 0 ||
-      block_size > (1 << 20) || num_splits < 1 || num_splits > 65535 || split_len < 1 ||
-      split_len > INT32_MAX || num_seqs < 0 || num_seqs > 65535) {
+      block_size > (1 << 20) || num_splits < 1 || num_splits > 65535 || min_split_len < 1 ||
+      min_split_len > (1 << 14) || num_seqs < 0 || num_seqs > 65535) {
     return cudaErrorInvalidValue;
   }
   const int64_t rows = num_splits * num_seqs * num_q_heads;  // partial rows in the workspace
@@ -39,7 +39,7 @@ int paged_decode_attention(ptr_t out, int64_t out_stride, ptr_t q, int64_t q_str
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.heads_per_block = static_cast<int>(heads_per_block);
   p.num_splits = static_cast<int>(num_splits);
-  p.split_len = static_cast<int>(split_len);
+  p.min_split_len = static_cast<int>(min_split_len);
   p.partial_out = reinterpret_cast<float*>(workspace);
   p.partial_lse = p.partial_out + rows * head_dim;
   const auto s = reinterpret_cast<cudaStream_t>(stream);

@@ -40,13 +40,14 @@ int rotary_embedding_and_cache(ptr_t positions, bool positions_int64, ptr_t q, i
 // block_tables [num_seqs, bt_stride] int32 and seq_lens [num_seqs] int32. Each block serves
 // heads_per_block (1, 2, 4 or 8: CUDA cores; 16: tensor cores, head_dim 64/128) query heads of
 // one kv head. With num_splits > 1
-// the sequence is cut into split_len-token pieces merged through `workspace` (fp32, at least
-// num_splits * num_seqs * num_q_heads * (head_dim + 1) floats, workspace_floats given).
+// each sequence is cut into at most num_splits even pieces of at least min_split_len tokens
+// (1..16384), chosen on the device from its own seq_len, merged through `workspace` (fp32, at
+// least num_splits * num_seqs * num_q_heads * (head_dim + 1) floats, workspace_floats given).
 int paged_decode_attention(ptr_t out, int64_t out_stride, ptr_t q, int64_t q_stride,
                            ptr_t key_cache, ptr_t value_cache, ptr_t block_tables,
                            int64_t bt_stride, ptr_t seq_lens, int64_t num_seqs, int64_t num_q_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, double scale,
-                           int64_t heads_per_block, int64_t num_splits, int64_t split_len,
+                           int64_t heads_per_block, int64_t num_splits, int64_t min_split_len,
                            ptr_t workspace, int64_t workspace_floats, int dtype, ptr_t stream);
 
 // Resident decode-attention blocks per multiprocessor of the current device for this head_dim,

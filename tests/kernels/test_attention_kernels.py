@@ -43,7 +43,7 @@ def test_decode_split(dtype, head_dim, num_q_heads, num_kv_heads, decode_kernel,
     """Small batch, long and short contexts: several splits, some of them empty."""
     lens = [(1, s) for s in (1, 15, 16, 17, 257, 1000, 4096)]
     batch = make_paged_batch(lens, 7, num_q_heads, num_kv_heads, head_dim, dtype, gen)
-    splits, _ = attention_cuda.decode_plan(batch.q, num_kv_heads, 7, 4096)
+    splits = attention_cuda.decode_plan(batch.q, num_kv_heads, 7, 4096)
     assert splits > 1
     _check(batch, _run(batch, spy, True, False), dtype, "decode (split)")
 
@@ -156,6 +156,6 @@ def test_wgmma_request_on_256_is_an_error(gen, spy, monkeypatch):
 def test_kernel_error_names_the_op(gen, spy, monkeypatch):
     batch = make_paged_batch([(1, 600)], 1, 8, 8, 64, torch.bfloat16, gen)
     # 70000 splits exceed the grid limit the launcher accepts: it returns an error code.
-    monkeypatch.setattr(attention_cuda, "decode_plan", lambda *a: (70000, 1))
+    monkeypatch.setattr(attention_cuda, "decode_plan", lambda *a: 70000)
     with pytest.raises(KernelError, match=r"paged_attention \(decode\)"):
         paged_attention(batch.q, batch.key_cache, batch.value_cache, batch.metadata, 0.125)

@@ -3,9 +3,11 @@
 `PagedAttentionBackend` is built once per model runner with the model's attention shape. Each
 step, `plan(metadata)` validates the metadata (once, not in every layer), decides whether the
 CUDA kernels run (device, dtype, head dim and layout; `KESTREL_DISABLE_KERNELS` and
-`KESTREL_PREFILL_KERNEL` are read when the backend is built), picks the decode split from the
-batch's `max_seq_len` (the real longest context in eager steps; a captured CUDA graph plans
-for the longest context it serves) and hands out a split workspace the backend owns. Every
+`KESTREL_PREFILL_KERNEL` are read when the backend is built), picks the number of decode splits
+from the batch's `max_seq_len` (the real longest context in eager steps; a captured CUDA graph
+plans for the longest context it serves) and hands out a split workspace the backend owns. The
+kernels then cut each sequence by its real length (at most that many splits, none shorter
+than MIN_SPLIT_TOKENS), so a graph serving a short context still spreads it over full splits. Every
 attention layer then calls `ops.paged_attention(q, k_cache, v_cache, metadata, scale)`, which
 follows the plan.
 
@@ -41,8 +43,11 @@ class AttentionPlan:
 
     block_size: int
     use_kernels: bool  # False: the torch reference
-    decode_splits: int  # 1 when there are no decodes or no kernels
-    decode_split_len: int
+    # Decode grid splits per sequence (planned for metadata.max_seq_len); 1 when there are no
+    # decodes or no kernels. Sequence i uses max(decode_min_split_len, ceil(seq_len_i /
+    # decode_splits)) tokens per split, computed by the kernels from its real length.
+    decode_splits: int
+    decode_min_split_len: int
     prefill_variant: int  # launcher code: 0 auto, 1 mma.sync, 2 wgmma
     workspace: torch.Tensor | None  # [>= splits * decodes * Hq * (D + 1)] fp32 when splits > 1
 
@@ -112,10 +117,10 @@ class PagedAttentionBackend:
 
     def decide(self, metadata: AttentionMetadata) -> AttentionPlan:
         """The plan for already validated metadata."""
-        splits, split_len, workspace = 1, 0, None
+        splits, workspace = 1, None
         if self.kernels and metadata.num_decodes > 0:
             assert self._probe is not None
-            splits, split_len = attention_cuda.decode_plan(
+            splits = attention_cuda.decode_plan(
                 self._probe, self.num_kv_heads, metadata.num_decodes, metadata.max_seq_len
             )
             if splits > 1:
@@ -125,7 +130,7 @@ class PagedAttentionBackend:
             block_size=self.block_size,
             use_kernels=self.kernels,
             decode_splits=splits,
-            decode_split_len=split_len,
+            decode_min_split_len=attention_cuda.MIN_SPLIT_TOKENS,
             prefill_variant=self.prefill_variant,
             workspace=workspace,
         )
@@ -152,7 +157,14 @@ def ad_hoc_plan(
     argument checks then name what is wrong."""
     if q.dim() != 3 or key_cache.dim() != 4 or q.shape[1] % key_cache.shape[2] != 0:
         block_size = key_cache.shape[1] if key_cache.dim() == 4 else 0
-        return AttentionPlan(block_size, False, 1, 0, 0, None)
+        return AttentionPlan(
+            block_size=block_size,
+            use_kernels=False,
+            decode_splits=1,
+            decode_min_split_len=attention_cuda.MIN_SPLIT_TOKENS,
+            prefill_variant=0,
+            workspace=None,
+        )
     backend = PagedAttentionBackend(
         num_q_heads=q.shape[1],
         num_kv_heads=key_cache.shape[2],
