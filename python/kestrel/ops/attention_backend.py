@@ -13,6 +13,13 @@ follows the plan.
 
 Workspaces are never freed while the backend lives: a captured graph keeps the pointer of the
 one it was captured with (graphs are captured after a warm-up step, so capture allocates none).
+
+CUDA-graph hooks (used by `kestrel.runner.cuda_graphs.DecodeGraphs`): `init_graph_buffers`
+allocates the static metadata tensors a decode graph reads (slot mapping, context lengths,
+query offsets, block tables); `capture_metadata(bs, max_seq_len)` is the planned metadata over
+their first bs rows, made once per captured size; `prepare_replay(step, bs, stage)` copies a
+decode-only step into them before a replay and pads rows n..bs (slot -1: no KV write; context
+length 1 over block 0: attention reads valid memory).
 """
 
 from __future__ import annotations
@@ -50,6 +57,24 @@ class AttentionPlan:
     decode_min_split_len: int
     prefill_variant: int  # launcher code: 0 auto, 1 mma.sync, 2 wgmma
     workspace: torch.Tensor | None  # [>= splits * decodes * Hq * (D + 1)] fp32 when splits > 1
+
+
+@dataclass(frozen=True)
+class GraphBuffers:
+    """Static decode-graph metadata on the device (a captured graph reads these addresses)."""
+
+    slot_mapping: torch.Tensor  # [max_bs] int64; -1 on padding rows
+    seq_lens: torch.Tensor  # [max_bs] int32; 1 on padding rows
+    query_start_loc: torch.Tensor  # [max_bs + 1] int32; 0, 1, ..., max_bs
+    block_tables: torch.Tensor  # [max_bs, max_blocks] int32; block 0 first on padding rows
+
+    @property
+    def max_bs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def max_blocks(self) -> int:
+        return int(self.block_tables.shape[1])
 
 
 class PagedAttentionBackend:
@@ -90,6 +115,8 @@ class PagedAttentionBackend:
         )
         self._allocate_in_capture = allocate_in_capture
         self._workspaces: list[torch.Tensor] = []  # grow-only; all kept alive (graph pointers)
+        self._graph: GraphBuffers | None = None  # see init_graph_buffers
+        self._graph_metadata: dict[tuple[int, int], AttentionMetadata] = {}
 
     def metadata_for(
         self, out: StepInput, stage: Callable[[np.ndarray], torch.Tensor]
@@ -134,6 +161,84 @@ class PagedAttentionBackend:
             prefill_variant=self.prefill_variant,
             workspace=workspace,
         )
+
+    # ---- CUDA-graph hooks -----------------------------------------------------------------
+
+    def init_graph_buffers(self, max_bs: int, max_blocks: int) -> None:
+        """Allocates the static metadata buffers of decode graphs for up to max_bs sequences
+        of up to max_blocks KV blocks each (on the backend's device); drops earlier ones and
+        the metadata planned over them."""
+        if max_bs < 1 or max_blocks < 1:
+            raise ValueError(f"need max_bs >= 1 and max_blocks >= 1; got {max_bs}, {max_blocks}")
+        i64 = {"dtype": torch.int64, "device": self.device}
+        i32 = {"dtype": torch.int32, "device": self.device}
+        self._graph = GraphBuffers(
+            slot_mapping=torch.full((max_bs,), -1, **i64),
+            seq_lens=torch.ones(max_bs, **i32),
+            query_start_loc=torch.arange(max_bs + 1, **i32),  # one query per row, never changes
+            block_tables=torch.zeros(max_bs, max_blocks, **i32),
+        )
+        self._graph_metadata = {}
+
+    def _graph_buffers(self) -> GraphBuffers:
+        if self._graph is None:
+            raise RuntimeError("call init_graph_buffers() before capturing or replaying a graph")
+        return self._graph
+
+    def capture_metadata(self, bs: int, max_seq_len: int) -> AttentionMetadata:
+        """The planned metadata a decode graph of bs sequences is captured with: views of the
+        first bs rows of the static buffers, planned for contexts up to max_seq_len (the
+        plan's splits and workspace are baked into the graph; the kernels cut each row by its
+        real seq_len at replay). Planned once per (bs, max_seq_len) and then returned as is, so
+        warm-up runs and the capture share one plan and workspace."""
+        key = (bs, max_seq_len)
+        cached = self._graph_metadata.get(key)
+        if cached is not None:
+            return cached
+        g = self._graph_buffers()
+        if not 1 <= bs <= g.max_bs:
+            raise ValueError(f"graph batch size {bs} is outside [1, {g.max_bs}]")
+        metadata = AttentionMetadata(
+            slot_mapping=g.slot_mapping[:bs],
+            query_start_loc=g.query_start_loc[: bs + 1],
+            seq_lens=g.seq_lens[:bs],
+            block_tables=g.block_tables[:bs],
+            num_decodes=bs,
+            num_decode_tokens=bs,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+            query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32),
+            # Shape-defining host copy: the longest context the graph must serve.
+            seq_lens_cpu=torch.full((bs,), max_seq_len, dtype=torch.int32),
+        )
+        planned = self.plan(metadata)
+        self._graph_metadata[key] = planned
+        return planned
+
+    def prepare_replay(
+        self, step: StepInput, bs: int, stage: Callable[[np.ndarray], torch.Tensor]
+    ) -> None:
+        """Copies the metadata arrays of a decode-only step of n <= bs requests into the
+        static buffers (one non-blocking copy each, staged with `stage`) and pads rows n..bs:
+        slot -1 (no KV write), seq_len 1 over block 0 (valid memory to read). Rows past bs
+        are left as they are (the bs graph does not read them)."""
+        g = self._graph_buffers()
+        n, width = step.num_reqs, step.max_blocks_per_seq
+        if not (0 < n <= bs <= g.max_bs and step.num_decodes == n and width <= g.max_blocks):
+            raise ValueError(
+                f"a graph replay needs 0 < decodes == requests <= bs <= {g.max_bs} and at most "
+                f"{g.max_blocks} blocks per sequence; got {step.num_decodes} decodes of "
+                f"{n} requests, bs {bs}, {width} blocks"
+            )
+        g.slot_mapping[:n].copy_(stage(step.slot_mapping), non_blocking=True)
+        g.seq_lens[:n].copy_(stage(step.seq_lens), non_blocking=True)
+        g.block_tables[:n, :width].copy_(stage(step.block_tables), non_blocking=True)
+        if bs > n:
+            g.slot_mapping[n:bs].fill_(-1)
+            g.seq_lens[n:bs].fill_(1)
+            g.block_tables[n:bs, 0].fill_(0)
+
+    # ---- workspace ------------------------------------------------------------------------
 
     def _workspace(self, floats: int) -> torch.Tensor:
         if self._workspaces and self._workspaces[-1].numel() >= floats:
