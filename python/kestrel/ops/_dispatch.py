@@ -80,6 +80,17 @@ def on_device(device: torch.device) -> Iterator[None]:
             yield
 
 
+def kernel_args(struct_type: type, **fields: float) -> object:
+    """A kernel parameter struct (e.g. ``kernels.DecodeAttentionArgs``) with its fields set by
+    name: pointers as ``data_ptr()`` integers, strides in elements. An unknown field name
+    raises AttributeError; a field left unset keeps the launcher-rejected default (see
+    cuda/kernels.h)."""
+    args = struct_type()
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args
+
+
 def check(op: str, code: int) -> None:
     """Raise KernelError naming ``op`` when a launcher returned a non-zero cudaError_t."""
     if code != 0:

@@ -114,20 +114,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     assert _dispatch.kernels is not None
     with _dispatch.on_device(x.device):
-        status = _dispatch.kernels.rms_norm(
-            out.data_ptr(),
-            x3.data_ptr(),
-            weight.data_ptr(),
-            x3.shape[0] * x3.shape[1],
-            x3.shape[1],
-            x3.stride(0),
-            x3.stride(1),
-            hidden,
-            float(eps),
-            code,
-            vec == 8,
-            _dispatch.stream_handle(x.device),
+        args = _dispatch.kernel_args(
+            _dispatch.kernels.RmsNormArgs,
+            out=out.data_ptr(),
+            x=x3.data_ptr(),
+            weight=weight.data_ptr(),
+            rows=x3.shape[0] * x3.shape[1],
+            inner=x3.shape[1],
+            stride_outer=x3.stride(0),
+            stride_inner=x3.stride(1),
+            hidden=hidden,
+            eps=float(eps),
+            dtype=code,
+            vec8=vec == 8,
         )
+        status = _dispatch.kernels.rms_norm(args, _dispatch.stream_handle(x.device))
     _dispatch.check("rms_norm", status)
     return out
 
@@ -155,15 +156,16 @@ def fused_add_rms_norm(
         return
     assert _dispatch.kernels is not None
     with _dispatch.on_device(x.device):
-        status = _dispatch.kernels.fused_add_rms_norm(
-            x.data_ptr(),
-            residual.data_ptr(),
-            weight.data_ptr(),
-            x.numel() // hidden,
-            hidden,
-            float(eps),
-            code,
-            vec == 8,
-            _dispatch.stream_handle(x.device),
+        args = _dispatch.kernel_args(
+            _dispatch.kernels.FusedAddRmsNormArgs,
+            x=x.data_ptr(),
+            residual=residual.data_ptr(),
+            weight=weight.data_ptr(),
+            rows=x.numel() // hidden,
+            hidden=hidden,
+            eps=float(eps),
+            dtype=code,
+            vec8=vec == 8,
         )
+        status = _dispatch.kernels.fused_add_rms_norm(args, _dispatch.stream_handle(x.device))
     _dispatch.check("fused_add_rms_norm", status)

@@ -320,26 +320,29 @@ def rotary_embedding_and_cache(
     )
     assert _dispatch.kernels is not None
     with _dispatch.on_device(q.device):
+        args = _dispatch.kernel_args(
+            _dispatch.kernels.RotaryCacheArgs,
+            positions=positions.data_ptr(),
+            positions_int64=positions.dtype == torch.int64,
+            q=q.data_ptr(),
+            q_stride=q.stride(0),
+            num_q_heads=num_q_heads,
+            k=k.data_ptr(),
+            k_stride=k.stride(0),
+            num_kv_heads=num_kv_heads,
+            v=v.data_ptr(),
+            v_stride=v.stride(0),
+            cos_sin=cos_sin_cache.data_ptr(),
+            key_cache=key_cache.data_ptr(),
+            value_cache=value_cache.data_ptr(),
+            slot_mapping=slot_mapping.data_ptr(),
+            slots_int64=slot_mapping.dtype == torch.int64,
+            num_tokens=num_tokens,
+            head_dim=head_dim,
+            dtype=code,
+            vec8=vec8,
+        )
         status = _dispatch.kernels.rotary_embedding_and_cache(
-            positions.data_ptr(),
-            positions.dtype == torch.int64,
-            q.data_ptr(),
-            q.stride(0),
-            num_q_heads,
-            k.data_ptr(),
-            k.stride(0),
-            num_kv_heads,
-            v.data_ptr(),
-            v.stride(0),
-            cos_sin_cache.data_ptr(),
-            key_cache.data_ptr(),
-            value_cache.data_ptr(),
-            slot_mapping.data_ptr(),
-            slot_mapping.dtype == torch.int64,
-            num_tokens,
-            head_dim,
-            code,
-            vec8,
-            _dispatch.stream_handle(q.device),
+            args, _dispatch.stream_handle(q.device)
         )
     _dispatch.check("rotary_embedding_and_cache", status)
