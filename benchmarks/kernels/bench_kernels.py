@@ -151,6 +151,7 @@ def _decode_case(bw: float, batch: int, ctx: int, hq: int, hkv: int, tc_min: int
 
 def _prefill_case(peak: float, variant: str, n: int, hq: int, hkv: int, d: int) -> None:
     os.environ[ops.attention_cuda.PREFILL_KERNEL_ENV] = variant
+    ops._dispatch.refresh_settings()  # the settings are read once; backends built now see it
     kc, vc, metas = _paged(1, n, n, hkv, d, 16, 1)
     q = torch.randn(n, hq, d, device="cuda", dtype=DT)
     scale = d**-0.5

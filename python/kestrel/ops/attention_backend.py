@@ -2,8 +2,9 @@
 
 `PagedAttentionBackend` is built once per model runner with the model's attention shape. Each
 step, `plan(metadata)` validates the metadata (once, not in every layer), decides whether the
-CUDA kernels run (device, dtype, head dim and layout; `KESTREL_DISABLE_KERNELS` and
-`KESTREL_PREFILL_KERNEL` are read when the backend is built), picks the number of decode splits
+CUDA kernels run (device, dtype, head dim and layout; the `KESTREL_DISABLE_KERNELS` and
+`KESTREL_PREFILL_KERNEL` settings, read once in `_dispatch.settings`, apply when the backend is
+built), picks the number of decode splits
 from the batch's `max_seq_len` (the real longest context in eager steps; a captured CUDA graph
 plans for the longest context it serves) and hands out a split workspace the backend owns. The
 kernels then cut each sequence by its real length (at most that many splits, none shorter
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from kestrel.ops import _dispatch, attention_cuda
-from kestrel.ops.attention_cuda import PREFILL_KERNEL_ENV, SUPPORTED_HEAD_DIMS, prefill_variant_code
+from kestrel.ops.attention_cuda import SUPPORTED_HEAD_DIMS, prefill_variant_code
 from kestrel.ops.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class PagedAttentionBackend:
             and _dispatch.dtype_code(dtype) is not None
             and head_dim in SUPPORTED_HEAD_DIMS
         )
-        self.prefill_variant = prefill_variant_code(os.environ.get(PREFILL_KERNEL_ENV, "auto"))
+        self.prefill_variant = prefill_variant_code(_dispatch.settings.prefill_kernel)
         self._probe = (
             torch.empty((1, num_q_heads, head_dim), dtype=dtype, device=device)
             if self.kernels

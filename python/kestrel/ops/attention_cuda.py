@@ -36,8 +36,8 @@ TC_MIN_GROUP = 4
 WAVE_OVERHEAD_TOKENS = 32
 
 # KESTREL_PREFILL_KERNEL picks the prefill kernel: "auto" (wgmma on sm_90 for head_dim 64/128,
-# else mma.sync), "mma" or "wgmma" (for tests and benchmarks).
-PREFILL_KERNEL_ENV = "KESTREL_PREFILL_KERNEL"
+# else mma.sync), "mma" or "wgmma" (for tests and benchmarks); read once into _dispatch.settings.
+PREFILL_KERNEL_ENV = _dispatch.PREFILL_KERNEL_ENV
 _PREFILL_VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
 
 

@@ -2,6 +2,10 @@
 
 The cos/sin cache is one tensor [max_position, head_dim]: columns [0, head_dim/2) hold
 cos(position * inv_freq[i]) and columns [head_dim/2, head_dim) hold sin(position * inv_freq[i]).
+
+`rotary_embedding_and_cache` dispatches to the fused kernel (a CUDA input it cannot take is a
+logged fallback, an error under graph capture); `layers.PagedAttention` picks it or
+`rotary_embedding_and_cache_reference` at construction.
 """
 
 from __future__ import annotations
@@ -254,7 +258,8 @@ def _rotary_kernel_dtype(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> int | None:
-    """The kernel dtype code when the fused kernel handles these tensors, else None."""
+    """The kernel dtype code when the fused kernel handles these tensors, else None (a CUDA
+    input it cannot take is a logged fallback)."""
     if not _dispatch.use_kernels(q):
         return None
     _dispatch.require_same_device(
@@ -279,7 +284,13 @@ def _rotary_kernel_dtype(
         and slot_mapping.dtype in (torch.int32, torch.int64)
         and v.shape == k.shape
     )
-    return code if code is not None and same_dtype and layout_ok else None
+    if code is None or not same_dtype or not layout_ok:
+        why = (
+            f"q {q.dtype}, cache {key_cache.dtype}, same dtypes: {same_dtype}, layout: {layout_ok}"
+        )
+        _dispatch.reference_fallback("rotary_embedding_and_cache", why)
+        return None
+    return code
 
 
 def rotary_embedding_and_cache(
