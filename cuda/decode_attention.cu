@@ -7,46 +7,41 @@
 
 namespace kestrel::api {
 
-int paged_decode_attention(ptr_t out, int64_t out_stride, ptr_t q, int64_t q_stride,
-                           ptr_t key_cache, ptr_t value_cache, ptr_t block_tables,
-                           int64_t bt_stride, ptr_t seq_lens, int64_t num_seqs, int64_t num_q_heads,
-                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, double scale,
-                           int64_t heads_per_block, int64_t num_splits, int64_t split_len,
-                           ptr_t workspace, int64_t workspace_floats, int dtype, ptr_t stream) {
-  if (num_q_heads <= 0 || num_q_heads > 65535 || num_kv_heads <= 0 || block_size <= 0 ||
-      block_size > (1 << 20) || num_splits < 1 || num_splits > 65535 || split_len < 1 ||
-      split_len > INT32_MAX || num_seqs < 0 || num_seqs > 65535) {
+int paged_decode_attention(const DecodeAttentionArgs& a, ptr_t stream) {
+  if (a.num_q_heads <= 0 || a.num_q_heads > 65535 || a.num_kv_heads <= 0 || a.block_size <= 0 ||
+      a.block_size > (1 << 20) || a.num_splits < 1 || a.num_splits > 65535 || a.min_split_len < 1 ||
+      a.min_split_len > (1 << 14) || a.num_seqs < 0 || a.num_seqs > 65535) {
     return cudaErrorInvalidValue;
   }
-  const int64_t rows = num_splits * num_seqs * num_q_heads;  // partial rows in the workspace
-  if (num_splits > 1 && (workspace == 0 || workspace_floats < rows * (head_dim + 1))) {
+  const int64_t rows = a.num_splits * a.num_seqs * a.num_q_heads;  // partial rows (workspace)
+  if (a.num_splits > 1 && (a.workspace == 0 || a.workspace_floats < rows * (a.head_dim + 1))) {
     return cudaErrorInvalidValue;
   }
   attention::DecodeParams p{};
-  p.q = reinterpret_cast<const void*>(q);
-  p.q_stride = q_stride;
-  p.out = reinterpret_cast<void*>(out);
-  p.out_stride = out_stride;
-  p.key_cache = reinterpret_cast<const void*>(key_cache);
-  p.value_cache = reinterpret_cast<const void*>(value_cache);
-  p.block_tables = reinterpret_cast<const int32_t*>(block_tables);
-  p.bt_stride = bt_stride;
-  p.seq_lens = reinterpret_cast<const int32_t*>(seq_lens);
-  p.num_seqs = static_cast<int>(num_seqs);
-  p.num_q_heads = static_cast<int>(num_q_heads);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.block_size = static_cast<int>(block_size);
-  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
-  p.heads_per_block = static_cast<int>(heads_per_block);
-  p.num_splits = static_cast<int>(num_splits);
-  p.split_len = static_cast<int>(split_len);
-  p.partial_out = reinterpret_cast<float*>(workspace);
-  p.partial_lse = p.partial_out + rows * head_dim;
+  p.q = reinterpret_cast<const void*>(a.q);
+  p.q_stride = a.q_stride;
+  p.out = reinterpret_cast<void*>(a.out);
+  p.out_stride = a.out_stride;
+  p.key_cache = reinterpret_cast<const void*>(a.key_cache);
+  p.value_cache = reinterpret_cast<const void*>(a.value_cache);
+  p.block_tables = reinterpret_cast<const int32_t*>(a.block_tables);
+  p.bt_stride = a.bt_stride;
+  p.seq_lens = reinterpret_cast<const int32_t*>(a.seq_lens);
+  p.num_seqs = static_cast<int>(a.num_seqs);
+  p.num_q_heads = static_cast<int>(a.num_q_heads);
+  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
+  p.block_size = static_cast<int>(a.block_size);
+  p.scale_log2 = static_cast<float>(a.scale * M_LOG2E);
+  p.heads_per_block = static_cast<int>(a.heads_per_block);
+  p.num_splits = static_cast<int>(a.num_splits);
+  p.min_split_len = static_cast<int>(a.min_split_len);
+  p.partial_out = reinterpret_cast<float*>(a.workspace);
+  p.partial_lse = p.partial_out + rows * a.head_dim;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const bool tc = heads_per_block == attention::kTcHeads;  // tensor-core kernel
-    switch (head_dim) {
+    const bool tc = a.heads_per_block == attention::kTcHeads;  // tensor-core kernel
+    switch (a.head_dim) {
       case 64:
         return tc ? attention::launch_decode_tc<T, 64>(p, s)
                   : attention::launch_decode_attention<T, 64>(p, s);

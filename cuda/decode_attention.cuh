@@ -1,10 +1,14 @@
 // Paged decode attention: one query token per sequence over a paged KV cache.
 //
 // Grid (kv_head x query-head subgroup, sequence, split). A block serves up to G query heads
-// that share one kv head, so each K/V row is read once for all of them (GQA). The sequence is
-// cut into splits of split_len tokens when the batch alone would not fill the GPU; each split
-// writes its normalized partial output and log2-sum-exp to a workspace, and a merge kernel
-// combines them. With one split the block writes the output directly.
+// that share one kv head, so each K/V row is read once for all of them (GQA). The host plans
+// num_splits (the grid's z size) for the batch's longest context when the batch alone would not
+// fill the GPU; each sequence then cuts its own context into splits on the device, from its real
+// seq_len (decode_split_len: even splits of at least min_split_len tokens), so a short context
+// uses few splits and the blocks of its empty splits return at once (a captured graph planned for
+// the longest context it serves stays parallel for short ones). Each non-empty split writes its
+// normalized partial output and log2-sum-exp to a workspace, and a merge kernel combines the
+// sequence's non-empty splits. With one split the block writes the output directly.
 //
 // Inside a block: each token is read by LPT = D / 8 lanes (16 bytes each), so a warp handles
 // 32 / LPT tokens per step (a "token slot" per lane group) and a tile of TILE = slots * U tokens
@@ -38,11 +42,28 @@ struct DecodeParams {
   int num_seqs, num_q_heads, num_kv_heads, block_size;
   float scale_log2;     // softmax scale * log2(e)
   int heads_per_block;  // G: query heads per block (1, 2, 4 or 8), the kernel template
-  int num_splits;       // >= 1
-  int split_len;        // tokens per split (the last split also takes any remainder)
+  int num_splits;       // >= 1: splits per sequence in the grid (planned for the longest)
+  int min_split_len;    // >= 1: the shortest split of a sequence (see decode_split_len)
   float* partial_out;   // [num_splits, num_seqs, Hq, D] fp32 (num_splits > 1 only)
   float* partial_lse;   // [num_splits, num_seqs, Hq] fp32, log2 domain
 };
+
+// Tokens per split of a sequence of seq_len tokens over num_splits splits: even splits, none
+// shorter than min_split_len, so the sequence fills decode_valid_splits() <= num_splits splits
+// (their union is [0, seq_len), each token in exactly one) and the rest are empty. Split
+// starts are not rounded to KV blocks: the loops address each token through the block table on
+// its own, so alignment buys nothing, and the longest sequence keeps the host's split length.
+// Mirrored in Python by kestrel.ops.attention_cuda.decode_split_len (its tests check coverage).
+__host__ __device__ __forceinline__ int decode_split_len(int seq_len, int num_splits,
+                                                         int min_split_len) {
+  const int even = static_cast<int>((static_cast<int64_t>(seq_len) + num_splits - 1) / num_splits);
+  return even > min_split_len ? even : min_split_len;
+}
+
+// Non-empty splits of a sequence: ceil(seq_len / split_len), at most num_splits.
+__host__ __device__ __forceinline__ int decode_valid_splits(int seq_len, int split_len) {
+  return (seq_len + split_len - 1) / split_len;
+}
 
 // Epilogue of one (sequence, query head, split) for output element d: the normalized output when
 // the sequence is not split, else the fp32 partial output and its log2-domain LSE for the merge.
@@ -97,8 +118,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
   const int seq = blockIdx.y;
   const int split = blockIdx.z;
   const int seq_len = p.seq_lens[seq];
-  const int start = split * p.split_len;
-  const int end = split == p.num_splits - 1 ? seq_len : min(seq_len, start + p.split_len);
+  const int split_len = decode_split_len(seq_len, p.num_splits, p.min_split_len);
+  const int start = split * split_len;
+  const int end = min(seq_len, start + split_len);
   if (start >= end) return;  // empty split: the merge reads only non-empty splits
 
   const int warp = threadIdx.x / 32;
@@ -262,13 +284,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
   }
 }
 
-// Combines the non-empty splits of each (sequence, query head). Grid (Hq, num_seqs), D threads.
+// Combines the non-empty splits of each (sequence, query head): the same per-sequence split
+// length as the attention kernels, so the same splits. Grid (Hq, num_seqs), D threads.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) decode_merge_kernel(const DecodeParams p) {
   const int h = blockIdx.x;
   const int seq = blockIdx.y;
   const int seq_len = p.seq_lens[seq];
-  const int nvalid = min(p.num_splits, (seq_len + p.split_len - 1) / p.split_len);
+  const int split_len = decode_split_len(seq_len, p.num_splits, p.min_split_len);
+  const int nvalid = min(p.num_splits, decode_valid_splits(seq_len, split_len));
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.num_q_heads;  // rows per split
   const int64_t row0 = static_cast<int64_t>(seq) * p.num_q_heads + h;
   float mx = -INFINITY;
@@ -302,7 +326,7 @@ template <typename T, int D>
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
-      p.num_splits < 1 || p.split_len < 1 || p.num_seqs > 65535 || p.num_splits > 65535) {
+      p.num_splits < 1 || p.min_split_len < 1 || p.num_seqs > 65535 || p.num_splits > 65535) {
     return cudaErrorInvalidValue;
   }
   switch (p.heads_per_block) {

@@ -4,7 +4,8 @@
 // instructions instead of one CUDA-core dot product and shuffle reduction per head.
 //
 // Same grid, split and merge contract as decode_attention.cuh (grid (kv_head x subgroup of up to
-// 16 heads, sequence, split); partial outputs + log2-sum-exp when num_splits > 1). Each of the 4
+// 16 heads, sequence, split); each sequence's split length from its own seq_len,
+// decode_split_len; partial outputs + log2-sum-exp when num_splits > 1). Each of the 4
 // warps takes 16 tokens of every 64-token tile and streams its own slices through a per-warp
 // STAGES-deep cp.async ring (XOR-swizzled rows for conflict-free ldmatrix), so only warp-level
 // barriers run in the main loop. Each warp keeps an online softmax over its tokens; the warps
@@ -54,8 +55,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   const int seq = blockIdx.y;
   const int split = blockIdx.z;
   const int seq_len = p.seq_lens[seq];
-  const int start = split * p.split_len;
-  const int end = split == p.num_splits - 1 ? seq_len : min(seq_len, start + p.split_len);
+  const int split_len = decode_split_len(seq_len, p.num_splits, p.min_split_len);
+  const int start = split * split_len;
+  const int end = min(seq_len, start + split_len);
   if (start >= end) return;  // empty split: the merge reads only non-empty splits
 
   const int warp = threadIdx.x / 32;

@@ -18,36 +18,34 @@ int run_rms_norm(const norm::RmsNormParams& p, int dtype, bool vec8, ptr_t strea
 
 }  // namespace
 
-int rms_norm(ptr_t out, ptr_t x, ptr_t weight, int64_t rows, int64_t inner, int64_t stride_outer,
-             int64_t stride_inner, int64_t hidden, double eps, int dtype, bool vec8, ptr_t stream) {
-  if (inner <= 0 || hidden > INT32_MAX) return cudaErrorInvalidValue;
+int rms_norm(const RmsNormArgs& a, ptr_t stream) {
+  if (a.inner <= 0 || a.hidden > INT32_MAX) return cudaErrorInvalidValue;
   norm::RmsNormParams p{};
-  p.out = reinterpret_cast<void*>(out);
-  p.x = reinterpret_cast<void*>(x);
-  p.weight = reinterpret_cast<const void*>(weight);
-  p.rows = rows;
-  p.inner = inner;
-  p.stride_outer = stride_outer;
-  p.stride_inner = stride_inner;
-  p.hidden = static_cast<int>(hidden);
-  p.eps = static_cast<float>(eps);
-  return run_rms_norm<false>(p, dtype, vec8, stream);
+  p.out = reinterpret_cast<void*>(a.out);
+  p.x = reinterpret_cast<void*>(a.x);
+  p.weight = reinterpret_cast<const void*>(a.weight);
+  p.rows = a.rows;
+  p.inner = a.inner;
+  p.stride_outer = a.stride_outer;
+  p.stride_inner = a.stride_inner;
+  p.hidden = static_cast<int>(a.hidden);
+  p.eps = static_cast<float>(a.eps);
+  return run_rms_norm<false>(p, a.dtype, a.vec8, stream);
 }
 
-int fused_add_rms_norm(ptr_t x, ptr_t residual, ptr_t weight, int64_t rows, int64_t hidden,
-                       double eps, int dtype, bool vec8, ptr_t stream) {
-  if (hidden > INT32_MAX) return cudaErrorInvalidValue;
+int fused_add_rms_norm(const FusedAddRmsNormArgs& a, ptr_t stream) {
+  if (a.hidden > INT32_MAX) return cudaErrorInvalidValue;
   norm::RmsNormParams p{};
-  p.x = reinterpret_cast<void*>(x);
-  p.residual = reinterpret_cast<void*>(residual);
-  p.weight = reinterpret_cast<const void*>(weight);
-  p.rows = rows;
+  p.x = reinterpret_cast<void*>(a.x);
+  p.residual = reinterpret_cast<void*>(a.residual);
+  p.weight = reinterpret_cast<const void*>(a.weight);
+  p.rows = a.rows;
   p.inner = 1;
-  p.stride_outer = hidden;
+  p.stride_outer = a.hidden;
   p.stride_inner = 0;
-  p.hidden = static_cast<int>(hidden);
-  p.eps = static_cast<float>(eps);
-  return run_rms_norm<true>(p, dtype, vec8, stream);
+  p.hidden = static_cast<int>(a.hidden);
+  p.eps = static_cast<float>(a.eps);
+  return run_rms_norm<true>(p, a.dtype, a.vec8, stream);
 }
 
 }  // namespace kestrel::api

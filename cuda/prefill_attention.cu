@@ -7,43 +7,39 @@
 
 namespace kestrel::api {
 
-int paged_prefill_attention(ptr_t out, int64_t out_stride, ptr_t q, int64_t q_stride,
-                            ptr_t key_cache, ptr_t value_cache, ptr_t block_tables,
-                            int64_t bt_stride, ptr_t query_start_loc, ptr_t seq_lens,
-                            int64_t num_seqs, int64_t num_tokens, int64_t num_q_heads,
-                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                            double scale, int variant, int dtype, ptr_t stream) {
-  if (num_seqs < 0 || num_seqs > INT32_MAX || num_tokens < 0 || num_tokens > INT32_MAX ||
-      num_q_heads <= 0 || num_q_heads > 65535 || num_kv_heads <= 0 || block_size <= 0 ||
-      block_size > (1 << 20) || variant < 0 || variant > 2) {
+int paged_prefill_attention(const PrefillAttentionArgs& a, ptr_t stream) {
+  if (a.num_seqs < 0 || a.num_seqs > INT32_MAX || a.num_tokens < 0 || a.num_tokens > INT32_MAX ||
+      a.num_q_heads <= 0 || a.num_q_heads > 65535 || a.num_kv_heads <= 0 || a.block_size <= 0 ||
+      a.block_size > (1 << 20) || a.variant < 0 || a.variant > 2) {
     return cudaErrorInvalidValue;
   }
+  const int64_t head_dim = a.head_dim, num_tokens = a.num_tokens;
   // variant 0: wgmma where it runs (sm_90, head_dim 64/128), else mma.sync; 1: mma.sync; 2: wgmma.
   const bool sm90 = attention::use_sm90_prefill() && (head_dim == 64 || head_dim == 128);
-  if (variant == 2 && !sm90) return cudaErrorInvalidValue;
-  const bool wgmma = variant == 2 || (variant == 0 && sm90);
+  if (a.variant == 2 && !sm90) return cudaErrorInvalidValue;
+  const bool wgmma = a.variant == 2 || (a.variant == 0 && sm90);
   attention::PrefillParams p{};
-  p.q = reinterpret_cast<const void*>(q);
-  p.q_stride = q_stride;
-  p.out = reinterpret_cast<void*>(out);
-  p.out_stride = out_stride;
-  p.key_cache = reinterpret_cast<const void*>(key_cache);
-  p.value_cache = reinterpret_cast<const void*>(value_cache);
-  p.block_tables = reinterpret_cast<const int32_t*>(block_tables);
-  p.bt_stride = bt_stride;
-  p.query_start_loc = reinterpret_cast<const int32_t*>(query_start_loc);
-  p.seq_lens = reinterpret_cast<const int32_t*>(seq_lens);
-  p.num_seqs = static_cast<int>(num_seqs);
-  p.num_q_heads = static_cast<int>(num_q_heads);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.block_size = static_cast<int>(block_size);
+  p.q = reinterpret_cast<const void*>(a.q);
+  p.q_stride = a.q_stride;
+  p.out = reinterpret_cast<void*>(a.out);
+  p.out_stride = a.out_stride;
+  p.key_cache = reinterpret_cast<const void*>(a.key_cache);
+  p.value_cache = reinterpret_cast<const void*>(a.value_cache);
+  p.block_tables = reinterpret_cast<const int32_t*>(a.block_tables);
+  p.bt_stride = a.bt_stride;
+  p.query_start_loc = reinterpret_cast<const int32_t*>(a.query_start_loc);
+  p.seq_lens = reinterpret_cast<const int32_t*>(a.seq_lens);
+  p.num_seqs = static_cast<int>(a.num_seqs);
+  p.num_q_heads = static_cast<int>(a.num_q_heads);
+  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
+  p.block_size = static_cast<int>(a.block_size);
   p.block_shift = -1;
   for (int shift = 0; shift < 21; ++shift) {
-    if ((int64_t{1} << shift) == block_size) p.block_shift = shift;
+    if ((int64_t{1} << shift) == a.block_size) p.block_shift = shift;
   }
-  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  p.scale_log2 = static_cast<float>(a.scale * M_LOG2E);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     switch (head_dim) {
       case 64:

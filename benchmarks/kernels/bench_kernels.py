@@ -142,7 +142,7 @@ def _decode_case(bw: float, batch: int, ctx: int, hq: int, hkv: int, tc_min: int
     base = time_events(
         lambda: ops.paged_decode_attention(qs[0], kc, vc, metas[0], scale, out), iters=5
     )
-    splits = ops.attention_cuda.decode_plan(qs[0], hkv, batch, ctx)[0]
+    splits = ops.attention_cuda.decode_plan(qs[0], hkv, batch, ctx)
     total = kv_bytes + 2 * batch * hq * d * 2
     case = f"B={batch} ctx={ctx} Hq={hq} Hkv={hkv} D={d}"
     note = f"splits={splits} heads/block={ops.attention_cuda.heads_per_block(hq // hkv, d)}"
@@ -151,6 +151,7 @@ def _decode_case(bw: float, batch: int, ctx: int, hq: int, hkv: int, tc_min: int
 
 def _prefill_case(peak: float, variant: str, n: int, hq: int, hkv: int, d: int) -> None:
     os.environ[ops.attention_cuda.PREFILL_KERNEL_ENV] = variant
+    ops._dispatch.refresh_settings()  # the settings are read once; backends built now see it
     kc, vc, metas = _paged(1, n, n, hkv, d, 16, 1)
     q = torch.randn(n, hq, d, device="cuda", dtype=DT)
     scale = d**-0.5

@@ -157,10 +157,20 @@ def dense_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
     return out
 
 
+def set_kernel_env(monkeypatch, name: str, value: str | None) -> None:
+    """Set (None: remove) a kernel environment switch for one test and re-read the settings
+    (`_dispatch.settings`, read once at import); both are restored after the test."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_dispatch, "settings", _dispatch.KernelSettings.from_env())
+
+
 def kernel_spy(monkeypatch) -> Iterator[KernelSpy]:
     """Install a KernelSpy over kestrel._kernels (fails when the kernels are not built)."""
     assert _dispatch.kernels is not None, "kestrel._kernels is not built"
     spy = KernelSpy(_dispatch.kernels)
     monkeypatch.setattr(_dispatch, "kernels", spy)
-    monkeypatch.delenv(_dispatch.DISABLE_ENV, raising=False)
+    set_kernel_env(monkeypatch, _dispatch.DISABLE_ENV, None)
     yield spy

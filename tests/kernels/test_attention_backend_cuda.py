@@ -9,7 +9,7 @@ import torch
 
 from kestrel.ops import paged_attention
 from kestrel.ops.attention_backend import PagedAttentionBackend
-from kestrel.ops.attention_cuda import decode_plan
+from kestrel.ops.attention_cuda import MIN_SPLIT_TOKENS, decode_plan
 from tests.kernels.helpers import make_paged_batch
 
 pytestmark = pytest.mark.cuda
@@ -42,7 +42,8 @@ def test_split_follows_the_real_longest_context(context):
         torch.Generator(device="cuda").manual_seed(1),
     )
     plan = backend.plan(batch.metadata).plan
-    assert (plan.decode_splits, plan.decode_split_len) == decode_plan(batch.q, HKV, 4, context)
+    assert plan.decode_splits == decode_plan(batch.q, HKV, 4, context)
+    assert plan.decode_min_split_len == MIN_SPLIT_TOKENS
     if plan.decode_splits > 1:
         assert plan.workspace is not None
         assert plan.workspace.numel() >= plan.decode_splits * 4 * HQ * (D + 1)

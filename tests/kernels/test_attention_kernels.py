@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from kestrel.ops import KernelError, attention_cuda, paged_attention
-from tests.kernels.helpers import DTYPES, assert_close, dense_attention, make_paged_batch
+from tests.kernels.helpers import (
+    DTYPES,
+    assert_close,
+    dense_attention,
+    make_paged_batch,
+    set_kernel_env,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -43,7 +49,7 @@ def test_decode_split(dtype, head_dim, num_q_heads, num_kv_heads, decode_kernel,
     """Small batch, long and short contexts: several splits, some of them empty."""
     lens = [(1, s) for s in (1, 15, 16, 17, 257, 1000, 4096)]
     batch = make_paged_batch(lens, 7, num_q_heads, num_kv_heads, head_dim, dtype, gen)
-    splits, _ = attention_cuda.decode_plan(batch.q, num_kv_heads, 7, 4096)
+    splits = attention_cuda.decode_plan(batch.q, num_kv_heads, 7, 4096)
     assert splits > 1
     _check(batch, _run(batch, spy, True, False), dtype, "decode (split)")
 
@@ -75,7 +81,7 @@ PREFILL = [(17, 50), (33, 33), (16, 16), (4, 37), (64, 64), (65, 200), (130, 100
 @pytest.fixture(params=["auto", "mma"])
 def prefill_kernel(request, monkeypatch) -> str:
     """Runs a test with the default prefill kernel (wgmma on an H100) and with mma.sync."""
-    monkeypatch.setenv(attention_cuda.PREFILL_KERNEL_ENV, request.param)
+    set_kernel_env(monkeypatch, attention_cuda.PREFILL_KERNEL_ENV, request.param)
     return request.param
 
 
@@ -147,7 +153,7 @@ def test_graph_replay_matches_eager(dtype, gen, spy):
 
 def test_wgmma_request_on_256_is_an_error(gen, spy, monkeypatch):
     """head_dim 256 has no wgmma kernel: forcing it must raise, naming the op."""
-    monkeypatch.setenv(attention_cuda.PREFILL_KERNEL_ENV, "wgmma")
+    set_kernel_env(monkeypatch, attention_cuda.PREFILL_KERNEL_ENV, "wgmma")
     batch = make_paged_batch([(20, 30)], 0, 4, 4, 256, torch.bfloat16, gen)
     with pytest.raises(KernelError, match=r"paged_attention \(prefill\)"):
         paged_attention(batch.q, batch.key_cache, batch.value_cache, batch.metadata, 0.0625)
@@ -156,6 +162,6 @@ def test_wgmma_request_on_256_is_an_error(gen, spy, monkeypatch):
 def test_kernel_error_names_the_op(gen, spy, monkeypatch):
     batch = make_paged_batch([(1, 600)], 1, 8, 8, 64, torch.bfloat16, gen)
     # 70000 splits exceed the grid limit the launcher accepts: it returns an error code.
-    monkeypatch.setattr(attention_cuda, "decode_plan", lambda *a: (70000, 1))
+    monkeypatch.setattr(attention_cuda, "decode_plan", lambda *a: 70000)
     with pytest.raises(KernelError, match=r"paged_attention \(decode\)"):
         paged_attention(batch.q, batch.key_cache, batch.value_cache, batch.metadata, 0.125)

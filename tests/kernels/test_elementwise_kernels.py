@@ -11,7 +11,7 @@ from kestrel.ops import (
     silu_and_mul,
     silu_and_mul_reference,
 )
-from tests.kernels.helpers import DTYPES, TOLERANCE, assert_close, randn, rel_err
+from tests.kernels.helpers import DTYPES, TOLERANCE, assert_close, randn, rel_err, set_kernel_env
 
 pytestmark = pytest.mark.cuda
 
@@ -76,7 +76,7 @@ def test_silu_and_mul(dtype, inter, tokens, gen, spy, poison):
 
 
 def test_reference_used_when_disabled(gen, spy, monkeypatch):
-    monkeypatch.setenv("KESTREL_DISABLE_KERNELS", "1")
+    set_kernel_env(monkeypatch, "KESTREL_DISABLE_KERNELS", "1")
     x = randn(4, 64, dtype=torch.bfloat16, gen=gen)
     out = silu_and_mul(x)
     assert sum(spy.calls.values()) == 0

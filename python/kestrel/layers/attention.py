@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kestrel import ops
+from kestrel.ops import _dispatch
 
 
 class PagedAttention(nn.Module):
@@ -15,7 +16,18 @@ class PagedAttention(nn.Module):
     tokens scheduled in the same step (a prefill chunk) see each other's K/V.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """dtype, device: of q/k/v and the cache; with both given the RoPE + KV-write op is
+        chosen now (the fused kernel's dispatching op on CUDA fp16/bf16, else the reference);
+        without, the dispatching op decides per call."""
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -25,6 +37,12 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        reference = dtype is not None and not _dispatch.kernels_for(device, dtype)
+        self._rotary_and_cache = (
+            ops.rotary_embedding_and_cache_reference
+            if reference
+            else ops.rotary_embedding_and_cache
+        )
 
     def forward(
         self,
@@ -40,7 +58,7 @@ class PagedAttention(nn.Module):
         kv_cache = (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads,
         head_dim]. q and k are rotated in place. Returns [T, num_heads, head_dim]."""
         key_cache, value_cache = kv_cache
-        ops.rotary_embedding_and_cache(
+        self._rotary_and_cache(
             positions, q, k, v, cos_sin_cache, key_cache, value_cache, attn_metadata.slot_mapping
         )
         return ops.paged_attention(q, key_cache, value_cache, attn_metadata, self.scale)

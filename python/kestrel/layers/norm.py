@@ -1,4 +1,5 @@
-"""RMSNorm module over the `kestrel.ops` norm ops."""
+"""RMSNorm module over the `kestrel.ops` norm ops (the kernel-dispatching op or the reference,
+chosen once at construction from the layer's device and dtype)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 
 from kestrel import ops
 from kestrel.layers.linear import default_weight_loader, new_parameter
+from kestrel.ops import _dispatch
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +27,13 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
         with torch.no_grad():
             self.weight.fill_(1.0)
+        # Chosen once: CUDA fp16/bf16 with the kernels available dispatches to the kernel
+        # (fallbacks on odd layouts are logged); anything else runs the reference directly.
+        kernels = _dispatch.kernels_for(device, dtype)
+        self._rms_norm = ops.rms_norm if kernels else ops.rms_norm_reference
+        self._fused_add_rms_norm = (
+            ops.fused_add_rms_norm if kernels else ops.fused_add_rms_norm_reference
+        )
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -36,6 +45,6 @@ class RMSNorm(nn.Module):
         (x, residual), the same tensors that were passed in.
         """
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps), None
-        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return self._rms_norm(x, self.weight, self.eps), None
+        self._fused_add_rms_norm(x, residual, self.weight, self.eps)
         return x, residual

@@ -38,6 +38,7 @@ from kestrel.layers import (
 )
 from kestrel.model_config import ModelConfig
 from kestrel.models.weights import load_packed_weights
+from kestrel.ops import _dispatch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
 Device = torch.device | str
@@ -64,10 +65,13 @@ class DecoderMLP(nn.Module):
             inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device, tp_group=tp_group,
             prefix=f"{prefix}.down_proj",
         )  # fmt: skip
+        # The gate's implementation, chosen once (the kernel on CUDA fp16/bf16).
+        kernels = _dispatch.kernels_for(device, dtype)
+        self._silu_and_mul = ops.silu_and_mul if kernels else ops.silu_and_mul_reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, hidden] -> gate_up [T, 2 * I/tp] -> [T, I/tp] -> [T, hidden] (summed over ranks)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderAttention(nn.Module):
@@ -105,8 +109,9 @@ class DecoderAttention(nn.Module):
             self.q_norm = None
             self.k_norm = None
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5
-        )
+            self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5, dtype=dtype,
+            device=device,
+        )  # fmt: skip
 
     def forward(
         self,

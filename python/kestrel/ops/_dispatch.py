@@ -1,8 +1,17 @@
 """Choosing between the CUDA kernels (``kestrel._kernels``) and the torch references.
 
-An op runs its kernel when the kernels module was built, ``KESTREL_DISABLE_KERNELS`` is not
-"1", its tensors live on a CUDA device and their dtype/layout is one the kernel handles; any
-other input takes the torch reference (the oracle), so behaviour never depends on the build.
+The environment switches (``KESTREL_DISABLE_KERNELS=1``: every op takes its reference;
+``KESTREL_PREFILL_KERNEL``: the prefill attention variant) are read once, into the
+:class:`KernelSettings` held as ``settings`` here, when this module is imported;
+:func:`refresh_settings` reads them again (a process that sets them later, before it builds an
+engine). Tests that patch the environment replace ``settings`` through their monkeypatch.
+
+Layers choose their implementation once, at construction (:func:`kernels_for` their device and
+dtype): the dispatching op or the reference. A dispatching op runs its kernel when the kernels
+are available and its tensors live on a CUDA device in a dtype/layout the kernel handles; a
+CUDA input it cannot take goes to the reference through :func:`reference_fallback` (a warning
+once per op; an error under CUDA graph capture, where the reference's host work would break the
+graph). CPU inputs take the reference silently, so behaviour never depends on the build.
 Kernels are launched on torch's current stream of the tensors' device and return a cudaError_t
 code; a non-zero code raises :class:`KernelError` naming the op.
 """
@@ -11,13 +20,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 DISABLE_ENV = "KESTREL_DISABLE_KERNELS"
+# "auto" (wgmma on sm_90 for head_dim 64/128, else mma.sync), "mma" or "wgmma" (for tests and
+# benchmarks); checked when an attention backend is built (attention_cuda.prefill_variant_code).
+PREFILL_KERNEL_ENV = "KESTREL_PREFILL_KERNEL"
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """The kernels' environment switches, read once (see the module docstring)."""
+
+    disable_kernels: bool  # KESTREL_DISABLE_KERNELS == "1"
+    prefill_kernel: str  # KESTREL_PREFILL_KERNEL, default "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> KernelSettings:
+        return cls(
+            disable_kernels=environ.get(DISABLE_ENV) == "1",
+            prefill_kernel=environ.get(PREFILL_KERNEL_ENV, "auto"),
+        )
+
+
+settings: KernelSettings = KernelSettings.from_env()
+
+
+def refresh_settings() -> KernelSettings:
+    """Read the environment switches again (they apply to what is built from now on)."""
+    global settings
+    settings = KernelSettings.from_env()
+    return settings
 
 
 def _load_kernels() -> ModuleType | None:
@@ -38,13 +79,33 @@ class KernelError(RuntimeError):
 
 
 def kernels_available() -> bool:
-    """True when kestrel._kernels is importable and not disabled by the environment."""
-    return kernels is not None and os.environ.get(DISABLE_ENV) != "1"
+    """True when kestrel._kernels is importable and not disabled by the settings."""
+    return kernels is not None and not settings.disable_kernels
 
 
 def use_kernels(x: torch.Tensor) -> bool:
     """True when an op on ``x`` should try the CUDA kernel (x on CUDA, kernels available)."""
     return x.is_cuda and kernels_available()
+
+
+def kernels_for(device: torch.device | str | None, dtype: torch.dtype) -> bool:
+    """True when the kernels run for tensors of this device and dtype (a layer's choice at
+    construction: CUDA, fp16/bf16, kernels available). None is torch's default device."""
+    where = torch.device(device) if device is not None else torch.get_default_device()
+    return where.type == "cuda" and kernels_available() and dtype_code(dtype) is not None
+
+
+@functools.cache
+def _warn_fallback(op: str) -> None:
+    logger.warning("%s: the CUDA kernel cannot take these inputs; using the torch reference", op)
+
+
+def reference_fallback(op: str, why: str) -> None:
+    """A kernel-dispatching op is about to run its reference on a CUDA tensor: a warning the
+    first time for `op`, and a RuntimeError while a CUDA graph is being captured."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{op} fell back to the torch reference under capture: {why}")
+    _warn_fallback(op)
 
 
 def dtype_code(dtype: torch.dtype) -> int | None:
@@ -78,6 +139,17 @@ def on_device(device: torch.device) -> Iterator[None]:
     else:
         with torch.cuda.device(device):
             yield
+
+
+def kernel_args(struct_type: type, **fields: float) -> object:
+    """A kernel parameter struct (e.g. ``kernels.DecodeAttentionArgs``) with its fields set by
+    name: pointers as ``data_ptr()`` integers, strides in elements. An unknown field name
+    raises AttributeError; a field left unset keeps the launcher-rejected default (see
+    cuda/kernels.h)."""
+    args = struct_type()
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args
 
 
 def check(op: str, code: int) -> None:

@@ -1,4 +1,6 @@
-"""Gated activation ops: the CUDA kernel on GPU tensors, the torch reference elsewhere."""
+"""Gated activation ops: the CUDA kernel on GPU tensors, the torch reference elsewhere (a CUDA
+input the kernel cannot take is a logged fallback, an error under graph capture). The model's
+MLP picks `silu_and_mul` or `silu_and_mul_reference` at construction."""
 
 from __future__ import annotations
 
@@ -39,8 +41,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU gate (see :func:`silu_and_mul_reference`); one fused kernel pass on CUDA fp16/bf16
     tensors (x is made contiguous first if it is not)."""
     _check_silu_and_mul_args(x)
-    code = _dispatch.dtype_code(x.dtype) if _dispatch.use_kernels(x) else None
+    if not _dispatch.use_kernels(x):
+        return silu_and_mul_reference(x)
+    code = _dispatch.dtype_code(x.dtype)
     if code is None:
+        _dispatch.reference_fallback("silu_and_mul", f"x {x.dtype}")
         return silu_and_mul_reference(x)
     x = x.contiguous()
     inter = x.shape[-1] // 2

@@ -11,16 +11,12 @@ prefix. The query tokens of a sequence are the LAST query_len positions of its c
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 
+from kestrel.ops import _dispatch
 from kestrel.ops.attention_backend import ad_hoc_plan
 from kestrel.ops.attention_cuda import paged_attention_cuda
 from kestrel.ops.attention_metadata import AttentionMetadata
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionMetadata",
@@ -161,25 +157,14 @@ def paged_prefill_attention(
         out[begin:end] = _attend(q[begin:end], k, v, visible, scale).to(out.dtype)
 
 
-@functools.cache
-def _log_fallback(what: str) -> None:
-    logger.warning(
-        "paged attention: the CUDA kernels cannot take %s; using the torch reference", what
-    )
-
-
 def _reference_fallback(q: torch.Tensor, key_cache: torch.Tensor) -> None:
-    """A planned kernel call fell back to the reference: logged once per input kind; an error
-    under CUDA graph capture (the reference synchronizes with the host)."""
+    """A planned kernel call fell back to the reference: logged once; an error under CUDA graph
+    capture (the reference synchronizes with the host)."""
     what = (
         f"q {q.dtype} with head_dim {q.shape[-1]}, cache {key_cache.dtype} "
         f"(contiguous: {key_cache.is_contiguous()})"
     )
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"paged attention fell back to the torch reference under capture: {what}"
-        )
-    _log_fallback(what)
+    _dispatch.reference_fallback("paged attention", what)
 
 
 def paged_attention(

@@ -5,6 +5,11 @@
 Nothing here synchronizes with the device or depends on device-side values for launch shapes,
 so a captured CUDA graph replays it; launch shapes depend on (num_decodes, heads, head_dim,
 metadata.max_seq_len) and the prefill token/sequence counts, all host-side values.
+
+Decode splits: the host plans only num_splits (the grid's z size) from max_seq_len; each
+sequence's split length is computed on the device from its real seq_len
+(:func:`decode_split_len` mirrors the kernels' formula), so a graph planned for max_model_len
+spreads a short context over few full splits, not over one huge split.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ if TYPE_CHECKING:
     from kestrel.ops.attention_metadata import AttentionMetadata
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-# A decode split covers at least this many tokens.
+# A decode split covers at least this many tokens (the kernels' min_split_len).
 MIN_SPLIT_TOKENS = 64
 # GQA groups of at least this many query heads per kv head decode on tensor cores (the heads are
 # the rows of an mma tile); smaller groups use the CUDA-core kernel. On the H100 the tensor-core
@@ -31,8 +36,8 @@ TC_MIN_GROUP = 4
 WAVE_OVERHEAD_TOKENS = 32
 
 # KESTREL_PREFILL_KERNEL picks the prefill kernel: "auto" (wgmma on sm_90 for head_dim 64/128,
-# else mma.sync), "mma" or "wgmma" (for tests and benchmarks).
-PREFILL_KERNEL_ENV = "KESTREL_PREFILL_KERNEL"
+# else mma.sync), "mma" or "wgmma" (for tests and benchmarks); read once into _dispatch.settings.
+PREFILL_KERNEL_ENV = _dispatch.PREFILL_KERNEL_ENV
 _PREFILL_VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
 
 
@@ -48,6 +53,29 @@ def heads_per_block(group: int, head_dim: int) -> int:
     return 8
 
 
+def decode_split_len(seq_len: int, num_splits: int, min_split_len: int = MIN_SPLIT_TOKENS) -> int:
+    """Tokens per split of one sequence, as the decode kernels compute it on the device
+    (`decode_split_len` in cuda/decode_attention.cuh): ceil(seq_len / num_splits), at least
+    min_split_len. The sequence then fills decode_valid_splits() <= num_splits splits."""
+    return max(min_split_len, -(-seq_len // num_splits))
+
+
+def decode_valid_splits(
+    seq_len: int, num_splits: int, min_split_len: int = MIN_SPLIT_TOKENS
+) -> int:
+    """Non-empty splits of one sequence (the merge kernel combines these many)."""
+    return min(num_splits, -(-seq_len // decode_split_len(seq_len, num_splits, min_split_len)))
+
+
+def decode_split_ranges(
+    seq_len: int, num_splits: int, min_split_len: int = MIN_SPLIT_TOKENS
+) -> list[tuple[int, int]]:
+    """[start, end) token range of each of the num_splits splits of one sequence, as the kernel
+    blocks of grid z = 0 .. num_splits - 1 take them (empty splits give start >= end)."""
+    split_len = decode_split_len(seq_len, num_splits, min_split_len)
+    return [(z * split_len, min(seq_len, (z + 1) * split_len)) for z in range(num_splits)]
+
+
 @functools.lru_cache(maxsize=4096)
 def plan_decode_splits(
     num_seqs: int,
@@ -56,15 +84,18 @@ def plan_decode_splits(
     max_seq_len: int,
     wave_blocks: int,
     heads: int,
-) -> tuple[int, int]:
-    """(num_splits, split_len) for a decode batch whose longest context is max_seq_len, served
-    by blocks of `heads` query heads.
+) -> int:
+    """num_splits (the decode grid's z size) for a decode batch whose longest context is
+    max_seq_len, served by blocks of `heads` query heads.
 
     With s splits the grid has num_seqs * blocks_per_head * s blocks, run in waves of
     wave_blocks (resident blocks on the whole GPU); each block reads about max_seq_len / s
     tokens. The plan minimizes waves * (max_seq_len / s + WAVE_OVERHEAD_TOKENS) over splits of
-    at least MIN_SPLIT_TOKENS, preferring fewer splits on ties. Sequences longer than
-    num_splits * split_len stay correct (the last split takes the rest).
+    at least MIN_SPLIT_TOKENS, preferring fewer splits on ties. The kernels cut each sequence
+    by its own length (decode_split_len): the longest one into num_splits splits of
+    ceil(max_seq_len / num_splits) tokens, a shorter one into fewer, never shorter than
+    MIN_SPLIT_TOKENS; so the plan for a long max_seq_len (a CUDA graph's) stays correct, and
+    parallel, for short contexts.
     """
     group = num_q_heads // num_kv_heads
     per_split = max(1, num_seqs * num_kv_heads * -(-group // heads))
@@ -76,8 +107,9 @@ def plan_decode_splits(
         cost = waves * (max_seq_len / splits + WAVE_OVERHEAD_TOKENS)
         if cost < best_cost * (1 - 1e-9):
             best, best_cost = splits, cost
-    split_len = -(-max_seq_len // best)
-    return -(-max_seq_len // split_len), split_len
+    # No split of the longest sequence may be empty: with even splits of ceil(max / best)
+    # tokens it fills ceil(max / that) <= best of them.
+    return -(-max_seq_len // -(-max_seq_len // best))
 
 
 @functools.cache
@@ -89,10 +121,9 @@ def _wave_blocks(device_index: int, head_dim: int, heads: int, dtype_code: int) 
     return max(1, per_sm) * _dispatch.sm_count(device_index)
 
 
-def decode_plan(
-    q: torch.Tensor, num_kv_heads: int, num_decodes: int, max_seq_len: int
-) -> tuple[int, int]:
-    """The (num_splits, split_len) the decode kernel uses for this batch on q's device."""
+def decode_plan(q: torch.Tensor, num_kv_heads: int, num_decodes: int, max_seq_len: int) -> int:
+    """The num_splits the decode kernel uses for this batch on q's device (each sequence's
+    split length then follows its own seq_len on the device, see decode_split_len)."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     code = _dispatch.dtype_code(q.dtype)
     assert code is not None and q.device.index is not None
@@ -174,58 +205,60 @@ def paged_attention_cuda(
     stream = _dispatch.stream_handle(q.device)
     with _dispatch.on_device(q.device):
         if num_decodes > 0:
-            splits, split_len, ws = plan.decode_splits, plan.decode_split_len, plan.workspace
+            splits, ws = plan.decode_splits, plan.workspace
             if splits > 1 and ws is None:
                 raise ValueError("the attention plan has decode splits but no workspace")
-            status = kernels.paged_decode_attention(
-                out.data_ptr(),
-                out.stride(0),
-                q.data_ptr(),
-                q.stride(0),
-                key_cache.data_ptr(),
-                value_cache.data_ptr(),
-                bt.data_ptr(),
-                bt.stride(0),
-                seq_lens.data_ptr(),
-                num_decodes,
-                num_q_heads,
-                num_kv_heads,
-                head_dim,
-                block_size,
-                float(scale),
-                heads_per_block(num_q_heads // num_kv_heads, head_dim),
-                splits,
-                split_len,
-                0 if ws is None else ws.data_ptr(),
-                0 if ws is None else ws.numel(),
-                code,
-                stream,
+            args = _dispatch.kernel_args(
+                kernels.DecodeAttentionArgs,
+                out=out.data_ptr(),
+                out_stride=out.stride(0),
+                q=q.data_ptr(),
+                q_stride=q.stride(0),
+                key_cache=key_cache.data_ptr(),
+                value_cache=value_cache.data_ptr(),
+                block_tables=bt.data_ptr(),
+                bt_stride=bt.stride(0),
+                seq_lens=seq_lens.data_ptr(),
+                num_seqs=num_decodes,
+                num_q_heads=num_q_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                block_size=block_size,
+                scale=float(scale),
+                heads_per_block=heads_per_block(num_q_heads // num_kv_heads, head_dim),
+                num_splits=splits,
+                min_split_len=plan.decode_min_split_len,
+                workspace=0 if ws is None else ws.data_ptr(),
+                workspace_floats=0 if ws is None else ws.numel(),
+                dtype=code,
             )
+            status = kernels.paged_decode_attention(args, stream)
             _dispatch.check("paged_attention (decode)", status)
         num_prefills = metadata.num_seqs - num_decodes
         num_prefill_tokens = num_tokens - num_decodes
         if num_prefills > 0 and num_prefill_tokens > 0:
-            status = kernels.paged_prefill_attention(
-                out[num_decodes:].data_ptr(),
-                out.stride(0),
-                q[num_decodes:].data_ptr(),
-                q.stride(0),
-                key_cache.data_ptr(),
-                value_cache.data_ptr(),
-                bt[num_decodes:].data_ptr(),
-                bt.stride(0),
-                qsl[num_decodes:].data_ptr(),
-                seq_lens[num_decodes:].data_ptr(),
-                num_prefills,
-                num_prefill_tokens,
-                num_q_heads,
-                num_kv_heads,
-                head_dim,
-                block_size,
-                float(scale),
-                plan.prefill_variant,
-                code,
-                stream,
+            args = _dispatch.kernel_args(
+                kernels.PrefillAttentionArgs,
+                out=out[num_decodes:].data_ptr(),
+                out_stride=out.stride(0),
+                q=q[num_decodes:].data_ptr(),
+                q_stride=q.stride(0),
+                key_cache=key_cache.data_ptr(),
+                value_cache=value_cache.data_ptr(),
+                block_tables=bt[num_decodes:].data_ptr(),
+                bt_stride=bt.stride(0),
+                query_start_loc=qsl[num_decodes:].data_ptr(),
+                seq_lens=seq_lens[num_decodes:].data_ptr(),
+                num_seqs=num_prefills,
+                num_tokens=num_prefill_tokens,
+                num_q_heads=num_q_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                block_size=block_size,
+                scale=float(scale),
+                variant=plan.prefill_variant,
+                dtype=code,
             )
+            status = kernels.paged_prefill_attention(args, stream)
             _dispatch.check("paged_attention (prefill)", status)
     return out

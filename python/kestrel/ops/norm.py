@@ -1,4 +1,9 @@
-"""RMSNorm ops: the CUDA kernel on GPU tensors, the torch reference (the oracle) elsewhere."""
+"""RMSNorm ops: the CUDA kernel on GPU tensors, the torch reference (the oracle) elsewhere.
+
+`rms_norm` / `fused_add_rms_norm` dispatch (a CUDA input the kernel cannot take falls back to
+the reference through `_dispatch.reference_fallback`: logged once, an error under graph
+capture); the `*_reference` functions always run the reference. `layers.RMSNorm` picks one of
+the two at construction."""
 
 from __future__ import annotations
 
@@ -69,12 +74,15 @@ _MAX_VECTORS_PER_ROW = 1024 * 4
 
 
 def _kernel_dtype(op: str, x: torch.Tensor, weight: torch.Tensor) -> int | None:
-    """The kernel dtype code when the kernel should run on (x, weight), else None."""
+    """The kernel dtype code when the kernel should run on (x, weight), else None (a CUDA x
+    the kernel cannot take is a logged fallback)."""
     if not _dispatch.use_kernels(x):
         return None
     _dispatch.require_same_device(op, x=x, weight=weight)
     code = _dispatch.dtype_code(x.dtype)
     if code is None or weight.dtype != x.dtype or not weight.is_contiguous():
+        why = f"x {x.dtype}, weight {weight.dtype} (contiguous: {weight.is_contiguous()})"
+        _dispatch.reference_fallback(op, why)
         return None
     return code
 
@@ -111,23 +119,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     strides = tuple(x3.stride(d) for d in (0, 1) if x3.shape[d] > 1)
     vec = _vector_width(hidden, (x3, weight), strides)
     if vec is None:
+        _dispatch.reference_fallback("rms_norm", f"a row of {hidden} elements is too long")
         return rms_norm_reference(x, weight, eps)
     assert _dispatch.kernels is not None
     with _dispatch.on_device(x.device):
-        status = _dispatch.kernels.rms_norm(
-            out.data_ptr(),
-            x3.data_ptr(),
-            weight.data_ptr(),
-            x3.shape[0] * x3.shape[1],
-            x3.shape[1],
-            x3.stride(0),
-            x3.stride(1),
-            hidden,
-            float(eps),
-            code,
-            vec == 8,
-            _dispatch.stream_handle(x.device),
+        args = _dispatch.kernel_args(
+            _dispatch.kernels.RmsNormArgs,
+            out=out.data_ptr(),
+            x=x3.data_ptr(),
+            weight=weight.data_ptr(),
+            rows=x3.shape[0] * x3.shape[1],
+            inner=x3.shape[1],
+            stride_outer=x3.stride(0),
+            stride_inner=x3.stride(1),
+            hidden=hidden,
+            eps=float(eps),
+            dtype=code,
+            vec8=vec == 8,
         )
+        status = _dispatch.kernels.rms_norm(args, _dispatch.stream_handle(x.device))
     _dispatch.check("rms_norm", status)
     return out
 
@@ -150,20 +160,24 @@ def fused_add_rms_norm(
     hidden = x.shape[-1]
     contiguous = x.is_contiguous() and residual.is_contiguous()
     vec = _vector_width(hidden, (x, residual, weight)) if code is not None else None
+    if code is not None and (not contiguous or vec is None):
+        why = f"contiguous x and residual: {contiguous}, hidden {hidden}"
+        _dispatch.reference_fallback("fused_add_rms_norm", why)
     if code is None or not contiguous or vec is None:
         fused_add_rms_norm_reference(x, residual, weight, eps)
         return
     assert _dispatch.kernels is not None
     with _dispatch.on_device(x.device):
-        status = _dispatch.kernels.fused_add_rms_norm(
-            x.data_ptr(),
-            residual.data_ptr(),
-            weight.data_ptr(),
-            x.numel() // hidden,
-            hidden,
-            float(eps),
-            code,
-            vec == 8,
-            _dispatch.stream_handle(x.device),
+        args = _dispatch.kernel_args(
+            _dispatch.kernels.FusedAddRmsNormArgs,
+            x=x.data_ptr(),
+            residual=residual.data_ptr(),
+            weight=weight.data_ptr(),
+            rows=x.numel() // hidden,
+            hidden=hidden,
+            eps=float(eps),
+            dtype=code,
+            vec8=vec == 8,
         )
+        status = _dispatch.kernels.fused_add_rms_norm(args, _dispatch.stream_handle(x.device))
     _dispatch.check("fused_add_rms_norm", status)

@@ -2,6 +2,10 @@
 
 The cos/sin cache is one tensor [max_position, head_dim]: columns [0, head_dim/2) hold
 cos(position * inv_freq[i]) and columns [head_dim/2, head_dim) hold sin(position * inv_freq[i]).
+
+`rotary_embedding_and_cache` dispatches to the fused kernel (a CUDA input it cannot take is a
+logged fallback, an error under graph capture); `layers.PagedAttention` picks it or
+`rotary_embedding_and_cache_reference` at construction.
 """
 
 from __future__ import annotations
@@ -254,7 +258,8 @@ def _rotary_kernel_dtype(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> int | None:
-    """The kernel dtype code when the fused kernel handles these tensors, else None."""
+    """The kernel dtype code when the fused kernel handles these tensors, else None (a CUDA
+    input it cannot take is a logged fallback)."""
     if not _dispatch.use_kernels(q):
         return None
     _dispatch.require_same_device(
@@ -279,7 +284,13 @@ def _rotary_kernel_dtype(
         and slot_mapping.dtype in (torch.int32, torch.int64)
         and v.shape == k.shape
     )
-    return code if code is not None and same_dtype and layout_ok else None
+    if code is None or not same_dtype or not layout_ok:
+        why = (
+            f"q {q.dtype}, cache {key_cache.dtype}, same dtypes: {same_dtype}, layout: {layout_ok}"
+        )
+        _dispatch.reference_fallback("rotary_embedding_and_cache", why)
+        return None
+    return code
 
 
 def rotary_embedding_and_cache(
@@ -320,26 +331,29 @@ def rotary_embedding_and_cache(
     )
     assert _dispatch.kernels is not None
     with _dispatch.on_device(q.device):
+        args = _dispatch.kernel_args(
+            _dispatch.kernels.RotaryCacheArgs,
+            positions=positions.data_ptr(),
+            positions_int64=positions.dtype == torch.int64,
+            q=q.data_ptr(),
+            q_stride=q.stride(0),
+            num_q_heads=num_q_heads,
+            k=k.data_ptr(),
+            k_stride=k.stride(0),
+            num_kv_heads=num_kv_heads,
+            v=v.data_ptr(),
+            v_stride=v.stride(0),
+            cos_sin=cos_sin_cache.data_ptr(),
+            key_cache=key_cache.data_ptr(),
+            value_cache=value_cache.data_ptr(),
+            slot_mapping=slot_mapping.data_ptr(),
+            slots_int64=slot_mapping.dtype == torch.int64,
+            num_tokens=num_tokens,
+            head_dim=head_dim,
+            dtype=code,
+            vec8=vec8,
+        )
         status = _dispatch.kernels.rotary_embedding_and_cache(
-            positions.data_ptr(),
-            positions.dtype == torch.int64,
-            q.data_ptr(),
-            q.stride(0),
-            num_q_heads,
-            k.data_ptr(),
-            k.stride(0),
-            num_kv_heads,
-            v.data_ptr(),
-            v.stride(0),
-            cos_sin_cache.data_ptr(),
-            key_cache.data_ptr(),
-            value_cache.data_ptr(),
-            slot_mapping.data_ptr(),
-            slot_mapping.dtype == torch.int64,
-            num_tokens,
-            head_dim,
-            code,
-            vec8,
-            _dispatch.stream_handle(q.device),
+            args, _dispatch.stream_handle(q.device)
         )
     _dispatch.check("rotary_embedding_and_cache", status)

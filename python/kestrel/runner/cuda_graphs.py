@@ -1,13 +1,15 @@
 """CUDA graphs for decode-only steps, captured once per bucketed batch size.
 
-A decode step (every request has one query token) is replayed from a graph: the step's arrays
-are copied into static device buffers, rows past the real batch are padding (slot -1, so nothing
-is written to the KV cache; context length 1 over block 0, so attention reads valid memory), and
-the graph recomputes hidden states and logits for the whole bucket. Graphs share one memory
-pool, captured largest first. The attention plan (decode split, workspace) is made at capture
-for the captured `max_seq_len` (the engine's max_model_len), and the kernels read each row's
-`seq_lens`, so one graph serves every context length (short contexts then run over splits
-planned for the longest one: planning graphs by the real lengths is still to do).
+A decode step (every request has one query token) is replayed from a graph: the step's token
+ids and positions are copied into static buffers held here, its attention metadata into the
+attention backend's static buffers (`PagedAttentionBackend.prepare_replay`: rows past the real
+batch are padding, slot -1 so nothing is written to the KV cache, context length 1 over block
+0 so attention reads valid memory), and the graph recomputes hidden states and logits for the
+whole bucket. Graphs share one memory pool, captured largest first. The attention plan is made
+once per captured size (`PagedAttentionBackend.capture_metadata`) for the engine's
+max_model_len: it fixes the number of decode splits and the workspace, and the kernels cut each
+row's context by its real `seq_lens` at replay, so one graph serves every context length with
+short contexts spread over full splits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from kestrel.ops import AttentionMetadata
 from kestrel.ops.attention_backend import PagedAttentionBackend
 
 if TYPE_CHECKING:
@@ -54,38 +55,15 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         b = self.sizes[-1]
-        i64 = {"dtype": torch.int64, "device": device}
-        i32 = {"dtype": torch.int32, "device": device}
-        self.input_ids = torch.zeros(b, **i64)
-        self.positions = torch.zeros(b, **i64)
-        self.slot_mapping = torch.full((b,), -1, **i64)
-        self.seq_lens = torch.ones(b, **i32)
-        self.query_start_loc = torch.arange(b + 1, **i32)
-        self.block_tables = torch.zeros(b, self.max_blocks, **i32)
+        self.input_ids = torch.zeros(b, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=device)
+        attention.init_graph_buffers(b, self.max_blocks)  # slots, lengths, offsets, tables
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
-        """Planned once per captured graph (the plan's launch shapes are baked into it)."""
-        metadata = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs],
-            query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs],
-            num_decodes=bs,
-            num_decode_tokens=bs,
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-            query_start_loc_cpu=torch.arange(bs + 1, dtype=torch.int32),
-            # Shape-defining host copy: the longest context a graph must serve.
-            seq_lens_cpu=torch.full((bs,), self.max_model_len, dtype=torch.int32),
-        )
-        return self.attention.plan(metadata)
-
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(
-            self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._metadata(bs)
-        )
+        metadata = self.attention.capture_metadata(bs, self.max_model_len)  # planned once per bs
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, metadata)
         return self.model.compute_logits(hidden)  # [bs, vocab] fp32
 
     @torch.inference_mode()
@@ -127,14 +105,8 @@ class DecodeGraphs:
         bs = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(stage(out.input_ids, torch.int64), non_blocking=True)
         self.positions[:n].copy_(stage(out.positions, torch.int64), non_blocking=True)
-        self.slot_mapping[:n].copy_(stage(out.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(stage(out.seq_lens), non_blocking=True)
-        width = out.max_blocks_per_seq
-        self.block_tables[:n, :width].copy_(stage(out.block_tables), non_blocking=True)
-        if bs > n:  # padding rows: write nothing, attend to one position of block 0
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].fill_(1)
-            self.block_tables[n:bs, 0].fill_(0)
+        if bs > n:
             self.positions[n:bs].fill_(0)
+        self.attention.prepare_replay(out, bs, stage)  # metadata rows, padding rows n..bs
         self.graphs[bs].replay()
         return self.logits[bs][:n]
