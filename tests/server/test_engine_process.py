@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import httpx
 import pytest
@@ -235,3 +236,35 @@ def test_two_api_servers_share_one_core(tiny_model, tmp_path):
     finally:
         code = server.stop()
     assert code == 0, server.log()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_killing_the_core_mid_stream_ends_the_stream_and_the_server(tiny_model, tmp_path):
+    server = start_server(tiny_model, tmp_path / "server.log")
+    try:
+        body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 400, "ignore_eos": True}
+        events = []
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json=body | {"stream": True}, timeout=60
+        ) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            (core_pid,) = _children(server.proc.pid)
+            os.kill(core_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        ended_after = time.monotonic() - killed_at
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "engine" in error["message"] and error["type"] == "service_unavailable_error"
+        assert ended_after < 5.0
+        assert server.proc.wait(30) == 1, server.log()
+    finally:
+        server.stop()
