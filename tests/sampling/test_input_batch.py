@@ -144,7 +144,7 @@ def test_gather_equals_build_under_random_operations(data, max_num_seqs):
         assert len(batch) == len(model.seqs)
         assert batch.num_free_slots == max_num_seqs - len(model.seqs)
         for k in model.seqs:
-            assert batch.output_token_ids(model.slot[k]).tolist() == model.seqs[k][2]
+            assert batch.output_token_ids(model.slot[k]) == model.seqs[k][2]
     if model.seqs:
         _check_gather(batch, model, sorted(model.seqs, key=lambda k: -model.slot[k]))
 
@@ -176,7 +176,7 @@ def test_a_reused_slot_forgets_its_previous_sequence():
     batch.append(slot, 9)
     batch.remove("old")
     slot = batch.add("new", SamplingParams(temperature=0), [1, 2])
-    assert batch.output_token_ids(slot).tolist() == []
+    assert batch.output_token_ids(slot) == []
     assert batch.all_plain_greedy([slot])
     want = SamplingBatch.build(
         [SamplingParams(temperature=0)], [[1, 2]], [[]], [None], VOCAB, "cpu"
@@ -208,8 +208,20 @@ def test_errors_name_the_bad_key_or_slot():
         batch.append(0, 5)
     with pytest.raises(IndexError, match=r"slot out of range \[0, 2\)"):
         batch.gather([2])
-    with pytest.raises(ValueError, match="one token per slot"):
+    with pytest.raises(ValueError, match="token per slot"):
         batch.append_tokens([1], [1, 2])
+    batch.append(1, 4)
+    for slots, tokens, message in (
+        ([1, 0], [5, 6], "slot 0 holds no sequence"),
+        ([1], [2**40], r"a token id lies outside \[0, 2147483647\]"),
+    ):
+        with pytest.raises(ValueError, match=message):  # all or nothing
+            batch.append_tokens(slots, tokens)
+        assert batch.output_token_ids(1) == [4]
+    batch.add("p", SamplingParams(presence_penalty=1.0), [1])
+    with pytest.raises(ValueError, match=r"a sampled token id lies outside \[0, 23\]"):
+        batch.append_tokens([0, 1], [VOCAB, 1])
+    assert batch.output_token_ids(0) == [] and batch.output_token_ids(1) == [4]
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="max_num_seqs"):
             InputBatch(bad, VOCAB, "cpu")
@@ -243,3 +255,16 @@ def test_penalty_state_grows_only_with_penalized_sequences():
     batch.remove("p1")
     batch.add("p4", SamplingParams(presence_penalty=0.5), [2])  # reuses the freed row
     assert batch._counts.shape == (4, VOCAB)
+
+
+def test_output_history_grows_past_its_first_capacity():
+    batch = InputBatch(3, VOCAB, "cpu")
+    want = {"a": [t % VOCAB for t in range(60)], "b": [], "c": [1] * 130}
+    slots = {k: batch.add(k, SamplingParams(), [1], None, EOS, v) for k, v in want.items()}
+    for step in range(150):
+        keys = ["b"] if step < 20 else ["a", "b", "c"]  # b alone first, then all
+        batch.append_tokens([slots[k] for k in keys], np.full(len(keys), step % VOCAB))
+        for k in keys:
+            want[k].append(step % VOCAB)
+    for k, slot in slots.items():
+        assert batch.output_token_ids(slot) == want[k]

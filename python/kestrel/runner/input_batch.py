@@ -12,9 +12,9 @@ Per slot, on the host (numpy, [max_num_seqs] unless noted):
   _columns        [7, N] float32  temperature, top_p, min_p, repetition, presence and frequency
                                   penalty, top_k (its int32 bit pattern, so one copy moves all)
   _min_tokens, _num_logprobs (-1 = none), _num_output   int64
-  flags           bool   greedy, plain greedy, filters, repetition / additive penalty, bias
-  _tokens         [N, C] int32   the output token history (C grows by doubling to the longest
-                                  output: N * C * 4 bytes, e.g. 256 slots x 32k tokens = 32 MiB)
+  flags           bool   live, greedy, plain greedy, filters, repetition / additive penalty, bias
+  _tokens         [N, C] int32  the output token history; C grows by doubling to the longest
+                                output, so N * C * 4 bytes (256 slots x 32k tokens = 32 MiB)
   per-slot lists  generator, logit-bias ids and values, banned ids (stop + EOS, for min_tokens)
 On the device, only while some sequence uses a penalty (allocated on the first one):
   _counts         [P, V] int32  output token counts of the penalized slots
@@ -42,9 +42,11 @@ from kestrel.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT64_MAX = int(np.iinfo(np.int64).max)
+_INT32_MAX = int(np.iinfo(np.int32).max)
 _TEMPERATURE, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY, _TOP_K = range(7)
 _NUM_COLUMNS = 7
-_HISTORY_COLUMNS = 64  # initial output-history capacity per slot, grown by doubling
+_HISTORY_COLUMNS = 64  # first output-history capacity per slot, grown by doubling
+_SCALAR_APPEND_ROWS = 4  # append_tokens loops in Python up to this many rows (cheaper there)
 _NO_IDS = np.zeros(0, dtype=np.int64)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
 
@@ -70,8 +72,9 @@ class InputBatch:
         self._top_k = self._columns[_TOP_K].view(np.int32)  # int32 view of the top_k row
         self._min_tokens = np.zeros(n, dtype=np.int64)
         self._num_logprobs = np.full(n, -1, dtype=np.int64)
-        self._num_output = np.zeros(n, dtype=np.int64)
+        self._num_output = np.zeros(n, dtype=np.int64)  # 0 for free slots
         self._tokens = np.zeros((n, _HISTORY_COLUMNS), dtype=np.int32)
+        self._longest = 0  # >= every slot's output length (made exact when it passes C)
         self._greedy = np.zeros(n, dtype=bool)
         self._plain_greedy = np.zeros(n, dtype=bool)  # argmax of the raw logits is the whole job
         self._filters = np.zeros(n, dtype=bool)  # top_k, top_p < 1 or min_p > 0
@@ -86,6 +89,7 @@ class InputBatch:
         self._count_errors: dict[int, str] = {}  # slot -> build's token-count message
         self._num_not_plain = 0  # live slots that are not plain greedy
         self._penalty_row = np.full(n, -1, dtype=np.int64)  # slot -> row of _counts, or -1
+        self._num_penalized = 0  # live slots holding a penalty row
         self._free_penalty_rows: list[int] = []
         self._counts: torch.Tensor | None = None  # [P, V] int32 on device
         self._prompt_seen: torch.Tensor | None = None  # [P, V] bool on device
@@ -221,12 +225,14 @@ class InputBatch:
         if num:
             self._tokens[slot, :num] = np.asarray(output_ids, dtype=np.int64)
         self._num_output[slot] = num
+        self._longest = max(self._longest, num)
 
     def _fill_penalty_row(
         self, slot: int, uses_rep: bool, prompt_ids: Sequence[int], output_ids: Sequence[int]
     ) -> None:
         row = self._take_penalty_row()
         self._penalty_row[slot] = row
+        self._num_penalized += 1
         assert self._counts is not None and self._prompt_seen is not None
         self._counts[row].zero_()
         self._prompt_seen[row].zero_()
@@ -268,6 +274,7 @@ class InputBatch:
         if row >= 0:
             self._free_penalty_rows.append(row)
             self._penalty_row[slot] = -1
+            self._num_penalized -= 1
         self._generators[slot] = None
         self._bias_ids[slot] = _NO_IDS
         self._bias_values[slot] = _NO_VALUES
@@ -286,37 +293,57 @@ class InputBatch:
     def append_tokens(
         self, slots: Sequence[int] | np.ndarray, tokens: Sequence[int] | np.ndarray
     ) -> None:
-        """One new output token per slot (`slots` unique, live): history, output length and,
-        for penalized slots, the token counts (one scatter on the device)."""
-        idx = np.asarray(slots, dtype=np.int64)
-        toks = np.asarray(tokens, dtype=np.int64)
-        if idx.ndim != 1 or idx.shape != toks.shape:
+        """One new output token per slot (`slots` unique, live): the history, the output length
+        and, for penalized slots, the token counts (one scatter on the device). Called once per
+        step: a few numpy calls (a Python loop for a handful of rows, which is cheaper there);
+        the penalty work only while some live slot has a penalty. All or nothing on errors."""
+        toks = np.asarray(tokens)
+        if toks.ndim != 1 or len(slots) != toks.shape[0] or toks.dtype.kind not in "iu":
             raise ValueError(
-                f"append_tokens needs one token per slot; got slots {idx.shape}, tokens {toks.shape}"
+                f"append_tokens needs one integer token per slot; got {len(slots)} slots and "
+                f"tokens of shape {toks.shape}, dtype {toks.dtype}"
             )
+        # The history is int32: wider arrays are checked (the engine's are int32 already).
+        if toks.dtype != np.int32 and toks.size and not _fits_int32(toks):
+            raise ValueError(f"a token id lies outside [0, {_INT32_MAX}]")
+        scatter = None
+        if len(slots) <= _SCALAR_APPEND_ROWS and not self._num_penalized:
+            self._append_few(slots.tolist() if isinstance(slots, np.ndarray) else slots, toks)
+        else:
+            idx = np.asarray(slots, dtype=np.int64)
+            self._check_live(idx)
+            if self._num_penalized:
+                scatter = self._penalty_scatter(idx, toks)
+            self._append_many(idx, toks)
+        if scatter is not None:
+            assert self._counts is not None
+            ones = torch.ones(scatter[0].shape[0], dtype=torch.int32, device=self.device)
+            self._counts.index_put_(scatter, ones, accumulate=True)
+
+    def _append_few(self, slots: Sequence[int], toks: np.ndarray) -> None:
+        live, num = self._live, self._num_output
+        for slot in slots:
+            if not 0 <= slot < self.max_num_seqs or not live[slot]:
+                raise ValueError(f"slot {slot!r} holds no sequence")
+        for slot, token in zip(slots, toks.tolist()):
+            k = int(num[slot])
+            if k >= self._tokens.shape[1]:
+                self._grow_history(k + 1)
+            self._tokens[slot, k] = token
+            num[slot] = k + 1
+            self._longest = max(self._longest, k + 1)
+
+    def _append_many(self, idx: np.ndarray, toks: np.ndarray) -> None:
         if idx.size == 0:
             return
-        self._check_live(idx)
-        rows = self._penalty_row[idx] if self._counts is not None else None
-        penalized = None if rows is None else rows >= 0
-        if penalized is not None and not penalized.any():
-            penalized = None
-        if penalized is not None and not self._in_vocab(toks[penalized]):
-            raise ValueError(f"a sampled token id lies outside [0, {self.vocab_size - 1}]")
         pos = self._num_output[idx]
-        need = int(pos.max()) + 1
-        if need > self._tokens.shape[1]:
-            self._grow_history(need)
+        self._longest += 1  # each slot grows by one at most
+        if self._longest > self._tokens.shape[1]:
+            self._longest = int(self._num_output.max()) + 1  # exact again (free slots hold 0)
+            if self._longest > self._tokens.shape[1]:
+                self._grow_history(self._longest)
         self._tokens[idx, pos] = toks
         self._num_output[idx] = pos + 1
-        if penalized is not None:
-            assert self._counts is not None and rows is not None
-            where = (
-                torch.from_numpy(rows[penalized]).to(self.device),
-                torch.from_numpy(toks[penalized]).to(self.device),
-            )
-            ones = torch.ones(where[0].shape[0], dtype=torch.int32, device=self.device)
-            self._counts.index_put_(where, ones, accumulate=True)
 
     def _grow_history(self, need: int) -> None:
         cols = self._tokens.shape[1]
@@ -326,10 +353,25 @@ class InputBatch:
         grown[:, : self._tokens.shape[1]] = self._tokens
         self._tokens = grown
 
-    def output_token_ids(self, slot: int) -> np.ndarray:
-        """[num_output] int32, a copy of the slot's output history."""
+    def _penalty_scatter(
+        self, idx: np.ndarray, toks: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, ids) on the device of the penalized slots' new tokens, checked; None if none."""
+        rows = self._penalty_row[idx]
+        penalized = rows >= 0
+        if not penalized.any():
+            return None
+        ids = toks[penalized].astype(np.int64)
+        if not self._in_vocab(ids):
+            raise ValueError(f"a sampled token id lies outside [0, {self.vocab_size - 1}]")
+        return torch.from_numpy(rows[penalized]).to(self.device), torch.from_numpy(ids).to(
+            self.device
+        )
+
+    def output_token_ids(self, slot: int) -> list[int]:
+        """The slot's output tokens so far (a copy)."""
         self._check_live(np.asarray([slot], dtype=np.int64))
-        return self._tokens[slot, : self._num_output[slot]].copy()
+        return self._tokens[slot, : self._num_output[slot]].tolist()
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -473,6 +515,10 @@ class InputBatch:
         if rows.shape[0]:
             out.index_copy_(0, rows, source.index_select(0, src_rows))
         return out
+
+
+def _fits_int32(ids: np.ndarray) -> bool:
+    return int(ids.min()) >= 0 and int(ids.max()) <= _INT32_MAX
 
 
 def _split(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
