@@ -213,9 +213,8 @@ class InputBatch:
         ):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                self._id_errors[slot] = (
-                    f"{name} has token id {bad[0]}; allowed: [0, {vocab - 1}] (vocab_size = {vocab})"
-                )
+                allowed = f"[0, {vocab - 1}] (vocab_size = {vocab})"
+                self._id_errors[slot] = f"{name} has token id {bad[0]}; allowed: {allowed}"
                 return
 
     def _store_history(self, slot: int, output_ids: Sequence[int]) -> None:
