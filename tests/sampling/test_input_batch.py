@@ -246,15 +246,15 @@ def test_penalty_state_grows_only_with_penalized_sequences():
     batch = InputBatch(8, VOCAB, "cpu")
     for k in range(3):
         batch.add(k, SamplingParams(), [1])
-    assert batch._counts is None  # no dense [P, V] state without a penalty
+    assert batch.penalties.counts is None  # no dense [P, V] state without a penalty
     batch.add("p1", SamplingParams(frequency_penalty=0.5), [1])
-    assert batch._counts is not None and batch._counts.shape == (1, VOCAB)
+    assert batch.penalties.counts is not None and batch.penalties.counts.shape == (1, VOCAB)
     batch.add("p2", SamplingParams(repetition_penalty=1.2), [2])
     batch.add("p3", SamplingParams(repetition_penalty=1.2), [2])
-    assert batch._counts.shape == (4, VOCAB)
+    assert batch.penalties.counts.shape == (4, VOCAB)
     batch.remove("p1")
     batch.add("p4", SamplingParams(presence_penalty=0.5), [2])  # reuses the freed row
-    assert batch._counts.shape == (4, VOCAB)
+    assert batch.penalties.counts.shape == (4, VOCAB)
 
 
 def test_output_history_grows_past_its_first_capacity():

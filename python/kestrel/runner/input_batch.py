@@ -16,13 +16,10 @@ Per slot, on the host (numpy, [max_num_seqs] unless noted):
   _tokens         [N, C] int32  the output token history; C grows by doubling to the longest
                                 output, so N * C * 4 bytes (256 slots x 32k tokens = 32 MiB)
   per-slot lists  generator, logit-bias ids and values, banned ids (stop + EOS, for min_tokens)
-On the device, only while some sequence uses a penalty (allocated on the first one):
-  _counts         [P, V] int32  output token counts of the penalized slots
-  _prompt_seen    [P, V] bool   prompt token mask of the repetition-penalized slots
-  P rows are handed out to penalized slots (`_penalty_row`) and grow by doubling up to
-  max_num_seqs, so the memory follows the most penalized sequences alive at once:
-  P * V * 5 bytes (one sequence of a 152k vocabulary: 0.76 MB; 256 of them: 195 MB). It is kept
-  (not shrunk) once allocated. `gather` adds the [S, V] tensors of the step that `build` made.
+On the device, only once some sequence uses a penalty: `PenaltyRows` (runner/penalty_rows.py),
+  a [P, V] int32 output-count row and a [P, V] bool prompt-mask row per penalized slot
+  (`_penalty_row`), P * V * 5 bytes for the most penalized sequences alive at once (256 of a
+  152k vocabulary: 195 MB). `gather` adds the [S, V] tensors of the step that `build` made.
 
 The parameters are read once, in `add`: a SamplingParams changed afterwards is not seen.
 Errors that `build` raises for a row while sampling (a user token id outside the vocabulary)
@@ -37,6 +34,7 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 import torch
 
+from kestrel.runner.penalty_rows import PenaltyRows
 from kestrel.sample.batch import SamplingBatch
 from kestrel.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
 
@@ -88,11 +86,8 @@ class InputBatch:
         self._id_errors: dict[int, str] = {}  # slot -> build's message after "row i: "
         self._count_errors: dict[int, str] = {}  # slot -> build's token-count message
         self._num_not_plain = 0  # live slots that are not plain greedy
-        self._penalty_row = np.full(n, -1, dtype=np.int64)  # slot -> row of _counts, or -1
-        self._num_penalized = 0  # live slots holding a penalty row
-        self._free_penalty_rows: list[int] = []
-        self._counts: torch.Tensor | None = None  # [P, V] int32 on device
-        self._prompt_seen: torch.Tensor | None = None  # [P, V] bool on device
+        self._penalty_row = np.full(n, -1, dtype=np.int64)  # slot -> row of penalties, or -1
+        self.penalties = PenaltyRows(n, vocab_size, self.device)
 
     # ---- membership --------------------------------------------------------------------------
 
@@ -229,41 +224,14 @@ class InputBatch:
     def _fill_penalty_row(
         self, slot: int, uses_rep: bool, prompt_ids: Sequence[int], output_ids: Sequence[int]
     ) -> None:
-        row = self._take_penalty_row()
-        self._penalty_row[slot] = row
-        self._num_penalized += 1
-        assert self._counts is not None and self._prompt_seen is not None
-        self._counts[row].zero_()
-        self._prompt_seen[row].zero_()
         outputs = np.asarray(output_ids, dtype=np.int64)
         prompt = np.asarray(prompt_ids, dtype=np.int64) if uses_rep else _NO_IDS
-        if not self._in_vocab(outputs) or not self._in_vocab(prompt):
+        if not (self.penalties.in_vocab(outputs) and self.penalties.in_vocab(prompt)):
             self._count_errors[slot] = (
                 f"a prompt or output token id lies outside [0, {self.vocab_size - 1}]"
             )
-            return
-        if outputs.size:
-            ids = torch.from_numpy(outputs).to(self.device)
-            ones = torch.ones(ids.shape[0], dtype=torch.int32, device=self.device)
-            self._counts[row].index_put_((ids,), ones, accumulate=True)
-        if prompt.size:
-            self._prompt_seen[row, torch.from_numpy(prompt).to(self.device)] = True
-
-    def _in_vocab(self, ids: np.ndarray) -> bool:
-        return ids.size == 0 or (int(ids.min()) >= 0 and int(ids.max()) < self.vocab_size)
-
-    def _take_penalty_row(self) -> int:
-        if not self._free_penalty_rows:
-            old = 0 if self._counts is None else self._counts.shape[0]
-            new = min(max(1, 2 * old), self.max_num_seqs)
-            counts = torch.zeros(new, self.vocab_size, dtype=torch.int32, device=self.device)
-            seen = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
-            if self._counts is not None and self._prompt_seen is not None:
-                counts[:old] = self._counts
-                seen[:old] = self._prompt_seen
-            self._counts, self._prompt_seen = counts, seen
-            self._free_penalty_rows = list(range(new - 1, old - 1, -1))
-        return self._free_penalty_rows.pop()
+            outputs = prompt = _NO_IDS  # the slot can never be gathered: keep its row empty
+        self._penalty_row[slot] = self.penalties.take(prompt, outputs)
 
     def _clear(self, slot: int) -> None:
         if self._live[slot] and not self._plain_greedy[slot]:
@@ -271,9 +239,8 @@ class InputBatch:
         self._live[slot] = False
         row = int(self._penalty_row[slot])
         if row >= 0:
-            self._free_penalty_rows.append(row)
+            self.penalties.release(row)
             self._penalty_row[slot] = -1
-            self._num_penalized -= 1
         self._generators[slot] = None
         self._bias_ids[slot] = _NO_IDS
         self._bias_values[slot] = _NO_VALUES
@@ -306,18 +273,17 @@ class InputBatch:
         if toks.dtype != np.int32 and toks.size and not _fits_int32(toks):
             raise ValueError(f"a token id lies outside [0, {_INT32_MAX}]")
         scatter = None
-        if len(slots) <= _SCALAR_APPEND_ROWS and not self._num_penalized:
+        penalized = self.penalties.num_taken > 0
+        if len(slots) <= _SCALAR_APPEND_ROWS and not penalized:
             self._append_few(slots.tolist() if isinstance(slots, np.ndarray) else slots, toks)
         else:
             idx = np.asarray(slots, dtype=np.int64)
             self._check_live(idx)
-            if self._num_penalized:
+            if penalized:
                 scatter = self._penalty_scatter(idx, toks)
             self._append_many(idx, toks)
         if scatter is not None:
-            assert self._counts is not None
-            ones = torch.ones(scatter[0].shape[0], dtype=torch.int32, device=self.device)
-            self._counts.index_put_(scatter, ones, accumulate=True)
+            self.penalties.count(*scatter)
 
     def _append_few(self, slots: Sequence[int], toks: np.ndarray) -> None:
         live, num = self._live, self._num_output
@@ -354,18 +320,16 @@ class InputBatch:
 
     def _penalty_scatter(
         self, idx: np.ndarray, toks: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, ids) on the device of the penalized slots' new tokens, checked; None if none."""
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(penalty rows, token ids) of the penalized slots' new tokens, checked; or None."""
         rows = self._penalty_row[idx]
         penalized = rows >= 0
         if not penalized.any():
             return None
         ids = toks[penalized].astype(np.int64)
-        if not self._in_vocab(ids):
+        if not self.penalties.in_vocab(ids):
             raise ValueError(f"a sampled token id lies outside [0, {self.vocab_size - 1}]")
-        return torch.from_numpy(rows[penalized]).to(self.device), torch.from_numpy(ids).to(
-            self.device
-        )
+        return rows[penalized], ids
 
     def output_token_ids(self, slot: int) -> list[int]:
         """The slot's output tokens so far (a copy)."""
@@ -426,9 +390,10 @@ class InputBatch:
 
         counts = prompt_mask = None
         if use_rep or use_add:
-            counts = self._dense_rows(self._counts, num_rows, longs[5], longs[6])
+            pen = self.penalties
+            counts = pen.dense(pen.counts, num_rows, longs[5], longs[6])
             if use_rep:
-                prompt_mask = self._dense_rows(self._prompt_seen, num_rows, longs[7], longs[8])
+                prompt_mask = pen.dense(pen.prompt_seen, num_rows, longs[7], longs[8])
 
         def optional(t: torch.Tensor) -> torch.Tensor | None:
             return t if t.shape[0] else None
@@ -504,16 +469,6 @@ class InputBatch:
         ids = [self._banned_ids[s] for s in idx[pos].tolist()]
         rows = np.repeat(pos, [a.shape[0] for a in ids])
         return rows, np.concatenate(ids)
-
-    def _dense_rows(
-        self, source: torch.Tensor | None, num_rows: int, rows: torch.Tensor, src_rows: torch.Tensor
-    ) -> torch.Tensor:
-        """[num_rows, V]: source[src_rows[j]] at rows[j], zeros elsewhere."""
-        assert source is not None
-        out = torch.zeros(num_rows, self.vocab_size, dtype=source.dtype, device=self.device)
-        if rows.shape[0]:
-            out.index_copy_(0, rows, source.index_select(0, src_rows))
-        return out
 
 
 def _fits_int32(ids: np.ndarray) -> bool:
