@@ -430,13 +430,17 @@ class InputBatch:
         return torch.from_numpy(array).to(self.device)
 
     def _check_live(self, idx: np.ndarray) -> None:
+        """Every slot of `idx` in range and live (two numpy reductions: it runs every step)."""
         if idx.size == 0:
             return
-        if int(idx.min()) < 0 or int(idx.max()) >= self.max_num_seqs:
+        try:
+            live = self._live[idx]
+        except IndexError:
+            live = None
+        if live is None or int(idx.min()) < 0:
             raise IndexError(f"slot out of range [0, {self.max_num_seqs}): {idx.tolist()}")
-        if not self._live[idx].all():
-            free = [int(s) for s in idx[~self._live[idx]]]
-            raise ValueError(f"slot {free[0]} holds no sequence")
+        if not live.all():
+            raise ValueError(f"slot {int(idx[~live][0])} holds no sequence")
 
     def _raise_row_errors(self, idx: np.ndarray) -> None:
         """The ValueErrors SamplingBatch.build would raise for these rows, in its order."""
