@@ -11,7 +11,7 @@ Workloads, each at batch sizes 1, 64 and 256 (every row sampled every step):
 Each step appends one token to every row first (outputs grow as in decode). Prints the median
 and p99 in microseconds and the dense penalty memory, and writes JSON.
 
-    python benchmarks/sampling_batch.py [--vocab 152064] [--steps 200] [--device cpu]
+    python benchmarks/sampling_batch.py [--vocab 152064] [--steps 200] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -143,14 +143,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads; 1 keeps the [S, V] ops steady on a shared CPU",
+    )
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     results = [
         _run(kind, n, args) for kind in ("mixed", "no-penalty", "greedy") for n in args.batch_sizes
     ]
     print(
         f"\nsampling_batch  commit={commit()}  cpu={platform.processor() or platform.machine()}"
-        f"  device={args.device}  V={args.vocab}  prompt={args.prompt_len}  steps={args.steps}"
+        f"  device={args.device}  threads={args.threads}  V={args.vocab}  prompt={args.prompt_len}"
+        f"  steps={args.steps}"
     )
     print(
         f"{'workload':<12} {'rows':>5} {'build med':>10} {'p99':>9} {'gather med':>11} {'p99':>9}"
