@@ -16,6 +16,7 @@ multi-row batch taken apart (the rows are not to blame one by one).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -80,14 +81,16 @@ def fail_request(
     state: RequestState,
     exc: BaseException,
     stage: str,
+    drop_seq: Callable[[int], None],
 ) -> None:
     """Ends `state` with an error, leaving the other requests alone.
 
     Its unfinished sequences get finish_reason "error" and are aborted in the scheduler where it
     still holds them (one that finished in the core this step is gone already); all of them leave
-    `seqs`. The caller reports the request (it is `finished` now), which removes it from the
-    engine. Called before `scheduler.update()` the abort makes update() drop the step's tokens of
-    these sequences; called after it, it frees their blocks (or finds them freed).
+    `seqs` through `drop_seq(seq_id)`, which also frees their slots of the runner's input batch.
+    The caller reports the request (it is `finished` now), which removes it from the engine.
+    Called before `scheduler.update()` the abort makes update() drop the step's tokens of these
+    sequences; called after it, it frees their blocks (or finds them freed).
     """
     state.error = error_message(exc, stage)
     logger.warning("request %s failed: %s", state.request_id, state.error, exc_info=exc)
@@ -97,7 +100,7 @@ def fail_request(
             if scheduler.contains(seq.core_id):
                 scheduler.abort(seq.core_id)
     for seq_id in [k for k, (r, _) in seqs.items() if r is state]:
-        del seqs[seq_id]
+        drop_seq(seq_id)
 
 
 def fail_sampled_rows(
@@ -105,6 +108,7 @@ def fail_sampled_rows(
     seqs: dict[int, tuple[RequestState, SequenceState]],
     sampled_seq_ids: list[int],
     failed_rows: dict[int, BaseException],
+    drop_seq: Callable[[int], None],
 ) -> dict[str, RequestState]:
     """Fails the requests that own the faulty rows of a step (row i = sampled_seq_ids[i]);
     returns them by request id. Call it before `scheduler.update()`."""
@@ -113,7 +117,7 @@ def fail_sampled_rows(
         entry = seqs.get(sampled_seq_ids[row])
         if entry is None:  # a sibling row (n > 1) already failed this request
             continue
-        fail_request(scheduler, seqs, entry[0], exc, "sampling")
+        fail_request(scheduler, seqs, entry[0], exc, "sampling", drop_seq)
         failed[entry[0].request_id] = entry[0]
     return failed
 

@@ -1,11 +1,16 @@
 """LLMEngine: requests in, RequestOutputs out; one `step()` = schedule -> run -> update.
 
-    batch = scheduler.schedule()           # C++ kestrel._core
-    result = executor.execute(batch, rows) # the model runner: torch (+ kernels)
-    done = scheduler.update(result.ids)    # C++: append tokens, stop checks, free blocks
+    batch = scheduler.schedule()             # C++ kestrel._core
+    result = executor.execute(batch, slots)  # the model runner: torch (+ kernels)
+    done = scheduler.update(result.ids)      # C++: append tokens, stop checks, free blocks
+    executor.append_tokens(slots, done.ids)  # the runner's persistent sampling state
 
 Python keeps what the core does not need: sampling parameters, generators, detokenizers and
-logprobs, keyed by the core's seq_id.
+logprobs, keyed by the core's seq_id. The runner keeps the sampling state of the running
+sequences in slots of its input batch (`runner/input_batch.py`): a sequence is added there on
+its first sampled step (so waiting requests hold no slot) and removed when it finishes, fails,
+is aborted or is preempted (re-added with its output so far when it runs again); every path
+that drops a sequence from `_seqs` goes through `_drop_seq`, which frees its slot.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from kestrel.config import EngineConfig
 from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
 from kestrel.engine.request_checks import check_request
-from kestrel.engine.request_state import RequestState, SequenceState, child_generator
+from kestrel.engine.request_state import (
+    RequestState,
+    SampleRow,
+    SequenceState,
+    child_generator,
+)
 from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
@@ -30,7 +40,7 @@ from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
 from kestrel.model_source import ModelSource, resolve_model
 from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import RequestMetrics, RequestOutput
-from kestrel.runner import ModelRunner, SampleRow
+from kestrel.runner import ModelRunner
 from kestrel.runner.memory import plan_num_kv_blocks
 from kestrel.runner.model_runner import StepResult
 from kestrel.sampling_params import SamplingParams
@@ -107,6 +117,7 @@ class LLMEngine:
             dtype=self.dtype,
             block_size=config.block_size,
             seed=config.seed,
+            max_num_seqs=config.max_num_seqs,
         )
         self.executor: Executor = UniProcExecutor(self.runner)  # every step goes through it
         num_blocks = plan_num_kv_blocks(config, self.runner, self.max_model_len)
@@ -228,7 +239,7 @@ class LLMEngine:
         except (ValueError, KeyError):
             for core_id in added:  # all-or-nothing for n > 1
                 info = self.scheduler.request_info(core_id)
-                self._seqs.pop(info["seq_id"], None)
+                self._drop_seq(info["seq_id"])
                 self.scheduler.abort(core_id)
             raise
         self._requests[request_id] = state
@@ -288,7 +299,43 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.abort(seq.core_id)
         for seq_id in [k for k, (r, _) in self._seqs.items() if r is state]:
-            del self._seqs[seq_id]
+            self._drop_seq(seq_id)
+
+    def _drop_seq(self, seq_id: int) -> None:
+        """Forgets a sequence (absent: nothing to do) and frees its input-batch slot."""
+        entry = self._seqs.pop(seq_id, None)
+        if entry is not None:
+            self._release_slot(seq_id, entry[1].row)
+
+    def _release_slot(self, seq_id: int, row: SampleRow) -> None:
+        if row.slot is not None:
+            row.slot = None
+            self.executor.remove_sequence(seq_id)
+
+    def _sampled_slots(self, sampled_seq_ids: list[int]) -> list[int]:
+        """The input-batch slot of each sampled row; a sequence sampled for the first time (or
+        the first time since its preemption) gets one here."""
+        slots = []
+        for seq_id in sampled_seq_ids:
+            row = self._seqs[seq_id][1].row
+            if row.slot is None:
+                row.slot = self.executor.add_sequence(
+                    seq_id,
+                    row.params,
+                    row.prompt_token_ids,
+                    row.generator,
+                    row.eos_token_ids,
+                    row.output_token_ids,
+                )
+            slots.append(row.slot)
+        return slots
+
+    def _append_tokens(self, upd, slots: list[int]) -> None:
+        """Tells the runner the tokens update() accepted: those of the sampled rows (`slots`,
+        in order) less the rows whose sequence was aborted since."""
+        if upd.seq_ids.shape[0] != len(slots):  # update() dropped rows: map the rest
+            slots = [self._seqs[s][1].row.slot for s in upd.seq_ids.tolist()]
+        self.executor.append_tokens(slots, upd.token_ids)
 
     def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> bool:
         """Ends sample `index` of a request now (a front end found a stop string in its text)
@@ -303,7 +350,7 @@ class LLMEngine:
         self.scheduler.finish(seq.core_id, reason)
         seq.finish_reason = reason
         for seq_id in [k for k, (_, s) in self._seqs.items() if s is seq]:
-            del self._seqs[seq_id]
+            self._drop_seq(seq_id)
         if state.finished:
             del self._requests[request_id]
         return True
@@ -330,15 +377,21 @@ class LLMEngine:
         the step's time."""
         out = self.scheduler.schedule()
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
-        rows = [self._seqs[s][1].row for s in sampled_seq_ids]
         try:
-            result = self.executor.execute(StepInput.from_scheduler_output(out), rows)
+            for seq_id in out.preempted_seq_ids.tolist():  # they give their slots back
+                if seq_id in self._seqs:
+                    self._release_slot(seq_id, self._seqs[seq_id][1].row)
+            slots = self._sampled_slots(sampled_seq_ids)
+            result = self.executor.execute(StepInput.from_scheduler_output(out), slots)
         except Exception:
             abort_step(self, out)  # not attributable to one request: fatal
             raise
         # Rows that failed alone fail their requests only (aborted before update()).
-        failed = fail_sampled_rows(self.scheduler, self._seqs, sampled_seq_ids, result.failed_rows)
+        failed = fail_sampled_rows(
+            self.scheduler, self._seqs, sampled_seq_ids, result.failed_rows, self._drop_seq
+        )
         upd = self.scheduler.update(result.sampled_token_ids)
+        self._append_tokens(upd, slots)
         now = time.time()
         for seq_id in out.seq_ids.tolist():
             entry = self._seqs.get(seq_id)
@@ -384,7 +437,9 @@ class LLMEngine:
                             self.scheduler.finish(seq.core_id, "stop")
                         reason = "stop"
             except Exception as exc:  # noqa: BLE001 - this sequence's fault: fail its request only
-                fail_request(self.scheduler, self._seqs, state, exc, "output processing")
+                fail_request(
+                    self.scheduler, self._seqs, state, exc, "output processing", self._drop_seq
+                )
                 changed[state.request_id] = state
                 continue
             if reason is not None:
@@ -395,7 +450,7 @@ class LLMEngine:
                 ):
                     seq.stop_reason = token
                 seq.finish_reason = reason
-                del self._seqs[seq_id]
+                self._drop_seq(seq_id)
             if state.stream or reason is not None:
                 changed[state.request_id] = state
         return changed

@@ -7,9 +7,23 @@ from dataclasses import dataclass, field
 import torch
 
 from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
-from kestrel.runner import SampleRow
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class SampleRow:
+    """What the runner's input batch is told about one sequence when it gets a slot (see
+    `executor.add_sequence`), and the engine's record of its output tokens."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+    eos_token_ids: tuple[int, ...]
+    # Its slot of the runner's input batch: set on its first sampled step (and again on the
+    # first after a preemption), None while it holds none.
+    slot: int | None = None
 
 
 @dataclass
@@ -18,7 +32,7 @@ class SequenceState:
 
     core_id: str  # id in the native scheduler
     index: int  # which of the parent's n samples
-    row: SampleRow  # shared with the runner: params, prompt and output ids, generator
+    row: SampleRow  # params, prompt and output ids, generator, input-batch slot
     detokenizer: IncrementalDetokenizer | None
     logprobs: SampleLogprobs | None
     lazy_detokenize: bool = False  # feed the detokenizer once, when the sequence finishes

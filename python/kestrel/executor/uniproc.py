@@ -1,9 +1,17 @@
 """The single-process executor: the engine's one door to the model runner(s).
 
-`LLMEngine.step` hands each step to `executor.execute(step_input, rows)` and gets the sampled
-tokens back; it never calls the runner directly for a step. A multi-process executor (one
-worker per tensor-parallel rank) implements the same `Executor` protocol: broadcast the
-StepInput (plain arrays, picklable) to every worker and return rank 0's StepResult.
+`LLMEngine.step` hands each step to `executor.execute(step_input, slots)` and gets the sampled
+tokens back; it never calls the runner directly for a step. Sampling state lives in the runner's
+persistent input batch, one slot per running sequence; the engine keeps it current through
+`add_sequence` (a sequence's first sampled step, or its first after a preemption),
+`remove_sequence` (finished, aborted, failed or preempted) and `append_tokens` (once per step,
+the tokens the scheduler accepted), and names a step's sampled rows by their slots.
+
+A multi-process executor (one worker per tensor-parallel rank) implements the same `Executor`
+protocol: broadcast the StepInput and the slots (plain arrays and ints, picklable) to every
+worker and return rank 0's StepResult, and mirror add / remove / append to every worker in the
+same order, so that every worker's free-slot stack hands out the same slots. (A seeded
+sequence's generator would then be made in the worker from its seed; here it is passed as is.)
 """
 
 from __future__ import annotations
@@ -11,12 +19,32 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Hashable, Sequence
+
+    import numpy as np
+    import torch
+
     from kestrel.executor.step_input import StepInput
-    from kestrel.runner.model_runner import ModelRunner, SampleRow, StepResult
+    from kestrel.runner.model_runner import ModelRunner, StepResult
+    from kestrel.sampling_params import SamplingParams
 
 
 class Executor(Protocol):
-    def execute(self, step: StepInput, rows: list[SampleRow]) -> StepResult: ...
+    def add_sequence(
+        self,
+        key: Hashable,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        generator: torch.Generator | None,
+        eos_token_ids: Sequence[int],
+        output_ids: Sequence[int] = (),
+    ) -> int: ...
+
+    def remove_sequence(self, key: Hashable) -> int: ...
+
+    def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None: ...
+
+    def execute(self, step: StepInput, slots: Sequence[int]) -> StepResult: ...
 
 
 class UniProcExecutor:
@@ -25,5 +53,25 @@ class UniProcExecutor:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
-    def execute(self, step: StepInput, rows: list[SampleRow]) -> StepResult:
-        return self.runner.execute(step, rows)
+    def add_sequence(
+        self,
+        key: Hashable,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        generator: torch.Generator | None,
+        eos_token_ids: Sequence[int],
+        output_ids: Sequence[int] = (),
+    ) -> int:
+        """Gives sequence `key` a slot of the runner's input batch; returns the slot."""
+        return self.runner.add_sequence(
+            key, params, prompt_ids, generator, eos_token_ids, output_ids
+        )
+
+    def remove_sequence(self, key: Hashable) -> int:
+        return self.runner.remove_sequence(key)
+
+    def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None:
+        self.runner.append_tokens(slots, tokens)
+
+    def execute(self, step: StepInput, slots: Sequence[int]) -> StepResult:
+        return self.runner.execute(step, slots)

@@ -1,5 +1,6 @@
 """Model runner: turns a step's StepInput into tensors, runs the model, samples."""
 
-from kestrel.runner.model_runner import ModelRunner, SampleRow
+from kestrel.runner.input_batch import InputBatch
+from kestrel.runner.model_runner import ModelRunner
 
-__all__ = ["ModelRunner", "SampleRow"]
+__all__ = ["InputBatch", "ModelRunner"]

@@ -4,6 +4,12 @@ Per step: the StepInput's flat arrays become device tensors (one copy each, no p
 Python), the model runs over every scheduled token, the rows named by `logits_indices` are
 projected to logits and sampled, and the sampled ids come back to the host in one transfer.
 
+Sampling state is persistent: each running sequence holds a slot of the runner's `InputBatch`
+(`runner/input_batch.py`), filled once by `add_sequence` and kept current by `remove_sequence`
+and `append_tokens`; a step names its sampled rows by their slots and the runner gathers the
+step's `SamplingBatch` from it (nothing is rebuilt from per-request Python lists). When every
+row is plain greedy (greedy, no logit edits, no logprobs) sampling is the argmax alone.
+
 Failures (see `kestrel.engine.faults`): a forward-pass exception propagates (fatal: it is no one
 request's fault). When sampling the batch raises something other than a device failure, the rows
 are sampled again one at a time; rows that fail alone are reported in `StepResult.failed_rows`
@@ -25,40 +31,18 @@ import torch
 from kestrel.ops import AttentionMetadata
 from kestrel.ops.attention_backend import PagedAttentionBackend
 from kestrel.runner.cuda_graphs import DecodeGraphs
+from kestrel.runner.input_batch import InputBatch
 from kestrel.runner.staging import HostStager
-from kestrel.sample import Sampler, SamplerOutput, SamplingBatch
+from kestrel.sample import Sampler, SamplerOutput
 
 if TYPE_CHECKING:
+    from collections.abc import Hashable, Sequence
+
     from kestrel.executor.step_input import StepInput
     from kestrel.model_config import ModelConfig
     from kestrel.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SampleRow:
-    """What the sampler needs to know about one sampled row's request."""
-
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    generator: torch.Generator | None
-    eos_token_ids: tuple[int, ...]
-    # Argmax of the raw logits is the whole sampling: greedy, no logit edits, no logprobs.
-    plain_greedy: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        p = self.params
-        self.plain_greedy = (
-            p.is_greedy
-            and p.logprobs is None
-            and not p.logit_bias
-            and p.min_tokens == 0
-            and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0
-        )
 
 
 @dataclass
@@ -93,6 +77,7 @@ class ModelRunner:
         dtype: torch.dtype,
         block_size: int,
         seed: int,
+        max_num_seqs: int,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -105,6 +90,7 @@ class ModelRunner:
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
         self.vocab_size = model_config.vocab_size
+        self.input_batch = InputBatch(max_num_seqs, self.vocab_size, device)
         self.stager = HostStager(device)
         self.graphs: DecodeGraphs | None = None
         self.attention = PagedAttentionBackend(
@@ -115,6 +101,28 @@ class ModelRunner:
             dtype=dtype,
             device=device,
         )
+
+    # ---- the persistent batch (the executor forwards these; see runner/input_batch.py) -----
+
+    def add_sequence(
+        self,
+        key: Hashable,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        generator: torch.Generator | None,
+        eos_token_ids: Sequence[int],
+        output_ids: Sequence[int] = (),
+    ) -> int:
+        """Gives sequence `key` a slot of the input batch; returns the slot."""
+        return self.input_batch.add(key, params, prompt_ids, generator, eos_token_ids, output_ids)
+
+    def remove_sequence(self, key: Hashable) -> int:
+        """Frees the slot of `key` (KeyError when it holds none); returns the slot."""
+        return self.input_batch.remove(key)
+
+    def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None:
+        """One new output token per (unique) slot."""
+        self.input_batch.append_tokens(slots, tokens)
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
         mc = self.model_config
@@ -196,24 +204,25 @@ class ModelRunner:
         return self.attention.metadata_for(out, self.stager.to_device)
 
     @torch.inference_mode()
-    def execute(self, out: StepInput, rows: list[SampleRow]) -> StepResult:
-        """Runs the step; `rows` describe the sampled rows in `out.logits_indices` order."""
-        if len(rows) != out.num_sampled:
-            raise ValueError(f"{len(rows)} sample rows for {out.num_sampled} logits indices")
+    def execute(self, out: StepInput, slots: Sequence[int]) -> StepResult:
+        """Runs the step; `slots[i]` is the input-batch slot of the i-th sampled row (in
+        `out.logits_indices` order)."""
+        if len(slots) != out.num_sampled:
+            raise ValueError(f"{len(slots)} sampled slots for {out.num_sampled} logits indices")
         if out.num_tokens == 0:
             return StepResult(np.zeros(0, dtype=np.int64), None)
         logits = self._logits(out)  # an exception here is fatal: it is no one row's fault
         if logits is None:
             return StepResult(np.zeros(0, dtype=np.int64), None)
         try:
-            return self._sample(logits, rows)
+            return self._sample(logits, slots)
         except Exception as exc:
             # Lazy import: kestrel.engine imports this module.
             from kestrel.engine.faults import is_device_failure
 
             if is_device_failure(exc):
                 raise
-            result = self._sample_each_row(logits, rows)
+            result = self._sample_each_row(logits, slots)
             if result is None:  # every row failed on its own: not attributable
                 raise
             return result
@@ -225,50 +234,42 @@ class ModelRunner:
             return self.graphs.run(out, self.stager.to_device)  # [S, vocab] fp32
         return self._forward_eager(out)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> StepResult:
-        """The sampling stage: one token per row of `logits`. Never modifies `logits` (the
-        row-by-row retry reads them again)."""
-        if all(r.plain_greedy for r in rows):  # fast path: no per-row tensors to build
+    def _sample(self, logits: torch.Tensor, slots: Sequence[int]) -> StepResult:
+        """The sampling stage: one token per row of `logits` (row i: the sequence in slots[i]).
+        Never modifies `logits` (the row-by-row retry reads them again)."""
+        if self.input_batch.all_plain_greedy(slots):  # fast path: no per-row tensors to gather
             return StepResult(logits.argmax(dim=-1).cpu().numpy(), None)
-        batch = SamplingBatch.build(
-            [r.params for r in rows],
-            [r.prompt_token_ids for r in rows],
-            [r.output_token_ids for r in rows],
-            [r.generator for r in rows],
-            vocab_size=self.vocab_size,
-            device=self.device,
-            eos_token_ids=[r.eos_token_ids for r in rows],
-        )
+        batch = self.input_batch.gather(slots, self.stager.to_device)
         sampled = self.sampler(logits, batch)
         return StepResult(sampled.sampled_token_ids.cpu().numpy(), sampled)
 
-    def _sample_each_row(self, logits: torch.Tensor, rows: list[SampleRow]) -> StepResult | None:
+    def _sample_each_row(self, logits: torch.Tensor, slots: Sequence[int]) -> StepResult | None:
         """After the batch failed to sample: each row alone. Rows that still raise (not a device
         failure, which propagates) go into `failed_rows`; None when every row of a multi-row
         batch failed. Logprobs are taken over the whole batch as `_sample` would."""
         from kestrel.engine.faults import is_device_failure
 
-        tokens = np.zeros(len(rows), dtype=np.int64)
+        tokens = np.zeros(len(slots), dtype=np.int64)
         failed: dict[int, BaseException] = {}
-        for i, row in enumerate(rows):
+        for i, slot in enumerate(slots):
             try:
-                tokens[i] = self._sample(logits[i : i + 1], [row]).sampled_token_ids[0]
+                tokens[i] = self._sample(logits[i : i + 1], [slot]).sampled_token_ids[0]
             except Exception as exc:
                 if is_device_failure(exc):
                     raise
                 failed[i] = exc
-        if len(rows) > 1 and len(failed) == len(rows):
+        if len(slots) > 1 and len(failed) == len(slots):
             return None
         logger.warning(
             "sampling a batch of %d rows failed; sampled row by row, %d rows failed alone",
-            len(rows),
+            len(slots),
             len(failed),
         )
-        num_logprobs = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        max_num_logprobs = self.input_batch.max_num_logprobs(slots)
         sampler_output = None
-        if num_logprobs:
+        if max_num_logprobs >= 0:
             sampled = torch.from_numpy(tokens).to(logits.device)
-            sampler_output = Sampler.with_logprobs(logits, sampled, max(num_logprobs))
+            sampler_output = Sampler.with_logprobs(logits, sampled, max_num_logprobs)
         return StepResult(tokens, sampler_output, failed)
 
     def _forward_eager(self, out: StepInput) -> torch.Tensor | None:

@@ -1,9 +1,11 @@
 """SamplingBatch: the per-step, per-row sampling inputs as tensors.
 
-The engine builds one `SamplingBatch` per step with `SamplingBatch.build(...)`; row i describes
-the i-th row of the logits given to the sampler (batch order). Everything that the host knows
-(which rows are greedy, whether any row uses penalties, top-k/top-p/min-p, logit bias) is decided
-here on the host, so the sampler never has to synchronize with the device to pick its path.
+Row i describes the i-th row of the logits given to the sampler (batch order). The runner gathers
+one per step from its persistent, slot-indexed `kestrel.runner.InputBatch`; `SamplingBatch.build`
+makes the same batch from per-row Python lists (the reference that InputBatch is tested against,
+and the way to build one in tests). Everything that the host knows (which rows are greedy,
+whether any row uses penalties, top-k/top-p/min-p, logit bias) is decided here on the host, so
+the sampler never has to synchronize with the device to pick its path.
 
 Penalty state is dense over the vocabulary and is built only when some row needs it:
   output_token_counts  [S, V] int32  how often each token occurs in the row's output so far

@@ -10,9 +10,9 @@ Pipeline per row i (the order is part of the contract):
      token t with probability probs[t] (the exponential form of the Gumbel-max trick).
 
 Reproducibility: a seeded request owns a `torch.Generator` (see `make_generator`) that the engine
-creates once and passes every step. Its row draws its own [V] noise from that generator and every
-other step of the pipeline is row-wise, so its tokens do not depend on the other rows or on its
-row position. Rows without a generator draw together from one shared generator in one call.
+creates once; the runner's input batch holds it in the sequence's slot and passes it every step.
+Its row draws its own [V] noise from that generator and every other step of the pipeline is
+row-wise, so its tokens do not depend on the other rows or on its row position. Rows without a generator draw together from one shared generator in one call.
 (On a GPU, row-wise kernels may round differently for different batch shapes; exact equality
 across batch shapes is guaranteed on CPU.)
 
