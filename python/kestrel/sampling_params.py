@@ -70,6 +70,53 @@ def _check_bool(name: str, value: Any) -> None:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output, as vLLM's `structured_outputs`: exactly one of a
+    JSON schema (`json`: a dict or its JSON text), any JSON object (`json_object`), a regular
+    expression, a choice among strings, or a grammar (Lark/EBNF text). The engine compiles it
+    with its grammar backend and masks the tokens that would leave it; one it cannot compile
+    is refused (InvalidRequestError naming `structured_outputs`)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        name = "structured_outputs"
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise _fail(name + ".json", self.json, "a JSON schema (a dict or its JSON text)")
+        for field_name in ("regex", "grammar"):
+            value = getattr(self, field_name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _fail(f"{name}.{field_name}", value, "a non-empty str")
+        if self.choice is not None:
+            ok = isinstance(self.choice, (list, tuple)) and self.choice
+            if not ok or not all(isinstance(c, str) for c in self.choice):
+                raise _fail(name + ".choice", self.choice, "a non-empty list of str")
+            self.choice = list(self.choice)
+        _check_bool(name + ".json_object", self.json_object)
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                name,
+                f"SamplingParams.structured_outputs sets {given or 'nothing'}; allowed: exactly "
+                "one of json, json_object, regex, choice, grammar",
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: "json", "json_object", "regex", "choice" or "grammar"."""
+        if self.json_object:
+            return "json_object"
+        return next(
+            k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None
+        )
+
+
+@dataclass
 class SamplingParams:
     """How to pick the tokens of one request (see the module docstring for normalization)."""
 
@@ -94,6 +141,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    # Constrain the output (JSON schema, regex, choice, grammar); a dict is converted.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, None, "an int >= 1")
@@ -138,6 +187,19 @@ class SamplingParams:
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         _check_bool("spaces_between_special_tokens", self.spaces_between_special_tokens)
         _check_bool("detokenize", self.detokenize)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise InvalidRequestError(
+                    "structured_outputs", f"structured_outputs: {exc}"
+                ) from exc
+        elif self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise _fail(
+                "structured_outputs", self.structured_outputs, "None or StructuredOutputsParams"
+            )
 
     @staticmethod
     def _normalize_stop(stop: Any) -> list[str]:
