@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 
 from kestrel.engine.async_engine import AsyncLLMEngine, RequestStream
 from kestrel.outputs import RequestOutput
-from kestrel.sampling_params import SamplingParams
+from kestrel.sampling_params import SamplingParams, StructuredOutputsParams
 from kestrel_server.errors import APIError, bad_request, from_exception
 from kestrel_server.metrics import ServerMetrics
 from kestrel_server.protocol import SamplingRequest, UsageInfo
@@ -138,7 +138,58 @@ def sampling_params(
             overrides[name] = value
     overrides["max_tokens"] = max_tokens
     overrides["logprobs"] = logprobs
+    constraint = structured_outputs(req)
+    if constraint is not None:
+        overrides["structured_outputs"] = constraint
     return engine.default_sampling_params().clone(**overrides)
+
+
+def structured_outputs(req: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint from whichever field set it (400 when more than one
+    does, or when response_format json_schema has no schema)."""
+    found: list[tuple[str, StructuredOutputsParams]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", StructuredOutputsParams(json_object=True)))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise bad_request(
+                "response_format of type json_schema needs json_schema.schema (a JSON schema)",
+                "response_format",
+            )
+        found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.schema_)))
+    so = req.structured_outputs
+    if so is not None:
+        fields = {
+            "json": so.json_,
+            "regex": so.regex,
+            "choice": so.choice,
+            "grammar": so.grammar,
+            "json_object": bool(so.json_object),
+        }
+        found.append(("structured_outputs", _constraint("structured_outputs", **fields)))
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
+        value = getattr(req, name)
+        if value is not None:
+            found.append((name, _constraint(name, **{key: value})))
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise bad_request(
+            f"at most one output constraint per request; this one sets {names}", found[1][0]
+        )
+    return found[0][1] if found else None
+
+
+def _constraint(param: str, **fields: Any) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams(**fields)
+    except ValueError as exc:
+        raise bad_request(str(exc), param) from exc
 
 
 def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int:

@@ -63,6 +63,31 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[Text, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: plain text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` extra: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    json_: dict[Text, Any] | Text | None = Field(default=None, alias="json")
+    regex: NonEmptyText | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: NonEmptyText | None = None
+    json_object: bool | None = None
+
+
 class SamplingRequest(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions. None = the model's default
     (generation_config.json) or SamplingParams' default."""
@@ -99,6 +124,14 @@ class SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (at most one of them per request).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[Text, Any] | Text | None = None
+    guided_regex: NonEmptyText | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: NonEmptyText | None = None
 
 
 class TextPart(_Request):

@@ -33,6 +33,7 @@ from kestrel.engine.request_state import (
     SequenceState,
     child_generator,
 )
+from kestrel.engine.structured_requests import StructuredRequests
 from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
@@ -145,6 +146,9 @@ class LLMEngine:
             else:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        self._structured = StructuredRequests(self.tokenizer, eos)
+        self._failed_waiting: dict[str, RequestState] = {}  # reported by the next step
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
@@ -216,15 +220,33 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time or time.time()),
             stream=stream,
         )
+        grammar = self._structured.grammar_for(params)  # a bad constraint is refused here
         core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        state.seqs = [
+            self._new_sequence(core_id, index, params, prompt_ids, stream)
+            for index, core_id in enumerate(core_ids)
+        ]
+        if grammar is None:
+            self._admit(state, priority)
+        else:  # waits outside the scheduler until its matcher is compiled
+
+            def admit(matcher, error) -> None:
+                self._admit_constrained(state, priority, matcher, error)
+
+            self._structured.submit(request_id, grammar, admit)
+        self._requests[request_id] = state
+
+    def _admit(self, state: RequestState, priority: int) -> None:
+        """Adds the request's sequences to the scheduler (all or nothing for n > 1)."""
+        params = state.params
         # The core counts in int32; no output outgrows max_model_len (an int32): clamping is exact.
         max_tokens = None if params.max_tokens is None else min(params.max_tokens, _INT32_MAX)
         added: list[str] = []
         try:
-            for index, core_id in enumerate(core_ids):
+            for seq in state.seqs:
                 seq_id = self.scheduler.add_request(
-                    core_id,
-                    np.asarray(prompt_ids, dtype=np.int64),
+                    seq.core_id,
+                    np.asarray(state.prompt_token_ids, dtype=np.int64),
                     max_tokens=max_tokens,
                     min_tokens=min(params.min_tokens, _INT32_MAX),
                     eos_token_ids=list(self.eos_token_ids),
@@ -232,17 +254,33 @@ class LLMEngine:
                     ignore_eos=params.ignore_eos,
                     priority=priority,
                 )
-                added.append(core_id)
-                seq = self._new_sequence(core_id, index, params, prompt_ids, stream)
-                state.seqs.append(seq)
+                added.append(seq.core_id)
                 self._seqs[seq_id] = (state, seq)
         except (ValueError, KeyError):
-            for core_id in added:  # all-or-nothing for n > 1
+            for core_id in added:
                 info = self.scheduler.request_info(core_id)
                 self._drop_seq(info["seq_id"])
                 self.scheduler.abort(core_id)
             raise
-        self._requests[request_id] = state
+
+    def _admit_constrained(
+        self, state: RequestState, priority: int, matcher, error: BaseException | None
+    ) -> None:
+        """A constrained request whose grammar compiled (or failed): into the scheduler, each
+        sample with its own matcher; a failure fails the request alone."""
+        if state.request_id not in self._requests:
+            return  # aborted while it compiled
+        try:
+            if error is not None:
+                raise error
+            for k, seq in enumerate(state.seqs):
+                seq.matcher = matcher if k == 0 else matcher.copy()
+            self._admit(state, priority)
+        except Exception as exc:  # noqa: BLE001 - this request's failure only
+            state.error = f"{type(exc).__name__}: {exc} (this request's structured output failed)"
+            for seq in state.seqs:
+                seq.finish_reason = seq.finish_reason or "error"
+            self._failed_waiting[state.request_id] = state
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -294,6 +332,12 @@ class LLMEngine:
         state = self._requests.pop(request_id, None)
         if state is None:
             raise KeyError(f"unknown request id {request_id!r}")
+        self._failed_waiting.pop(request_id, None)
+        if request_id in self._structured.waiting:  # not in the scheduler yet
+            self._structured.cancel(request_id)
+            for seq in state.seqs:
+                seq.finish_reason = seq.finish_reason or "abort"
+            return
         for seq in state.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
@@ -344,6 +388,8 @@ class LLMEngine:
         state = self._requests.get(request_id)
         if state is None or not 0 <= index < len(state.seqs):
             return False
+        if request_id in self._structured.waiting or request_id in self._failed_waiting:
+            return False
         seq = state.seqs[index]
         if seq.finish_reason is not None:
             return False
@@ -375,6 +421,13 @@ class LLMEngine:
         """One scheduler step without building outputs: the states of the requests that changed
         (finished ones are still in `_requests`: the caller collects them, see `_collect`), and
         the step's time."""
+        self._structured.admit_ready()
+        if self._structured.waiting and not self._seqs:  # only grammars to wait for
+            self._structured.wait_any(0.05)
+            self._structured.admit_ready()
+        failed, self._failed_waiting = self._failed_waiting, {}
+        if not self._seqs:  # nothing in the scheduler (yet)
+            return failed, time.time()
         out = self.scheduler.schedule()
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
         try:
@@ -382,12 +435,15 @@ class LLMEngine:
                 if seq_id in self._seqs:
                     self._release_slot(seq_id, self._seqs[seq_id][1].row)
             slots = self._sampled_slots(sampled_seq_ids)
-            result = self.executor.execute(StepInput.from_scheduler_output(out), slots)
+            mask = self._structured.step_mask([self._seqs[s][1].matcher for s in sampled_seq_ids])
+            result = self.executor.execute(
+                StepInput.from_scheduler_output(out), slots, grammar_mask=mask
+            )
         except Exception:
             abort_step(self, out)  # not attributable to one request: fatal
             raise
         # Rows that failed alone fail their requests only (aborted before update()).
-        failed = fail_sampled_rows(
+        failed |= fail_sampled_rows(
             self.scheduler, self._seqs, sampled_seq_ids, result.failed_rows, self._drop_seq
         )
         upd = self.scheduler.update(result.sampled_token_ids)
@@ -426,6 +482,11 @@ class LLMEngine:
                     k = seq.row.params.logprobs or 0
                     entry = logprob_entry(logprob_rows, row_of[seq_id], token, k, self._token_text)
                     seq.logprobs.append(entry)
+                if seq.matcher is not None:
+                    ends = self._structured.advance(seq.matcher, token, state.request_id)
+                    if ends and reason is None:  # the grammar is complete: nothing may follow
+                        self.scheduler.finish(seq.core_id, "stop")
+                        reason = "stop"
                 if seq.detokenizer is not None and (not seq.lazy_detokenize or reason is not None):
                     new_ids = seq.row.output_token_ids if seq.lazy_detokenize else [token]
                     step = seq.detokenizer.add_tokens(new_ids, finished=reason is not None)

@@ -34,8 +34,3 @@ def check_request(prompt_ids: list[int], params: SamplingParams, vocab: int) -> 
         raise InvalidRequestError(
             "top_k", f"top_k={params.top_k} is out of range; allowed: {allowed}"
         )
-    if params.structured_outputs is not None:
-        # Refused until the grammar backend lands (issue 13): never ignored silently.
-        raise InvalidRequestError(
-            "structured_outputs", "structured outputs are not supported by this engine yet"
-        )

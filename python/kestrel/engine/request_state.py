@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from kestrel.structured import Matcher
 
 
 @dataclass
@@ -36,6 +40,7 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer | None
     logprobs: SampleLogprobs | None
     lazy_detokenize: bool = False  # feed the detokenizer once, when the sequence finishes
+    matcher: Matcher | None = None  # its grammar state (structured outputs), else None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from kestrel.executor.step_input import StepInput
     from kestrel.runner.model_runner import ModelRunner, StepResult
     from kestrel.sampling_params import SamplingParams
+    from kestrel.structured import GrammarMask
 
 
 class Executor(Protocol):
@@ -44,7 +45,9 @@ class Executor(Protocol):
 
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None: ...
 
-    def execute(self, step: StepInput, slots: Sequence[int]) -> StepResult: ...
+    def execute(
+        self, step: StepInput, slots: Sequence[int], grammar_mask: GrammarMask | None = None
+    ) -> StepResult: ...
 
 
 class UniProcExecutor:
@@ -73,5 +76,7 @@ class UniProcExecutor:
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None:
         self.runner.append_tokens(slots, tokens)
 
-    def execute(self, step: StepInput, slots: Sequence[int]) -> StepResult:
-        return self.runner.execute(step, slots)
+    def execute(
+        self, step: StepInput, slots: Sequence[int], grammar_mask: GrammarMask | None = None
+    ) -> StepResult:
+        return self.runner.execute(step, slots, grammar_mask)

@@ -34,6 +34,7 @@ from kestrel.runner.cuda_graphs import DecodeGraphs
 from kestrel.runner.input_batch import InputBatch
 from kestrel.runner.staging import HostStager
 from kestrel.sample import Sampler, SamplerOutput
+from kestrel.structured.bitmask import GrammarMask, apply_bitmask
 
 if TYPE_CHECKING:
     from collections.abc import Hashable, Sequence
@@ -204,9 +205,13 @@ class ModelRunner:
         return self.attention.metadata_for(out, self.stager.to_device)
 
     @torch.inference_mode()
-    def execute(self, out: StepInput, slots: Sequence[int]) -> StepResult:
+    def execute(
+        self, out: StepInput, slots: Sequence[int], grammar_mask: GrammarMask | None = None
+    ) -> StepResult:
         """Runs the step; `slots[i]` is the input-batch slot of the i-th sampled row (in
-        `out.logits_indices` order)."""
+        `out.logits_indices` order). `grammar_mask`: the structured-output bitmasks of the
+        constrained rows, applied to the logits before sampling (so every sampling path, the
+        argmax fast path and the row-by-row retry included, sees the masked logits)."""
         if len(slots) != out.num_sampled:
             raise ValueError(f"{len(slots)} sampled slots for {out.num_sampled} logits indices")
         if out.num_tokens == 0:
@@ -214,6 +219,8 @@ class ModelRunner:
         logits = self._logits(out)  # an exception here is fatal: it is no one row's fault
         if logits is None:
             return StepResult(np.zeros(0, dtype=np.int64), None)
+        if grammar_mask is not None:
+            apply_bitmask(logits, grammar_mask)
         try:
             return self._sample(logits, slots)
         except Exception as exc:

@@ -104,6 +104,10 @@ class Tokenizer:
             self._default_chat_template = chat_template
         self._compiled_templates: dict[str, Any] = {}
 
+    def backend_json(self) -> str:
+        """The `tokenizers` backend serialized (tokenizer.json), e.g. for a grammar engine."""
+        return self._backend.to_str()
+
     # ---- construction -------------------------------------------------------------------
 
     @classmethod

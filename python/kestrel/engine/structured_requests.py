@@ -1,0 +1,106 @@
+"""The engine's side of structured outputs: requests waiting for their grammar, the step's
+bitmask for the constrained rows, and advancing each sequence's matcher by its tokens.
+
+A constrained request is checked when it is added (`check`: a bad schema is a 400), then waits
+outside the scheduler while its matcher compiles in a worker thread; `ready()` hands the
+compiled ones to the engine at the start of a step, which admits them. The step loop never
+blocks on a compile unless nothing else can run (`wait_any`, bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kestrel.errors import InvalidRequestError
+from kestrel.structured import GrammarBackend, GrammarMask, Matcher, check
+
+if TYPE_CHECKING:
+    from kestrel.sampling_params import SamplingParams
+    from kestrel.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Waiting:
+    future: Future[Matcher]
+    admit: Callable[[Matcher | None, BaseException | None], None]
+
+
+class StructuredRequests:
+    def __init__(self, tokenizer: Tokenizer | None, eos_token_id: int | None) -> None:
+        self._tokenizer = tokenizer
+        self._eos = eos_token_id
+        self._backend: GrammarBackend | None = None
+        self.waiting: dict[str, _Waiting] = {}
+
+    def grammar_for(self, params: SamplingParams) -> str | None:
+        """The checked grammar of a constrained request (None when unconstrained); raises
+        InvalidRequestError naming structured_outputs when it cannot be used."""
+        if params.structured_outputs is None:
+            return None
+        if self._tokenizer is None:
+            raise InvalidRequestError(
+                "structured_outputs", "structured outputs need the model's tokenizer; it has none"
+            )
+        return check(params.structured_outputs)
+
+    def submit(
+        self,
+        request_id: str,
+        grammar: str,
+        admit: Callable[[Matcher | None, BaseException | None], None],
+    ) -> None:
+        """Compiles in the background; `admit(matcher, None)` or `admit(None, error)` is called
+        from `admit_ready` on the engine's thread once it is done."""
+        if self._backend is None:
+            assert self._tokenizer is not None
+            self._backend = GrammarBackend(self._tokenizer, self._eos)
+        self.waiting[request_id] = _Waiting(self._backend.compile_async(grammar), admit)
+
+    def cancel(self, request_id: str) -> None:
+        waiting = self.waiting.pop(request_id, None)
+        if waiting is not None:
+            waiting.future.cancel()
+
+    def admit_ready(self) -> None:
+        for request_id in [r for r, w in self.waiting.items() if w.future.done()]:
+            waiting = self.waiting.pop(request_id)
+            try:
+                matcher = waiting.future.result()
+            except BaseException as exc:  # noqa: BLE001 - the request's own failure
+                waiting.admit(None, exc)
+            else:
+                waiting.admit(matcher, None)
+
+    def wait_any(self, timeout_s: float) -> None:
+        """Blocks up to `timeout_s` for one compile to finish (only when nothing can run)."""
+        if self.waiting:
+            wait([w.future for w in self.waiting.values()], timeout_s, FIRST_COMPLETED)
+
+    @staticmethod
+    def step_mask(matchers: list[Matcher | None]) -> GrammarMask | None:
+        """The bitmask rows of the step's constrained sampled rows (None when there are none)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return None
+        words = matchers[rows[0]].num_words  # type: ignore[union-attr]
+        bitmask = np.empty((len(rows), words), dtype=np.int32)
+        for k, i in enumerate(rows):
+            matchers[i].fill_bitmask(bitmask[k])  # type: ignore[union-attr]
+        return GrammarMask(np.asarray(rows, dtype=np.int64), bitmask)
+
+    @staticmethod
+    def advance(matcher: Matcher, token: int, request_id: str) -> bool:
+        """Advances by the sampled token; True when the sequence must end here (the grammar is
+        complete, or the token was not allowed: logged, as the mask should prevent it)."""
+        if not matcher.accept(token):
+            logger.warning("request %s: token %d is not allowed by its grammar", request_id, token)
+            return True
+        return matcher.is_terminated
