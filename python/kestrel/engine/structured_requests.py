@@ -84,16 +84,16 @@ class StructuredRequests:
         if self.waiting:
             wait([w.future for w in self.waiting.values()], timeout_s, FIRST_COMPLETED)
 
-    @staticmethod
-    def step_mask(matchers: list[Matcher | None]) -> GrammarMask | None:
-        """The bitmask rows of the step's constrained sampled rows (None when there are none)."""
+    def step_mask(self, matchers: list[Matcher | None]) -> GrammarMask | None:
+        """The bitmask rows of the step's constrained sampled rows (None when there are none),
+        computed in parallel across rows."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
-        words = matchers[rows[0]].num_words  # type: ignore[union-attr]
-        bitmask = np.empty((len(rows), words), dtype=np.int32)
-        for k, i in enumerate(rows):
-            matchers[i].fill_bitmask(bitmask[k])  # type: ignore[union-attr]
+        assert self._backend is not None
+        constrained = [matchers[i] for i in rows]
+        bitmask = np.empty((len(rows), constrained[0].num_words), dtype=np.int32)
+        self._backend.fill_bitmasks(constrained, bitmask)  # type: ignore[arg-type]
         return GrammarMask(np.asarray(rows, dtype=np.int64), bitmask)
 
     @staticmethod

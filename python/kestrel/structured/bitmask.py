@@ -42,8 +42,12 @@ def apply_bitmask(logits: torch.Tensor, mask: GrammarMask) -> None:
         return
     device = logits.device
     bits = torch.from_numpy(mask.bitmask).to(device, non_blocking=True)
-    rows = torch.from_numpy(mask.rows).to(device, non_blocking=True)
     allowed = allowed_tokens(bits, logits.shape[1])
+    num = mask.rows.shape[0]
+    if num == logits.shape[0] and np.array_equal(mask.rows, np.arange(num)):
+        logits.masked_fill_(~allowed, float("-inf"))  # every row constrained: in place
+        return
+    rows = torch.from_numpy(mask.rows).to(device, non_blocking=True)
     constrained = logits.index_select(0, rows)
     constrained.masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, rows, constrained)

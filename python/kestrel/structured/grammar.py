@@ -134,6 +134,7 @@ class GrammarBackend:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kestrel-grammar")
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
+        self._executor: Any = None  # llguidance's parallel mask executor, made on first use
 
     def _vocab(self) -> Any:
         with self._lock:
@@ -147,6 +148,19 @@ class GrammarBackend:
     @property
     def num_words(self) -> int:
         return (self._vocab().vocab_size + 31) // 32
+
+    def fill_bitmasks(self, matchers: list[Matcher], bitmask: np.ndarray) -> None:
+        """Row k of `bitmask` ([len(matchers), num_words] int32, C-contiguous) gets matcher k's
+        next-token mask; several rows are computed in parallel on llguidance's thread pool."""
+        if len(matchers) == 1:
+            matchers[0].fill_bitmask(bitmask[0])
+            return
+        assert bitmask.dtype == np.int32 and bitmask.flags.c_contiguous
+        if self._executor is None:
+            self._executor = _llguidance().LLExecutor()
+        row_bytes = bitmask.shape[1] * 4
+        pairs = [(m._m, k) for k, m in enumerate(matchers)]
+        self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, row_bytes, len(pairs))
 
     def compile_async(self, grammar: str) -> Future[Matcher]:
         """A matcher for a checked grammar, built in a worker thread."""
