@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from kestrel.sampling_params import LOGIT_BIAS_RANGE, MAX_LOGPROBS, PENALTY_RANGE, SEED_RANGE
 
@@ -246,6 +246,10 @@ class CompletionLogprobs(_Response):
 FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
 
 
+# Fields left out of a response while None (OpenAI sends them only when they hold something).
+Omitted = Field(default=None, exclude_if=lambda value: value is None)
+
+
 class FunctionCall(_Response):
     name: str
     arguments: str  # JSON text
@@ -258,12 +262,8 @@ class ToolCall(_Response):
 
 
 class DeltaFunctionCall(_Response):
-    name: str | None = None
-    arguments: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_nones(self, handler: Any) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
+    name: str | None = Omitted
+    arguments: str | None = Omitted
 
 
 class DeltaToolCall(_Response):
@@ -271,28 +271,16 @@ class DeltaToolCall(_Response):
     ones only argument fragments (their concatenation is the arguments' JSON text)."""
 
     index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
+    id: str | None = Omitted
+    type: Literal["function"] | None = Omitted
     function: DeltaFunctionCall
-
-    @model_serializer(mode="wrap")
-    def _drop_nones(self, handler: Any) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    reasoning_content: str | None = None  # only with --reasoning-parser
-    tool_calls: list[ToolCall] | None = None  # only when the model called tools
-
-    @model_serializer(mode="wrap")
-    def _drop_unused(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        for key in ("reasoning_content", "tool_calls"):
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
+    reasoning_content: str | None = Omitted  # only with --reasoning-parser
+    tool_calls: list[ToolCall] | None = Omitted  # only when the model called tools
 
 
 class ChatChoice(_Response):
@@ -315,16 +303,8 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = None  # only with --reasoning-parser
-    tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unused(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        for key in ("reasoning_content", "tool_calls"):
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
+    reasoning_content: str | None = Omitted  # only with --reasoning-parser
+    tool_calls: list[DeltaToolCall] | None = Omitted
 
 
 class ChatChunkChoice(_Response):
