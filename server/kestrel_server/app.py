@@ -17,7 +17,7 @@ import kestrel
 from kestrel.engine.async_engine import AsyncLLMEngine
 from kestrel_server.auth import DEFAULT_PUBLIC_PATHS, APIKeyMiddleware
 from kestrel_server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware
-from kestrel_server.chat import create_chat_completion, render_prompt_off_loop
+from kestrel_server.chat import create_chat_completion, render_prompt_off_loop, tool_dicts
 from kestrel_server.common import (
     RequestLimits,
     ServerState,
@@ -176,7 +176,10 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
             raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
             ids = await render_prompt_off_loop(
-                st, body.messages, add_generation_prompt=body.add_generation_prompt
+                st,
+                body.messages,
+                add_generation_prompt=body.add_generation_prompt,
+                tools=tool_dicts(body.tools),
             )
         else:
             if st.engine.tokenizer is None:

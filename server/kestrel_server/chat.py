@@ -34,7 +34,7 @@ from kestrel_server.common import (
     unless_disconnected,
     usage,
 )
-from kestrel_server.errors import bad_request
+from kestrel_server.errors import APIError, bad_request
 from kestrel_server.logprobs import chat_logprobs
 from kestrel_server.protocol import (
     AssistantMessage,
@@ -227,7 +227,7 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     params = _with_tool_plan(params, plan, body)
     parsing = OutputParsing(state.reasoning_parser, plan.new_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await submit(engine, request_id, [prompt_ids], [params])
+    streams = await _submit(engine, request_id, prompt_ids, params, plan)
     top_k = top_logprobs or 0
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -253,6 +253,21 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
             )
         )
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(finals))
+
+
+async def _submit(engine: Any, request_id: str, prompt_ids: list[int], params: Any, plan: ToolPlan):
+    """submit(); the engine's refusal of the structured outputs that tool_choice asked for is
+    reported against tool_choice (the client never sent structured_outputs)."""
+    try:
+        return await submit(engine, request_id, [prompt_ids], [params])
+    except APIError as exc:
+        if plan.structured_outputs is None or exc.param != "structured_outputs":
+            raise
+        raise bad_request(
+            f'tool_choice "required" or a named function is enforced with structured outputs, '
+            f"which failed: {exc.message}",
+            param="tool_choice",
+        ) from exc
 
 
 def _with_tool_plan(params: Any, plan: ToolPlan, body: ChatCompletionRequest) -> Any:

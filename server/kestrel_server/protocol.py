@@ -188,6 +188,7 @@ class TokenizeRequest(_Request):
     model: Text | None = None
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None  # with messages
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -163,6 +163,17 @@ def test_history_with_tool_calls_and_results(tools_client):
     assert response.usage.prompt_tokens > 0
 
 
+def test_tokenize_renders_tools(tool_server):
+    import httpx
+
+    messages = [{"role": "user", "content": "hi"}]
+    plain = httpx.post(tool_server.url + "/tokenize", json={"messages": messages}).json()
+    with_tools = httpx.post(
+        tool_server.url + "/tokenize", json={"messages": messages, "tools": TOOLS}
+    ).json()
+    assert with_tools["count"] > plain["count"] + 20
+
+
 def test_required_and_named_choices_parse_the_constrained_json(tools_client):
     # Scripted replies stand in for the grammar-constrained output (the core lets the
     # structured_outputs through unenforced here).
@@ -201,6 +212,20 @@ def test_required_choice_is_enforced_by_the_engine(client):
         temperature=0,
     )
     assert response.choices[0].message.tool_calls
+
+
+def test_required_choice_names_tool_choice_while_the_engine_refuses_it(client):
+    try:
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=4,
+        )
+    except openai.BadRequestError as err:  # until the engine supports structured outputs
+        assert err.body["param"] == "tool_choice"
+        assert "structured outputs" in err.message
 
 
 def _error(call) -> openai.BadRequestError:
