@@ -208,6 +208,7 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     top_logprobs = body.top_logprobs
     if top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+    plan = plan_tools(body, state.tools)  # before rendering: a bad choice fails fast
     prompt_ids = await render_prompt_off_loop(
         state,
         body.messages,
@@ -223,7 +224,6 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     params = sampling_params(
         engine, body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if body.logprobs else None
     )
-    plan = plan_tools(body, state.tools)
     params = _with_tool_plan(params, plan, body)
     parsing = OutputParsing(state.reasoning_parser, plan.new_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -323,6 +323,7 @@ class _ChatEvents:
         self.include_usage = include_usage
         self.created = int(time.time())
         self.sent_tokens = [0] * n  # per choice: tokens already streamed (for logprob slices)
+        self.finished = [False] * n  # per choice: its finish_reason was sent
         self.parsers: list[ChoiceParser] | None = None
         if parsing is not None and parsing.active:
             self.parsers = [parsing.choice() for _ in range(n)]
@@ -357,8 +358,9 @@ class _ChatEvents:
 
     def _choice(self, c: CompletionOutput) -> ChatChunkChoice | None:
         new_ids = c.token_ids_delta
-        if not c.text_delta and not new_ids and c.finish_reason is None:
+        if self.finished[c.index] or (not c.text_delta and not new_ids and not c.finish_reason):
             return None  # nothing new (e.g. a choice of n > 1 that finished earlier)
+        self.finished[c.index] = c.finish_reason is not None
         logprobs = None
         if self.top_k is not None and c.logprobs is not None:
             logprobs = _logprobs(self.state, new_ids, c, self.top_k, self.sent_tokens[c.index])

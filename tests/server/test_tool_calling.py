@@ -140,6 +140,23 @@ def test_streamed_tool_calls_match_the_response(tools_client):
     ]
 
 
+def test_streamed_choices_each_finish_once(tools_client):
+    stream = tools_client.chat.completions.create(
+        model="tiny", messages=_ask("weather"), tools=TOOLS, max_tokens=40, n=2, stream=True
+    )
+    finishes: dict[int, list[str]] = {0: [], 1: []}
+    names: dict[int, list[str]] = {0: [], 1: []}
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+            names[choice.index] += [
+                p.function.name for p in choice.delta.tool_calls or [] if p.function.name
+            ]
+    assert finishes == {0: ["tool_calls"], 1: ["tool_calls"]}
+    assert names == {0: ["get_weather", "get_time"], 1: ["get_weather", "get_time"]}
+
+
 def test_history_with_tool_calls_and_results(tools_client):
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
