@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kestrel_server.chat_output import OutputParsing
 from kestrel_server.reasoning_parsers import REASONING_PARSERS
@@ -259,3 +261,12 @@ def test_json_scan():
         value_end("xyz", 0)
     with pytest.raises(NotJSON):
         scan_object('{"a" 1}', 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=st.sampled_from(CASES), cuts=st.lists(st.integers(min_value=0, max_value=400)))
+def test_stream_random_splits(case, cuts):
+    family, text = case[0], case[1]
+    points = sorted({min(c, len(text)) for c in cuts})
+    chunks = [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+    _assert_stream_matches(TOOL_PARSERS[family], text, chunks)
