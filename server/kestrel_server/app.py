@@ -17,7 +17,7 @@ import kestrel
 from kestrel.engine.async_engine import AsyncLLMEngine
 from kestrel_server.auth import DEFAULT_PUBLIC_PATHS, APIKeyMiddleware
 from kestrel_server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware
-from kestrel_server.chat import create_chat_completion, render_prompt_off_loop
+from kestrel_server.chat import create_chat_completion, render_prompt_off_loop, tool_dicts
 from kestrel_server.common import (
     RequestLimits,
     ServerState,
@@ -46,6 +46,9 @@ from kestrel_server.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from kestrel_server.reasoning_parsers import REASONING_PARSERS, ReasoningParser
+from kestrel_server.tool_choice import ToolSettings
+from kestrel_server.tool_parsers import tool_parser_class
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,9 @@ class ServerArgs:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
     max_n: int = RequestLimits.max_n  # samples per prompt; also sequences per request
     max_prompts: int = RequestLimits.max_prompts  # prompts per completions request
+    tool_call_parser: str | None = None  # a TOOL_PARSERS name; needed for tool_choice "auto"
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (also needs tool_call_parser)
+    reasoning_parser: str | None = None  # a REASONING_PARSERS name: reasoning_content
 
     @classmethod
     def from_namespace(cls, args: Any) -> ServerArgs:
@@ -83,6 +89,26 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
+def tool_settings(settings: ServerArgs) -> ToolSettings:
+    """--tool-call-parser / --enable-auto-tool-choice; unknown names raise ValueError."""
+    if settings.enable_auto_tool_choice and settings.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME")
+    parser = None
+    if settings.tool_call_parser is not None:
+        parser = tool_parser_class(settings.tool_call_parser)
+    return ToolSettings(parser, settings.enable_auto_tool_choice)
+
+
+def reasoning_parser_class(name: str | None) -> type[ReasoningParser] | None:
+    if name is None:
+        return None
+    if name not in REASONING_PARSERS:
+        raise ValueError(
+            f"unknown reasoning parser {name!r}; allowed: {', '.join(sorted(REASONING_PARSERS))}"
+        )
+    return REASONING_PARSERS[name]
+
+
 def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> FastAPI:
     settings = args if isinstance(args, ServerArgs) else ServerArgs.from_namespace(args or {})
     names = settings.served_model_name
@@ -96,6 +122,8 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         api_key=settings.api_key or None,
         chat_template=load_chat_template(settings.chat_template),
         limits=RequestLimits(max_n=settings.max_n, max_prompts=settings.max_prompts),
+        tools=tool_settings(settings),
+        reasoning_parser=reasoning_parser_class(settings.reasoning_parser),
     )
 
     @asynccontextmanager
@@ -148,7 +176,10 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
             raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
             ids = await render_prompt_off_loop(
-                st, body.messages, add_generation_prompt=body.add_generation_prompt
+                st,
+                body.messages,
+                add_generation_prompt=body.add_generation_prompt,
+                tools=tool_dicts(body.tools),
             )
         else:
             if st.engine.tokenizer is None:

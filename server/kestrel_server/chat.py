@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,12 @@ from fastapi import Request
 
 from kestrel.outputs import CompletionOutput, RequestOutput
 from kestrel.tokenizer.chat_template import ChatTemplateError
+from kestrel_server.chat_output import (
+    ChoiceParser,
+    OutputParsing,
+    finish_reason_with_tools,
+    is_empty,
+)
 from kestrel_server.common import (
     ServerState,
     check_context,
@@ -27,7 +34,7 @@ from kestrel_server.common import (
     unless_disconnected,
     usage,
 )
-from kestrel_server.errors import bad_request
+from kestrel_server.errors import APIError, bad_request
 from kestrel_server.logprobs import chat_logprobs
 from kestrel_server.protocol import (
     AssistantMessage,
@@ -38,8 +45,11 @@ from kestrel_server.protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessage,
+    ChatTool,
     DeltaMessage,
+    ToolCallParam,
 )
+from kestrel_server.tool_choice import ToolPlan, plan_tools
 
 # Arguments of the renderer itself: a chat_template_kwargs key may not replace them.
 RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -58,7 +68,10 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them: text content only (parts are joined)."""
+    """Messages as the chat template expects them: text content only (parts are joined);
+    assistant tool calls with their arguments as objects (Qwen2.5's and Llama 3.1's templates
+    apply `tojson` to them, Qwen3's and Mistral's accept either), tool results with their
+    `tool_call_id`."""
     if not messages:
         raise bad_request("'messages' must hold at least one message", param="messages")
     out = []
@@ -69,8 +82,36 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls is not None:
+            entry["tool_calls"] = [_tool_call_dict(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None:
+            entry["reasoning_content"] = message.reasoning_content
         out.append(entry)
     return out
+
+
+def _tool_call_dict(call: ToolCallParam) -> dict[str, Any]:
+    arguments: Any = call.function.arguments
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        arguments = parsed  # else the text as sent: the template decides what to do with it
+    return {
+        "id": call.id,
+        "type": call.type,
+        "function": {"name": call.function.name, "arguments": arguments},
+    }
+
+
+def tool_dicts(tools: list[ChatTool] | None) -> list[dict[str, Any]] | None:
+    """Tools as chat templates read them: `{"type": "function", "function": {...}}`."""
+    if tools is None:
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in tools]
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -116,6 +157,7 @@ def render_prompt(
     add_generation_prompt: bool,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of the rendered chat. Any failure of the template on this input is a 400."""
     tokenizer = state.engine.tokenizer
@@ -127,6 +169,8 @@ def render_prompt(
             param="continue_final_message",
         )
     kwargs = check_template_kwargs(template_kwargs)
+    if tools is not None:
+        kwargs["tools"] = tools  # the request's own field wins over chat_template_kwargs.tools
     try:
         return tokenizer.render_chat_prompt_ids(
             message_dicts(messages),
@@ -164,12 +208,14 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     top_logprobs = body.top_logprobs
     if top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+    plan = plan_tools(body, state.tools)  # before rendering: a bad choice fails fast
     prompt_ids = await render_prompt_off_loop(
         state,
         body.messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         template_kwargs=body.chat_template_kwargs,
+        tools=tool_dicts(body.tools),
     )
     requested = body.max_completion_tokens
     if requested is None:
@@ -178,28 +224,66 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     params = sampling_params(
         engine, body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if body.logprobs else None
     )
+    params = _with_tool_plan(params, plan, body)
+    parsing = OutputParsing(state.reasoning_parser, plan.new_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await submit(engine, request_id, [prompt_ids], [params])
+    streams = await _submit(engine, request_id, prompt_ids, params, plan)
     top_k = top_logprobs or 0
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _ChatEvents(state, request_id, model, params.n, top_k, include_usage)
+        events = _ChatEvents(state, request_id, model, params.n, top_k, include_usage, parsing)
         return event_stream_response(
             streams, lambda: events.run(merged_outputs(streams, state.metrics))
         )
     finals = await final_outputs(streams, state.metrics)
     final = finals[0]
-    choices = [
-        ChatChoice(
-            index=c.index,
-            message=AssistantMessage(content=c.text),
-            logprobs=_logprobs(state, c.token_ids, c, top_k) if body.logprobs else None,
-            finish_reason=c.finish_reason,
-            stop_reason=c.stop_reason,
+    choices = []
+    for c in final.outputs:
+        if parsing.active:
+            message = parsing.choice().message(c.text)
+        else:
+            message = AssistantMessage(content=c.text)
+        choices.append(
+            ChatChoice(
+                index=c.index,
+                message=message,
+                logprobs=_logprobs(state, c.token_ids, c, top_k) if body.logprobs else None,
+                finish_reason=finish_reason_with_tools(c.finish_reason, bool(message.tool_calls)),
+                stop_reason=c.stop_reason,
+            )
         )
-        for c in final.outputs
-    ]
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(finals))
+
+
+async def _submit(engine: Any, request_id: str, prompt_ids: list[int], params: Any, plan: ToolPlan):
+    """submit(); the engine's refusal of the structured outputs that tool_choice asked for is
+    reported against tool_choice (the client never sent structured_outputs)."""
+    try:
+        return await submit(engine, request_id, [prompt_ids], [params])
+    except APIError as exc:
+        if plan.structured_outputs is None or exc.param != "structured_outputs":
+            raise
+        raise bad_request(
+            f'tool_choice "required" or a named function is enforced with structured outputs, '
+            f"which failed: {exc.message}",
+            param="tool_choice",
+        ) from exc
+
+
+def _with_tool_plan(params: Any, plan: ToolPlan, body: ChatCompletionRequest) -> Any:
+    """Structured outputs for "required" and named choices; special tokens kept in the text
+    when the parser's markers are special tokens (unless the client chose)."""
+    changes: dict[str, Any] = {}
+    if plan.structured_outputs is not None:
+        changes["structured_outputs"] = plan.structured_outputs
+    parser_class = plan.new_parser if isinstance(plan.new_parser, type) else None
+    if (
+        parser_class is not None
+        and parser_class.needs_special_tokens
+        and "skip_special_tokens" not in body.model_fields_set
+    ):
+        changes["skip_special_tokens"] = False
+    return params.clone(**changes) if changes else params
 
 
 def _logprobs(
@@ -229,6 +313,7 @@ class _ChatEvents:
         n: int,
         top_k: int | None,
         include_usage: bool,
+        parsing: OutputParsing | None = None,
     ) -> None:
         self.state = state
         self.request_id = request_id
@@ -238,6 +323,10 @@ class _ChatEvents:
         self.include_usage = include_usage
         self.created = int(time.time())
         self.sent_tokens = [0] * n  # per choice: tokens already streamed (for logprob slices)
+        self.finished = [False] * n  # per choice: its finish_reason was sent
+        self.parsers: list[ChoiceParser] | None = None
+        if parsing is not None and parsing.active:
+            self.parsers = [parsing.choice() for _ in range(n)]
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_info: Any = None) -> str:
         chunk = ChatCompletionChunk(
@@ -269,16 +358,26 @@ class _ChatEvents:
 
     def _choice(self, c: CompletionOutput) -> ChatChunkChoice | None:
         new_ids = c.token_ids_delta
-        if not c.text_delta and not new_ids:
+        if self.finished[c.index] or (not c.text_delta and not new_ids and not c.finish_reason):
             return None  # nothing new (e.g. a choice of n > 1 that finished earlier)
+        self.finished[c.index] = c.finish_reason is not None
         logprobs = None
         if self.top_k is not None and c.logprobs is not None:
             logprobs = _logprobs(self.state, new_ids, c, self.top_k, self.sent_tokens[c.index])
         self.sent_tokens[c.index] += len(new_ids)
+        finish_reason = c.finish_reason
+        if self.parsers is None:
+            delta = DeltaMessage(content=c.text_delta)
+        else:
+            parser = self.parsers[c.index]
+            delta = parser.delta(c.text_delta, final=finish_reason is not None)
+            if is_empty(delta) and finish_reason is None and logprobs is None:
+                return None  # held back (a marker may be arriving)
+            finish_reason = finish_reason_with_tools(finish_reason, parser.called_tools)
         return ChatChunkChoice(
             index=c.index,
-            delta=DeltaMessage(content=c.text_delta),
+            delta=delta,
             logprobs=logprobs,
-            finish_reason=c.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=c.stop_reason,
         )

@@ -17,6 +17,8 @@ from kestrel.config_args import add_dataclass_arguments, dataclass_from_namespac
 # The server's own defaults live in ServerArgs. Importing it costs `kestrel --help` nothing
 # today: the kestrel_server package (__init__) imports the app before any of its modules.
 from kestrel_server.app import ServerArgs
+from kestrel_server.reasoning_parsers import REASONING_PARSERS
+from kestrel_server.tool_parsers import TOOL_PARSERS
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # vllm-serve spellings of dtypes -> EngineConfig's.
@@ -110,6 +112,28 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=None,
         help="chat template (a file path or the Jinja text) used instead of the model's",
     )
+    tools = p.add_argument_group("tool calling and reasoning (as vllm serve)")
+    tools.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help="parse tool calls out of chat replies in this model family's format: hermes "
+        "(Qwen2.5, Qwen3: <tool_call>...</tool_call>), llama3_json (Llama 3.x JSON), mistral "
+        "([TOOL_CALLS])",
+    )
+    tools.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='allow tool_choice "auto" (the default when a request has tools); needs '
+        "--tool-call-parser",
+    )
+    tools.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        default=None,
+        help="split <think>...</think> reasoning off chat replies into reasoning_content "
+        "(qwen3: when the reply opens <think>; deepseek_r1: up to </think>)",
+    )
     net.add_argument(
         "--max-queued-requests",
         type=_non_negative_int,
@@ -200,6 +224,10 @@ def parse_args(
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
+        if args.enable_auto_tool_choice and args.tool_call_parser is None:
+            parser.exit(
+                2, "kestrel serve: error: --enable-auto-tool-choice needs --tool-call-parser\n"
+            )
         try:
             engine_config(args)
         except ConfigError as exc:

@@ -20,6 +20,8 @@ from kestrel.sampling_params import SamplingParams, StructuredOutputsParams
 from kestrel_server.errors import APIError, bad_request, from_exception
 from kestrel_server.metrics import ServerMetrics
 from kestrel_server.protocol import SamplingRequest, UsageInfo
+from kestrel_server.reasoning_parsers import ReasoningParser
+from kestrel_server.tool_choice import ToolSettings
 
 T = TypeVar("T")
 
@@ -67,6 +69,8 @@ class ServerState:
     api_key: str | None = None
     chat_template: str | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
+    tools: ToolSettings = field(default_factory=ToolSettings)
+    reasoning_parser: type[ReasoningParser] | None = None  # --reasoning-parser
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, name: str | None) -> str:

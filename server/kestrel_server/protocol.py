@@ -139,14 +139,60 @@ class TextPart(_Request):
     text: Text
 
 
+# Function names as OpenAI allows them (the same pattern vLLM's clients send).
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.:-]{1,64}$")]
+MAX_TOOLS = 1024
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = None  # a JSON schema (an object schema, as a rule)
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCallParam(_Request):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCallParam(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(_Request):
     role: Role
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallParam] | None = None  # assistant messages
+    tool_call_id: Text | None = None  # tool messages
+    reasoning_content: Text | None = None  # assistant messages (a reasoning model's thinking)
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
     max_completion_tokens: Count | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -175,6 +221,7 @@ class TokenizeRequest(_Request):
     model: Text | None = None
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None  # with messages
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -230,12 +277,44 @@ class CompletionLogprobs(_Response):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
+
+
+# Fields left out of a response while None (OpenAI sends them only when they hold something).
+Omitted = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = Omitted
+    arguments: str | None = Omitted
+
+
+class DeltaToolCall(_Response):
+    """One tool call's part in a stream chunk: the first carries id, type and the name, later
+    ones only argument fragments (their concatenation is the arguments' JSON text)."""
+
+    index: int
+    id: str | None = Omitted
+    type: Literal["function"] | None = Omitted
+    function: DeltaFunctionCall
 
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = Omitted  # only with --reasoning-parser
+    tool_calls: list[ToolCall] | None = Omitted  # only when the model called tools
 
 
 class ChatChoice(_Response):
@@ -258,6 +337,8 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = Omitted  # only with --reasoning-parser
+    tool_calls: list[DeltaToolCall] | None = Omitted
 
 
 class ChatChunkChoice(_Response):
