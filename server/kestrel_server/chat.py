@@ -275,6 +275,12 @@ def _with_tool_plan(params: Any, plan: ToolPlan, body: ChatCompletionRequest) ->
     when the parser's markers are special tokens (unless the client chose)."""
     changes: dict[str, Any] = {}
     if plan.structured_outputs is not None:
+        if params.structured_outputs is not None:
+            raise bad_request(
+                'tool_choice "required" or a named function constrains the output itself; it '
+                "cannot be combined with response_format or another output constraint",
+                param="tool_choice",
+            )
         changes["structured_outputs"] = plan.structured_outputs
     parser_class = plan.new_parser if isinstance(plan.new_parser, type) else None
     if (

@@ -214,35 +214,64 @@ def test_required_and_named_choices_parse_the_constrained_json(tools_client):
     assert "".join(p.function.arguments or "" for p in parts) == '{"city": "Oslo"}'
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="structured outputs are refused by the engine until the grammar backend lands "
-    "(issue 13, item 1)",
-)
+PICK_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "pick",
+        "parameters": {
+            "type": "object",
+            "properties": {"color": {"enum": ["red", "blue"]}},
+            "required": ["color"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
 def test_required_choice_is_enforced_by_the_engine(client):
     response = client.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "hi"}],
-        tools=TOOLS,
+        tools=[PICK_TOOL],
         tool_choice="required",
-        max_tokens=64,
+        parallel_tool_calls=False,
+        max_tokens=200,
         temperature=0,
     )
-    assert response.choices[0].message.tool_calls
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "pick"
+    assert json.loads(call.function.arguments)["color"] in ("red", "blue")
 
 
-def test_required_choice_names_tool_choice_while_the_engine_refuses_it(client):
-    try:
-        client.chat.completions.create(
+def test_named_choice_is_enforced_by_the_engine(client):
+    response = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[PICK_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "pick"}},
+        max_tokens=200,
+        temperature=1.0,
+        seed=3,
+    )
+    (call,) = response.choices[0].message.tool_calls
+    assert call.function.name == "pick"
+    assert json.loads(call.function.arguments)["color"] in ("red", "blue")
+
+
+def test_forced_tool_choice_and_response_format_together_are_a_400(client):
+    err = _error(
+        lambda: client.chat.completions.create(
             model="tiny",
             messages=[{"role": "user", "content": "hi"}],
-            tools=TOOLS,
-            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            tools=[PICK_TOOL],
+            tool_choice="required",
+            response_format={"type": "json_object"},
             max_tokens=4,
         )
-    except openai.BadRequestError as err:  # until the engine supports structured outputs
-        assert err.body["param"] == "tool_choice"
-        assert "structured outputs" in err.message
+    )
+    assert err.body["param"] == "tool_choice"
 
 
 def _error(call) -> openai.BadRequestError:

@@ -3,9 +3,9 @@
 The tiny random model cannot be made to write tool calls, so the API process rewrites its
 chat outputs: a request whose prompt holds `SCRIPT=<key>` gets the text
 KESTREL_TEST_SCRIPTS[key] instead of the model's, a few characters per engine output (the rest
-with the final one), and finish_reason "stop". In the core process, structured outputs are let
-through unenforced (the grammar backend is not built yet), so the server's handling of
-tool_choice "required" and named functions can be tested on scripted JSON.
+with the final one), and finish_reason "stop"; so the server's parsing of every tool_choice
+can be tested on scripted text. Prompts without a script get the model's own (constrained)
+output.
 """
 
 import json
@@ -16,17 +16,6 @@ _SCRIPTS = json.loads(os.environ.get("KESTREL_TEST_SCRIPTS", "{}"))
 _CHARS_PER_OUTPUT = 3
 
 if _SCRIPTS:
-    import dataclasses
-
-    from kestrel.engine import llm_engine
-
-    _real_check = llm_engine.check_request
-
-    def _check_without_structured_outputs(prompt_ids, params, vocab):
-        _real_check(prompt_ids, dataclasses.replace(params, structured_outputs=None), vocab)
-
-    llm_engine.check_request = _check_without_structured_outputs
-
     from tokenizers import Tokenizer
 
     from kestrel_server import chat, common
