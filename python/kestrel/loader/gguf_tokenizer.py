@@ -5,9 +5,14 @@ token), BPE merges or SentencePiece scores, the special token ids, the pre-token
 (`tokenizer.ggml.pre`) and the chat template. Two vocabularies are supported:
 
 - `gpt2`: byte-level BPE. Tokens are spelled in the GPT-2 byte alphabet; the text is split by
-  the regex of its pre-tokenizer family before the byte mapping.
-- `llama`: SentencePiece-style BPE with byte fallback (`<0xNN>` tokens), "▁" for spaces and an
-  optional leading space. Files without merges get them from the token scores.
+  the regex of its pre-tokenizer family before the byte mapping, as the original tokenizers
+  split it (Llama 3 style: pieces in the vocabulary are taken whole, like tiktoken; Qwen2 style:
+  NFC first, digits one by one; StarCoder style: digits one by one, then GPT-2's regex).
+- `llama`: SentencePiece-style BPE with byte fallback (`<0xNN>` tokens) and "▁" for spaces, as
+  SentencePiece encodes it: every space becomes "▁" and, with `add_space_prefix` (the default),
+  one "▁" is put in front of the text even when it already starts with a space (" " is "▁▁").
+  Text between special tokens gets its own prefix, as llama.cpp does. Files without merges get
+  them from the token scores.
 
 Token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 Control tokens become special added tokens, user-defined ones plain added tokens, so both
@@ -21,7 +26,7 @@ from functools import cache
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from kestrel.loader.gguf_loader import GGUFFile
 from kestrel.tokenizer import Tokenizer
@@ -40,17 +45,20 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
 _SPLIT_BY_PRE = {
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "smaug-bpe", "dbrx"),
-        _LLAMA3_SPLIT,
-    ),
+    **dict.fromkeys((*_LLAMA3_PRE, "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
 }
+# Families whose original tokenizer takes a pre-token that is itself in the vocabulary whole,
+# without merging (tiktoken's rule; `ignore_merges` in tokenizer.json, as llama.cpp does).
+_IGNORE_MERGES_PRE = _LLAMA3_PRE
+# Families whose original tokenizer applies Unicode NFC before splitting (Qwen2's tokenizer.json).
+_NFC_PRE = ("qwen2", "deepseek-r1-qwen", "megrez")
 # Families that split with GPT-2's own regex (the ByteLevel default), optionally after
-# isolating every digit.
-_GPT2_PRE = ("default", "gpt2", "gpt-2", "starcoder", "refact", "olmo", "phi-2")
-_DIGITS_THEN_GPT2_PRE = ("smollm",)
+# isolating every digit (StarCoder's tokenizer and those derived from it).
+_GPT2_PRE = ("default", "gpt2", "gpt-2", "olmo", "phi-2")
+_DIGITS_THEN_GPT2_PRE = ("smollm", "starcoder", "refact")
 
 
 class GGUFTokenizerError(ValueError):
@@ -113,8 +121,13 @@ def _byte_level_backend(f: GGUFFile, tokens: list[str]) -> tokenizers.Tokenizer:
     if merges is None:
         raise GGUFTokenizerError(f"{f.path}: a gpt2 tokenizer needs tokenizer.ggml.merges")
     vocab = {_byte_level_spelling(t): i for i, t in enumerate(tokens)}
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     pre = str(f.get("tokenizer.ggml.pre", "default"))
+    model = models.BPE(
+        vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES_PRE
+    )
+    backend = tokenizers.Tokenizer(model)
+    if pre in _NFC_PRE:
+        backend.normalizer = normalizers.NFC()
     split = _SPLIT_BY_PRE.get(pre)
     if split is not None:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -153,9 +166,21 @@ def _sentencepiece_backend(f: GGUFFile, tokens: list[str]) -> tokenizers.Tokeniz
     model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     backend = tokenizers.Tokenizer(model)
     add_space = bool(f.get("tokenizer.ggml.add_space_prefix", True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=_SPACE, prepend_scheme="first" if add_space else "never", split=False
-    )
+    # SentencePiece's normalizer with Llama's spec (identity, add_dummy_prefix,
+    # escape_whitespaces): a "▁" in front of every non-empty text, then " " -> "▁". No
+    # pre-tokenizer: BPE runs over the whole text, as SentencePiece's does. (A Metaspace
+    # pre-tokenizer would skip the prefix of a text that starts with a space.)
+    steps_in = [normalizers.Replace(" ", _SPACE)]
+    if add_space:
+        steps_in.insert(0, normalizers.Prepend(_SPACE))
+    if f.get("tokenizer.ggml.remove_extra_whitespaces", False):
+        # Leading and trailing spaces dropped, inner runs of spaces made one.
+        steps_in[:0] = [
+            normalizers.Replace(Regex(r"\A +| +\z"), ""),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    backend.normalizer = normalizers.Sequence(steps_in)
+    backend.pre_tokenizer = None
     steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
