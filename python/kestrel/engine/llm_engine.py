@@ -15,6 +15,7 @@ that drops a sequence from `_seqs` goes through `_drop_seq`, which frees its slo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from kestrel import _core
 from kestrel.config import EngineConfig
 from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
+from kestrel.engine.prompt_logprobs import PromptRowPlan, PromptTally, cache_salt
 from kestrel.engine.request_checks import check_request
 from kestrel.engine.request_state import (
     RequestState,
@@ -146,6 +148,9 @@ class LLMEngine:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
+        # Sequences whose prompt logprobs are not all in yet (see engine/prompt_logprobs.py).
+        self._scoring: dict[int, tuple[RequestState, PromptTally]] = {}
+        self._salt_serials = itertools.count()
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
             mc.architecture,
@@ -222,6 +227,9 @@ class LLMEngine:
         added: list[str] = []
         try:
             for index, core_id in enumerate(core_ids):
+                # Sample 0 of a request asking prompt logprobs is scored: it reads no
+                # other request's cached prefix (a salt of its own).
+                scored = index == 0 and params.prompt_logprobs is not None
                 seq_id = self.scheduler.add_request(
                     core_id,
                     np.asarray(prompt_ids, dtype=np.int64),
@@ -231,11 +239,14 @@ class LLMEngine:
                     stop_token_ids=params.stop_token_ids,
                     ignore_eos=params.ignore_eos,
                     priority=priority,
+                    cache_salt=cache_salt(next(self._salt_serials)) if scored else "",
                 )
                 added.append(core_id)
                 seq = self._new_sequence(core_id, index, params, prompt_ids, stream)
                 state.seqs.append(seq)
                 self._seqs[seq_id] = (state, seq)
+                if scored:
+                    self._start_scoring(seq_id, state, prompt_ids, params)
         except (ValueError, KeyError):
             for core_id in added:  # all-or-nothing for n > 1
                 info = self.scheduler.request_info(core_id)
@@ -243,6 +254,39 @@ class LLMEngine:
                 self.scheduler.abort(core_id)
             raise
         self._requests[request_id] = state
+
+    def _start_scoring(
+        self, seq_id: int, state: RequestState, prompt_ids: list[int], params: SamplingParams
+    ) -> None:
+        k = min(params.prompt_logprobs or 0, self.model_config.vocab_size)
+        tally = PromptTally(prompt_ids, k)
+        if tally.done:  # a one-token prompt: nothing to score
+            state.prompt_logprobs = tally.entries(self._token_text)
+        else:
+            self._scoring[seq_id] = (state, tally)
+
+    def _plan_prompt_rows(self, out) -> PromptRowPlan | None:
+        """The rows of this step whose prompt logprobs are asked for (None: no such row)."""
+        if not self._scoring:
+            return None
+        plan = PromptRowPlan()
+        qsl = out.query_start_loc
+        positions = out.positions
+        for k, seq_id in enumerate(out.seq_ids.tolist()):
+            entry = self._scoring.get(seq_id)
+            if entry is not None:
+                first = int(qsl[k])
+                plan.add(entry[1], first, int(positions[first]), int(qsl[k + 1]) - first)
+        return plan
+
+    def _store_prompt_rows(self, plan: PromptRowPlan | None, result: StepResult) -> None:
+        if plan is None:
+            return
+        for tally in plan.store(result.prompt_logprobs):
+            for seq_id, (state, t) in list(self._scoring.items()):
+                if t is tally:
+                    del self._scoring[seq_id]
+                    state.prompt_logprobs = tally.entries(self._token_text)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -304,6 +348,7 @@ class LLMEngine:
     def _drop_seq(self, seq_id: int) -> None:
         """Forgets a sequence (absent: nothing to do) and frees its input-batch slot."""
         entry = self._seqs.pop(seq_id, None)
+        self._scoring.pop(seq_id, None)
         if entry is not None:
             self._release_slot(seq_id, entry[1].row)
 
@@ -382,7 +427,11 @@ class LLMEngine:
                 if seq_id in self._seqs:
                     self._release_slot(seq_id, self._seqs[seq_id][1].row)
             slots = self._sampled_slots(sampled_seq_ids)
-            result = self.executor.execute(StepInput.from_scheduler_output(out), slots)
+            plan = self._plan_prompt_rows(out)
+            result = self.executor.execute(
+                StepInput.from_scheduler_output(out), slots, plan.rows() if plan else None
+            )
+            self._store_prompt_rows(plan, result)
         except Exception:
             abort_step(self, out)  # not attributable to one request: fatal
             raise

@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
+from kestrel.outputs import (
+    CompletionOutput,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    SampleLogprobs,
+)
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer
 
@@ -70,6 +76,8 @@ class RequestState:
     stream: bool = True  # False: only the final output is reported
     seqs: list[SequenceState] = field(default_factory=list)
     error: str | None = None  # set when the request failed alone (see engine/faults.py)
+    # Set once every prompt token's logprob is in (params.prompt_logprobs asked for them).
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -84,6 +92,7 @@ class RequestState:
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from kestrel.executor.step_input import StepInput
     from kestrel.runner.model_runner import ModelRunner, StepResult
+    from kestrel.runner.prompt_logprobs import PromptLogprobRows
     from kestrel.sampling_params import SamplingParams
 
 
@@ -44,7 +45,12 @@ class Executor(Protocol):
 
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None: ...
 
-    def execute(self, step: StepInput, slots: Sequence[int]) -> StepResult: ...
+    def execute(
+        self,
+        step: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+    ) -> StepResult: ...
 
 
 class UniProcExecutor:
@@ -73,5 +79,10 @@ class UniProcExecutor:
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None:
         self.runner.append_tokens(slots, tokens)
 
-    def execute(self, step: StepInput, slots: Sequence[int]) -> StepResult:
-        return self.runner.execute(step, slots)
+    def execute(
+        self,
+        step: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+    ) -> StepResult:
+        return self.runner.execute(step, slots, prompt_rows)
