@@ -97,6 +97,9 @@ class SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
+    # vLLM's extra: logprobs of the prompt's tokens (the top-k of each position and the token
+    # itself), returned as `prompt_logprobs`.
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     stream_options: StreamOptions | None = None
     user: Text | None = None
 
@@ -132,7 +135,9 @@ class CompletionRequest(SamplingRequest):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    max_tokens: Count | None = 16  # OpenAI's default for completions; null = rest of the context
+    # OpenAI's default for completions; null = rest of the context; 0 only with echo (the
+    # prompt is scored, nothing is generated: lm-eval's loglikelihood requests).
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: Text | None = None
@@ -190,6 +195,18 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprob] | None
 
 
+class PromptLogprob(_Response):
+    """vLLM's shape of one entry of `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# vLLM's `prompt_logprobs`: None for the first prompt token, then {token id: PromptLogprob}.
+PromptLogprobList = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -220,6 +237,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobList | None = None  # vLLM's extra, when asked
 
 
 class DeltaMessage(_Response):
@@ -242,6 +260,7 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobList | None = None  # in the first chunk after the prompt ran
 
 
 class CompletionChoice(_Response):
@@ -250,6 +269,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobList | None = None  # vLLM's extra, when asked (first chunk)
 
 
 class CompletionResponse(_Response):
