@@ -119,3 +119,24 @@ def test_vllm_prompt_logprobs_extra_on_chat(client, server, offline):
     )
     sent = [c.model_dump().get("prompt_logprobs") for c in chunks]
     assert [s for s in sent if s is not None] == [entries]
+
+
+def test_lm_eval_loglikelihood_request(server, offline):
+    """The request lm-eval's local-completions sends per choice (token ids, echo, logprobs 1,
+    max_tokens 1): the choice's loglikelihood, token_logprobs[ctxlen:-1] summed, equals the
+    offline engine's prompt logprobs of the same tokens."""
+    import httpx
+
+    context = tokenize(server, prompt="Question: what do bees make?\nAnswer:")
+    choice = tokenize(server, prompt=" honey", add_special_tokens=False)
+    body = {
+        "model": MODEL_NAME, "prompt": [context + choice], "temperature": 0, "max_tokens": 1,
+        "logprobs": 1, "seed": 1234, "echo": True,
+    }  # fmt: skip
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    got = sum(lps[len(context) : -1])
+    ref = offline_prompt_logprobs(offline, context + choice, 0).prompt_logprobs
+    want = sum(ref[i][t].logprob for i, t in enumerate(choice, start=len(context)))
+    assert got == pytest.approx(want, abs=1e-4)
