@@ -231,6 +231,8 @@ class _CompletionEvents:
         self.sent_chars = [0] * num_choices
         self.echoed = [False] * num_choices
         self.finish_sent = [False] * num_choices
+        self.held_text = [""] * num_choices  # deltas of a sample that ran ahead of the scoring
+        self.held_ids: list[list[int]] = [[] for _ in range(num_choices)]
 
     def _chunk(self, choices: list[CompletionChoice], usage_info: Any = None) -> str:
         body = CompletionResponse(
@@ -267,24 +269,28 @@ class _CompletionEvents:
         prefix = ""
         if first:
             if self.shown.engine_prompt_logprobs is not None and output.prompt_logprobs is None:
-                return None  # the prompt is not scored yet (it always is with the first token)
+                # The prompt is not scored yet (sample 0 is; another sample may run ahead of
+                # it after a preemption): hold this sample's deltas until it is.
+                self.held_text[index] += c.text_delta
+                self.held_ids[index] += c.token_ids_delta
+                return None
             self.echoed[index] = True
-            prefix = self.echoes[p]
-        new_ids = c.token_ids_delta
+            prefix = self.echoes[p] + self.held_text[index]
+        new_ids = self.held_ids[index] + c.token_ids_delta if first else c.token_ids_delta
         text = prefix + c.text_delta
-        # Nothing new (with max_tokens 0, a finish not yet sent still needs its chunk).
-        if (
-            not text
-            and not new_ids
-            and not first
-            and (c.finish_reason is None or not self.shown.score_only or self.finish_sent[index])
-        ):
+        # Nothing new? A first chunk may still carry prompt logprobs, and with max_tokens 0 a
+        # finish not yet sent needs its chunk.
+        carries = first and self.shown.engine_prompt_logprobs is not None
+        finish_due = (
+            self.shown.score_only and c.finish_reason is not None and not self.finish_sent[index]
+        )
+        if not text and not new_ids and not carries and not finish_due:
             return None
         self.finish_sent[index] = c.finish_reason is not None
         logprobs = None
         if self.top_k is not None:
             start = self.sent_tokens[index]
-            offset = self.sent_chars[index] + len(prefix)
+            offset = self.sent_chars[index] + (len(self.echoes[p]) if first else 0)
             logprobs = _logprobs(self.state, c, new_ids, start, self.top_k, offset)
             if first and self.shown.echo_k is not None:
                 logprobs = join_logprobs(
