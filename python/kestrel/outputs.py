@@ -15,6 +15,9 @@ class Logprob:
 
 # One entry per generated token: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing predicts it), then the prompt token
+# itself (its exact rank) plus the top-k (ranks 1..k).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -58,3 +61,6 @@ class RequestOutput:
     # failed)". Then `finished` is True and every sample that had not finished has
     # finish_reason "error".
     error: str | None = None
+    # Asked for with SamplingParams.prompt_logprobs: set once the whole prompt has been
+    # computed (from the output that carries the first generated token on), else None.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -35,7 +35,7 @@ from kestrel_server.common import (
     usage,
 )
 from kestrel_server.errors import APIError, bad_request
-from kestrel_server.logprobs import chat_logprobs
+from kestrel_server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from kestrel_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -231,7 +231,9 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     top_k = top_logprobs or 0
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _ChatEvents(state, request_id, model, params.n, top_k, include_usage, parsing)
+        events = _ChatEvents(
+            state, request_id, model, params.n, top_k, include_usage, parsing, body.prompt_logprobs
+        )
         return event_stream_response(
             streams, lambda: events.run(merged_outputs(streams, state.metrics))
         )
@@ -252,7 +254,22 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
                 stop_reason=c.stop_reason,
             )
         )
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(finals))
+    return ChatCompletionResponse(
+        id=request_id,
+        model=model,
+        choices=choices,
+        usage=usage(finals),
+        prompt_logprobs=_prompt_logprobs(state, final, body.prompt_logprobs),
+    )
+
+
+def _prompt_logprobs(state: ServerState, output: RequestOutput, top_k: int | None) -> Any:
+    """vLLM's `prompt_logprobs` of the rendered prompt, when asked (None until computed)."""
+    if top_k is None or output.prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(
+        output.prompt_token_ids, output.prompt_logprobs, top_k, _token_text(state)
+    )
 
 
 async def _submit(engine: Any, request_id: str, prompt_ids: list[int], params: Any, plan: ToolPlan):
@@ -320,6 +337,7 @@ class _ChatEvents:
         top_k: int | None,
         include_usage: bool,
         parsing: OutputParsing | None = None,
+        prompt_top_k: int | None = None,
     ) -> None:
         self.state = state
         self.request_id = request_id
@@ -327,6 +345,7 @@ class _ChatEvents:
         self.n = n
         self.top_k = top_k
         self.include_usage = include_usage
+        self.prompt_top_k = prompt_top_k  # vLLM's prompt_logprobs, sent once
         self.created = int(time.time())
         self.sent_tokens = [0] * n  # per choice: tokens already streamed (for logprob slices)
         self.finished = [False] * n  # per choice: its finish_reason was sent
@@ -334,13 +353,16 @@ class _ChatEvents:
         if parsing is not None and parsing.active:
             self.parsers = [parsing.choice() for _ in range(n)]
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage_info: Any = None) -> str:
+    def _chunk(
+        self, choices: list[ChatChunkChoice], usage_info: Any = None, prompt_logprobs: Any = None
+    ) -> str:
         chunk = ChatCompletionChunk(
             id=self.request_id,
             created=self.created,
             model=self.model,
             choices=choices,
             usage=usage_info,
+            prompt_logprobs=prompt_logprobs,
         )
         return sse(chunk.model_dump_json())
 
@@ -355,8 +377,11 @@ class _ChatEvents:
         async for _, output in outputs:
             choices = [self._choice(c) for c in output.outputs]
             choices = [c for c in choices if c is not None]
-            if choices:
-                yield self._chunk(choices)
+            prompt_logprobs = _prompt_logprobs(self.state, output, self.prompt_top_k)
+            if prompt_logprobs is not None:
+                self.prompt_top_k = None  # sent
+            if choices or prompt_logprobs is not None:
+                yield self._chunk(choices, prompt_logprobs=prompt_logprobs)
             if output.finished:
                 final = output
         if self.include_usage and final is not None:

@@ -39,6 +39,7 @@ _DIRECT_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
     "logit_bias",
+    "prompt_logprobs",
     "ignore_eos",
     "min_tokens",
     "include_stop_str_in_output",

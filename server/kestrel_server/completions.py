@@ -1,12 +1,18 @@
 """POST /v1/completions: text or token-id prompts (one or a batch), `echo`, `n`, logprobs in
 the legacy shape; one JSON body or server-sent `text_completion` chunks ending with `[DONE]`.
-Choice `index` = prompt index * n + sample index."""
+Choice `index` = prompt index * n + sample index.
+
+`echo` with `logprobs` puts the prompt's tokens first in `logprobs` (the first with a null
+logprob, as OpenAI's legacy completions do); `max_tokens: 0` with `echo` scores the prompt and
+generates nothing (the engine runs one token, which is dropped). vLLM's `prompt_logprobs` extra
+comes back per choice, in vLLM's shape (in the first chunk when streaming)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -29,7 +35,12 @@ from kestrel_server.common import (
     usage,
 )
 from kestrel_server.errors import bad_request
-from kestrel_server.logprobs import completion_logprobs
+from kestrel_server.logprobs import (
+    completion_logprobs,
+    echo_logprobs,
+    join_logprobs,
+    vllm_prompt_logprobs,
+)
 from kestrel_server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -81,31 +92,36 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
     model = state.resolve_model(body.model)
     if body.suffix:
         raise bad_request("'suffix' is not supported", param="suffix")
-    if body.echo and body.logprobs is not None:
+    score_only = body.max_tokens == 0
+    if score_only and not body.echo:
         raise bad_request(
-            "echo together with logprobs is not supported (prompt logprobs are not computed)",
-            param="echo",
+            "max_tokens = 0 is only allowed with echo = true (the prompt is scored, nothing is "
+            "generated); allowed otherwise: an int >= 1",
+            param="max_tokens",
         )
     items = prompt_items(body.prompt)
     check_request_limits(state, body, len(items))
     size = sum(len(t) if isinstance(t, str) else len(t) // 4 for t in items)
     prompts = await off_loop(size, parse_prompts, state, items)
+    echo_k = body.logprobs if body.echo else None
+    shown = _Shown(body.prompt_logprobs, echo_k, score_only)
     params = [
         sampling_params(
             engine,
             body,
-            max_tokens=check_context(len(ids), body.max_tokens, engine.max_model_len),
-            logprobs=body.logprobs,
-        )
+            max_tokens=check_context(len(ids), 1 if score_only else body.max_tokens,
+                                     engine.max_model_len),
+            logprobs=None if score_only else body.logprobs,
+        ).clone(prompt_logprobs=shown.engine_prompt_logprobs)
         for _, ids in prompts
-    ]
+    ]  # fmt: skip
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await submit(engine, request_id, [ids for _, ids in prompts], params)
     echoes = [text if body.echo else "" for text, _ in prompts]
     n = params[0].n
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _CompletionEvents(state, request_id, model, n, body.logprobs, echoes)
+        events = _CompletionEvents(state, request_id, model, n, body.logprobs, echoes, shown)
         return event_stream_response(
             streams, lambda: events.run(merged_outputs(streams, state.metrics), include_usage)
         )
@@ -113,9 +129,12 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
     choices = []
     for p, final in enumerate(finals):
         for c in final.outputs:
+            c = shown.completion(c)
             logprobs = None
             if body.logprobs is not None:
                 logprobs = _logprobs(state, c, c.token_ids, 0, body.logprobs, len(echoes[p]))
+                if echo_k is not None:
+                    logprobs = join_logprobs(_echo_logprobs(state, final, echo_k), logprobs)
             choices.append(
                 CompletionChoice(
                     index=p * n + c.index,
@@ -123,21 +142,67 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
                     logprobs=logprobs,
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    prompt_logprobs=shown.vllm(state, final),
                 )
             )
-    return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage(finals))
+    return CompletionResponse(
+        id=request_id, model=model, choices=choices, usage=usage(shown.usage(finals))
+    )
 
 
-def _logprobs(
-    state: ServerState, c: CompletionOutput, ids: list[int], start: int, top_k: int, offset: int
-) -> CompletionLogprobs:
+@dataclass(frozen=True)
+class _Shown:
+    """What a completions request shows of the prompt: vLLM's `prompt_logprobs` (top-k of
+    `vllm_k`), the echoed prompt's logprobs (top-k of `echo_k`), and with `score_only`
+    (max_tokens 0) no generated token."""
+
+    vllm_k: int | None
+    echo_k: int | None
+    score_only: bool
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        asked = [k for k in (self.vllm_k, self.echo_k) if k is not None]
+        return max(asked) if asked else None
+
+    def completion(self, c: CompletionOutput) -> CompletionOutput:
+        """`c` less its generated token when nothing was to be generated."""
+        if not self.score_only:
+            return c
+        return replace(c, text="", token_ids=[], logprobs=None, text_delta="", token_ids_delta=[])
+
+    def vllm(self, state: ServerState, output: RequestOutput) -> Any:
+        if self.vllm_k is None or output.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(
+            output.prompt_token_ids, output.prompt_logprobs, self.vllm_k, _token_text(state)
+        )
+
+    def usage(self, finals: list[RequestOutput]) -> list[RequestOutput]:
+        if not self.score_only:
+            return finals
+        return [replace(f, outputs=[self.completion(c) for c in f.outputs]) for f in finals]
+
+
+def _token_text(state: ServerState):
     tokenizer = state.engine.tokenizer
 
     def text(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else ""
 
+    return text
+
+
+def _echo_logprobs(state: ServerState, output: RequestOutput, top_k: int) -> CompletionLogprobs:
+    entries = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+    return echo_logprobs(output.prompt_token_ids, entries, top_k, _token_text(state))
+
+
+def _logprobs(
+    state: ServerState, c: CompletionOutput, ids: list[int], start: int, top_k: int, offset: int
+) -> CompletionLogprobs:
     entries = (c.logprobs or [])[start : start + len(ids)]
-    return completion_logprobs(ids, entries, top_k, text, offset)
+    return completion_logprobs(ids, entries, top_k, _token_text(state), offset)
 
 
 class _CompletionEvents:
@@ -151,6 +216,7 @@ class _CompletionEvents:
         n: int,
         top_k: int | None,
         echoes: list[str],
+        shown: _Shown,
     ) -> None:
         self.state = state
         self.request_id = request_id
@@ -158,11 +224,15 @@ class _CompletionEvents:
         self.n = n
         self.top_k = top_k
         self.echoes = echoes
+        self.shown = shown
         self.created = int(time.time())
         num_choices = n * len(echoes)
         self.sent_tokens = [0] * num_choices
         self.sent_chars = [0] * num_choices
         self.echoed = [False] * num_choices
+        self.finish_sent = [False] * num_choices
+        self.held_text = [""] * num_choices  # deltas of a sample that ran ahead of the scoring
+        self.held_ids: list[list[int]] = [[] for _ in range(num_choices)]
 
     def _chunk(self, choices: list[CompletionChoice], usage_info: Any = None) -> str:
         body = CompletionResponse(
@@ -179,30 +249,53 @@ class _CompletionEvents:
     ) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         async for p, output in outputs:
-            choices = [self._choice(p, c) for c in output.outputs]
+            choices = [self._choice(p, output, c) for c in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:
                 yield self._chunk(choices)
             if output.finished:
                 finals[p] = output
         if include_usage:
-            yield self._chunk([], usage([finals[p] for p in sorted(finals)]))
+            yield self._chunk([], usage(self.shown.usage([finals[p] for p in sorted(finals)])))
 
-    def _choice(self, p: int, c: CompletionOutput) -> CompletionChoice | None:
+    def _choice(
+        self, p: int, output: RequestOutput, c: CompletionOutput
+    ) -> CompletionChoice | None:
+        """A choice's chunk. Its first one carries the echoed prompt (with the prompt's
+        logprobs, which come with the first generated token) and vLLM's prompt_logprobs."""
         index = p * self.n + c.index
+        c = self.shown.completion(c)
+        first = not self.echoed[index]
         prefix = ""
-        if not self.echoed[index]:
+        if first:
+            if self.shown.engine_prompt_logprobs is not None and output.prompt_logprobs is None:
+                # The prompt is not scored yet (sample 0 is; another sample may run ahead of
+                # it after a preemption): hold this sample's deltas until it is.
+                self.held_text[index] += c.text_delta
+                self.held_ids[index] += c.token_ids_delta
+                return None
             self.echoed[index] = True
-            prefix = self.echoes[p]
-        new_ids = c.token_ids_delta
+            prefix = self.echoes[p] + self.held_text[index]
+        new_ids = self.held_ids[index] + c.token_ids_delta if first else c.token_ids_delta
         text = prefix + c.text_delta
-        if not text and not new_ids:
+        # Nothing new? A first chunk may still carry prompt logprobs, and with max_tokens 0 a
+        # finish not yet sent needs its chunk.
+        carries = first and self.shown.engine_prompt_logprobs is not None
+        finish_due = (
+            self.shown.score_only and c.finish_reason is not None and not self.finish_sent[index]
+        )
+        if not text and not new_ids and not carries and not finish_due:
             return None
+        self.finish_sent[index] = c.finish_reason is not None
         logprobs = None
         if self.top_k is not None:
             start = self.sent_tokens[index]
-            offset = self.sent_chars[index] + len(prefix)
+            offset = self.sent_chars[index] + (len(self.echoes[p]) if first else 0)
             logprobs = _logprobs(self.state, c, new_ids, start, self.top_k, offset)
+            if first and self.shown.echo_k is not None:
+                logprobs = join_logprobs(
+                    _echo_logprobs(self.state, output, self.shown.echo_k), logprobs
+                )
         self.sent_tokens[index] += len(new_ids)
         self.sent_chars[index] += len(text)
         return CompletionChoice(
@@ -211,4 +304,5 @@ class _CompletionEvents:
             logprobs=logprobs,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
+            prompt_logprobs=self.shown.vllm(self.state, output) if first else None,
         )

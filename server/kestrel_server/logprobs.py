@@ -7,7 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from kestrel.outputs import Logprob
-from kestrel_server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from kestrel_server.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobList,
+    TokenLogprob,
+    TopLogprob,
+)
 
 TokenText = Callable[[int], str]
 
@@ -74,4 +81,64 @@ def completion_logprobs(
             top.setdefault(_text(t, e, token_text), e.logprob)
         top[text] = sampled.logprob
         out.top_logprobs.append(top)
+    return out
+
+
+def echo_logprobs(
+    prompt_ids: Sequence[int],
+    entries: Sequence[dict[int, Logprob] | None],
+    top_k: int,
+    token_text: TokenText,
+) -> CompletionLogprobs:
+    """The prompt's part of legacy completions logprobs with `echo` (OpenAI's shape): every
+    prompt token, the first with a null logprob and null top_logprobs, offsets from 0."""
+    out = CompletionLogprobs()
+    if not prompt_ids:
+        return out
+    first = token_text(prompt_ids[0])
+    out.tokens.append(first)
+    out.token_logprobs.append(None)
+    out.top_logprobs.append(None)
+    out.text_offset.append(0)
+    rest = [e for e in entries[1:] if e is not None]
+    tail = completion_logprobs(prompt_ids[1:], rest, top_k, token_text, len(first))
+    out.tokens += tail.tokens
+    out.token_logprobs += tail.token_logprobs
+    out.top_logprobs += tail.top_logprobs
+    out.text_offset += tail.text_offset
+    return out
+
+
+def join_logprobs(head: CompletionLogprobs, tail: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=head.tokens + tail.tokens,
+        token_logprobs=head.token_logprobs + tail.token_logprobs,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+        text_offset=head.text_offset + tail.text_offset,
+    )
+
+
+def vllm_prompt_logprobs(
+    prompt_ids: Sequence[int],
+    entries: Sequence[dict[int, Logprob] | None],
+    top_k: int,
+    token_text: TokenText,
+) -> PromptLogprobList:
+    """vLLM's `prompt_logprobs`: None first, then per token {id: {logprob, rank, decoded_token}}
+    holding the prompt token and the top_k most likely (the engine may have computed more)."""
+    out: PromptLogprobList = []
+    for token_id, entry in zip(prompt_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        keep = {token_id: entry[token_id]}
+        keep.update(_top(entry, top_k))
+        out.append(
+            {
+                t: PromptLogprob(
+                    logprob=e.logprob, rank=e.rank, decoded_token=_text(t, e, token_text)
+                )
+                for t, e in keep.items()
+            }
+        )
     return out

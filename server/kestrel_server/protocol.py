@@ -122,6 +122,9 @@ class SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
+    # vLLM's extra: logprobs of the prompt's tokens (the top-k of each position and the token
+    # itself), returned as `prompt_logprobs`.
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     stream_options: StreamOptions | None = None
     user: Text | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
@@ -211,7 +214,9 @@ class CompletionRequest(SamplingRequest):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    max_tokens: Count | None = 16  # OpenAI's default for completions; null = rest of the context
+    # OpenAI's default for completions; null = rest of the context; 0 only with echo (the
+    # prompt is scored, nothing is generated: lm-eval's loglikelihood requests).
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: Text | None = None
@@ -268,6 +273,18 @@ class TokenLogprob(_Response):
 
 class ChatLogprobs(_Response):
     content: list[TokenLogprob] | None
+
+
+class PromptLogprob(_Response):
+    """vLLM's shape of one entry of `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# vLLM's `prompt_logprobs`: None for the first prompt token, then {token id: PromptLogprob}.
+PromptLogprobList = list[dict[int, PromptLogprob] | None]
 
 
 class CompletionLogprobs(_Response):
@@ -332,6 +349,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobList | None = None  # vLLM's extra, when asked
 
 
 class DeltaMessage(_Response):
@@ -356,6 +374,7 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobList | None = None  # in the first chunk after the prompt ran
 
 
 class CompletionChoice(_Response):
@@ -364,6 +383,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobList | None = None  # vLLM's extra, when asked (first chunk)
 
 
 class CompletionResponse(_Response):

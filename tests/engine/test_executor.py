@@ -17,7 +17,7 @@ def test_steps_go_through_the_executor_on_picklable_plain_arrays(tiny_model_dir)
     seen: list[StepInput] = []
     execute = engine.executor.execute
 
-    def recording(step, rows):
+    def recording(step, rows, prompt_rows=None, grammar_mask=None):
         assert isinstance(step, StepInput)
         copy = pickle.loads(pickle.dumps(step.copy()))  # what a worker process would receive
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables"):
@@ -28,7 +28,11 @@ def test_steps_go_through_the_executor_on_picklable_plain_arrays(tiny_model_dir)
             step.num_sampled,
         )
         seen.append(copy)
-        return execute(copy, rows)  # the detached copy runs the step as well as the views
+        if prompt_rows is not None:  # what a worker process would receive
+            prompt_rows = pickle.loads(pickle.dumps(prompt_rows))
+        return execute(
+            copy, rows, prompt_rows, grammar_mask
+        )  # the detached copy runs as well as the views
 
     engine.executor.execute = recording
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

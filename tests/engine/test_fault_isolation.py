@@ -271,7 +271,7 @@ def test_device_failure_in_sampling_is_fatal(llm, reference, monkeypatch, make_e
 def test_forward_failure_is_fatal(llm, reference, monkeypatch):
     engine = llm.engine
 
-    def failing_logits(out):
+    def failing_logits(out, prompt_rows):
         raise ValueError("injected forward failure")
 
     monkeypatch.setattr(engine.runner, "_logits", failing_logits)

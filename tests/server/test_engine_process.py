@@ -88,6 +88,11 @@ CASES = {
     "logprobs": ([4, 5, 6, 7], greedy(6, logprobs=3)),
     "seeded n=2": ([9, 8, 7], SamplingParams(temperature=0.9, seed=11, n=2, max_tokens=8)),
     "penalties": ([3] * 12, greedy(10, repetition_penalty=1.3, frequency_penalty=0.5)),
+    "prompt logprobs": ("The kestrel hovers over the field", greedy(4, prompt_logprobs=3)),
+    "prompt logprobs n=2": (
+        [5, 9, 2, 7, 7, 1, 30, 4],
+        SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=3, prompt_logprobs=0, logprobs=1),
+    ),
 }
 
 
@@ -108,6 +113,12 @@ def test_outputs_equal_the_in_process_engine(core, tiny_model, case):
         assert (a.finish_reason, a.stop_reason) == (b.finish_reason, b.stop_reason)
         assert a.logprobs == b.logprobs
         assert text == a.text and ids == a.token_ids  # the deltas add up
+    assert mp.prompt_logprobs == th.prompt_logprobs  # numbers and decoded texts
+    if params.prompt_logprobs is not None:
+        assert mp.prompt_logprobs[0] is None and len(mp.prompt_logprobs) == len(mp.prompt_token_ids)
+        assert all(
+            e[t].decoded_token for e, t in zip(mp.prompt_logprobs[1:], mp.prompt_token_ids[1:])
+        )
 
 
 def test_stop_string_ends_the_sample_without_leaking_tokens(core, tiny_model):

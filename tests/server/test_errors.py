@@ -58,7 +58,10 @@ BAD_PARAMS = [
     (CHAT, chat(messages=[{"role": "robot", "content": "x"}]), "messages.0.role"),
     (CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), None),
     (COMPLETIONS, completion(logprobs=21), "logprobs"),
-    (COMPLETIONS, completion(echo=True, logprobs=1), "echo"),
+    (COMPLETIONS, completion(max_tokens=0), "max_tokens"),  # 0 only with echo
+    (COMPLETIONS, completion(max_tokens=-1), "max_tokens"),
+    (COMPLETIONS, completion(prompt_logprobs=21), "prompt_logprobs"),
+    (CHAT, chat(prompt_logprobs=-1), "prompt_logprobs"),
     (COMPLETIONS, completion(prompt=[]), "prompt"),
     (COMPLETIONS, completion(prompt=[1, 100000]), "prompt"),
     (COMPLETIONS, completion(prompt=[[1, 2], "mixed"]), "prompt"),

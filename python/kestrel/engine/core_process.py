@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from kestrel.config import EngineConfig
     from kestrel.engine.llm_engine import LLMEngine
     from kestrel.engine.request_state import RequestState
+    from kestrel.outputs import Logprob
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ class _Progress:
     num_seqs: int
     first_sent: bool = False
     finish_sent: list[bool] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+
+def _wire_logprobs(entry: dict[int, Logprob]) -> cp.Logprobs:
+    return cp.Logprobs(
+        list(entry), [lp.logprob for lp in entry.values()], [lp.rank for lp in entry.values()]
+    )
 
 
 def error_reply(request_id: str, exc: BaseException) -> cp.Reply:
@@ -244,21 +252,23 @@ class EngineCore:
             logprobs = None
             if seq.logprobs is not None:
                 entries = seq.logprobs[seq.num_tokens_reported :]
-                logprobs = [
-                    cp.Logprobs(
-                        list(e), [lp.logprob for lp in e.values()], [lp.rank for lp in e.values()]
-                    )
-                    for e in entries
-                ]
+                logprobs = [_wire_logprobs(e) for e in entries]
             seq.num_tokens_reported = len(ids)
             stop_token = seq.stop_reason if isinstance(seq.stop_reason, int) else None
             if finish is not None:
                 progress.finish_sent[seq.index] = True
             samples.append(cp.SampleDelta(seq.index, list(new), finish, stop_token, logprobs))
         finished = state.finished
-        if not samples and not finished and state.error is None:
+        prompt_logprobs = None
+        if state.prompt_logprobs is not None and not progress.prompt_logprobs_sent:
+            progress.prompt_logprobs_sent = True
+            prompt_logprobs = [
+                None if e is None else _wire_logprobs(e) for e in state.prompt_logprobs
+            ]
+        if not samples and not finished and state.error is None and prompt_logprobs is None:
             return None
         delta = cp.RequestDelta(state.request_id, samples, finished, state.error)
+        delta.prompt_logprobs = prompt_logprobs
         if not progress.first_sent:
             progress.first_sent = True
             delta.num_cached_prompt_tokens = state.metrics.num_cached_prompt_tokens

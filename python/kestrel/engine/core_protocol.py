@@ -6,7 +6,8 @@ end's outputs. Each message is one frame, msgpack-encoded by msgspec with the ty
 (tagged unions, decoded straight into these structs).
 
 Outputs are deltas: per step and request, the new token ids of each sample (and their logprobs
-when asked), a finish reason once, and the request's error if it failed alone. Never full token
+when asked), a finish reason once, the prompt's logprobs once (when asked, with the first
+generated token), and the request's error if it failed alone. Never full token
 lists, never text: detokenization, stop strings and logprob texts run in the front end.
 """
 
@@ -75,7 +76,7 @@ CoreRequest = Register | AddBatch | Abort | FinishSample | Utility | Shutdown
 
 
 class Logprobs(msgspec.Struct, array_like=True):
-    """The logprob entry of one generated token (`kestrel.outputs.Logprob`s without their
+    """The logprob entry of one generated (or prompt) token (`kestrel.outputs.Logprob`s without their
     text), in the entry's order: the top-k (ranks 1..k), and the sampled token if not among
     them."""
 
@@ -100,6 +101,9 @@ class RequestDelta(msgspec.Struct, array_like=True):
     # Sent in a request's first delta only (-1 / None after).
     num_cached_prompt_tokens: int = -1
     first_scheduled_time: float | None = None
+    # SamplingParams.prompt_logprobs: sent once, when the whole prompt has been computed. One
+    # per prompt token: None for the first, then the prompt token and the top-k (any order).
+    prompt_logprobs: list[Logprobs | None] | None = None
 
 
 class Reply(msgspec.Struct, array_like=True):

@@ -15,6 +15,7 @@ that drops a sequence from `_seqs` goes through `_drop_seq`, which frees its slo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from kestrel import _core
 from kestrel.config import EngineConfig
 from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
+from kestrel.engine.prompt_logprobs import PromptRowPlan, PromptTally, cache_salt
 from kestrel.engine.request_checks import check_request
 from kestrel.engine.request_state import (
     RequestState,
@@ -150,6 +152,9 @@ class LLMEngine:
         self._structured = StructuredRequests(self.tokenizer, eos)
         self._failed_waiting: dict[str, RequestState] = {}  # reported by the next step
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
+        # Sequences whose prompt logprobs are not all in yet (see engine/prompt_logprobs.py).
+        self._scoring: dict[int, tuple[RequestState, PromptTally]] = {}
+        self._salt_serials = itertools.count()
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
             mc.architecture,
@@ -243,7 +248,10 @@ class LLMEngine:
         max_tokens = None if params.max_tokens is None else min(params.max_tokens, _INT32_MAX)
         added: list[str] = []
         try:
-            for seq in state.seqs:
+            for index, seq in enumerate(state.seqs):
+                # Sample 0 of a request asking prompt logprobs is scored: it reads no
+                # other request's cached prefix (a salt of its own).
+                scored = index == 0 and params.prompt_logprobs is not None
                 seq_id = self.scheduler.add_request(
                     seq.core_id,
                     np.asarray(state.prompt_token_ids, dtype=np.int64),
@@ -253,9 +261,12 @@ class LLMEngine:
                     stop_token_ids=params.stop_token_ids,
                     ignore_eos=params.ignore_eos,
                     priority=priority,
+                    cache_salt=cache_salt(next(self._salt_serials)) if scored else "",
                 )
                 added.append(seq.core_id)
                 self._seqs[seq_id] = (state, seq)
+                if scored:
+                    self._start_scoring(seq_id, state, state.prompt_token_ids, params)
         except (ValueError, KeyError):
             for core_id in added:
                 info = self.scheduler.request_info(core_id)
@@ -281,6 +292,39 @@ class LLMEngine:
             for seq in state.seqs:
                 seq.finish_reason = seq.finish_reason or "error"
             self._failed_waiting[state.request_id] = state
+
+    def _start_scoring(
+        self, seq_id: int, state: RequestState, prompt_ids: list[int], params: SamplingParams
+    ) -> None:
+        k = min(params.prompt_logprobs or 0, self.model_config.vocab_size)
+        tally = PromptTally(prompt_ids, k)
+        if tally.done:  # a one-token prompt: nothing to score
+            state.prompt_logprobs = tally.entries(self._token_text)
+        else:
+            self._scoring[seq_id] = (state, tally)
+
+    def _plan_prompt_rows(self, out) -> PromptRowPlan | None:
+        """The rows of this step whose prompt logprobs are asked for (None: no such row)."""
+        if not self._scoring:
+            return None
+        plan = PromptRowPlan()
+        qsl = out.query_start_loc
+        positions = out.positions
+        for k, seq_id in enumerate(out.seq_ids.tolist()):
+            entry = self._scoring.get(seq_id)
+            if entry is not None:
+                first = int(qsl[k])
+                plan.add(entry[1], first, int(positions[first]), int(qsl[k + 1]) - first)
+        return plan
+
+    def _store_prompt_rows(self, plan: PromptRowPlan | None, result: StepResult) -> None:
+        if plan is None:
+            return
+        for tally in plan.store(result.prompt_logprobs):
+            for seq_id, (state, t) in list(self._scoring.items()):
+                if t is tally:
+                    del self._scoring[seq_id]
+                    state.prompt_logprobs = tally.entries(self._token_text)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -348,6 +392,7 @@ class LLMEngine:
     def _drop_seq(self, seq_id: int) -> None:
         """Forgets a sequence (absent: nothing to do) and frees its input-batch slot."""
         entry = self._seqs.pop(seq_id, None)
+        self._scoring.pop(seq_id, None)
         if entry is not None:
             self._release_slot(seq_id, entry[1].row)
 
@@ -436,9 +481,14 @@ class LLMEngine:
                     self._release_slot(seq_id, self._seqs[seq_id][1].row)
             slots = self._sampled_slots(sampled_seq_ids)
             mask = self._structured.step_mask([self._seqs[s][1].matcher for s in sampled_seq_ids])
+            plan = self._plan_prompt_rows(out)
             result = self.executor.execute(
-                StepInput.from_scheduler_output(out), slots, grammar_mask=mask
+                StepInput.from_scheduler_output(out),
+                slots,
+                plan.rows() if plan else None,
+                grammar_mask=mask,
             )
+            self._store_prompt_rows(plan, result)
         except Exception:
             abort_step(self, out)  # not attributable to one request: fatal
             raise

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kestrel.engine import core_protocol as cp
-from kestrel.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kestrel.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -65,6 +71,7 @@ class RequestOutputProcessor:
         self._tokenizer = tokenizer
         self.samples = [self._new_sample(i) for i in range(params.n)]
         self.error: str | None = None
+        self.prompt_logprobs: PromptLogprobs | None = None
 
     def _new_sample(self, index: int) -> _Sample:
         p = self.params
@@ -93,6 +100,11 @@ class RequestOutputProcessor:
             m.num_cached_prompt_tokens = delta.num_cached_prompt_tokens
         stopped: list[int] = []
         changed = False
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = [
+                None if lp is None else self._logprob_entry(lp) for lp in delta.prompt_logprobs
+            ]
+            changed = True
         for sd in delta.samples:
             if not 0 <= sd.index < len(self.samples):
                 continue
@@ -165,4 +177,5 @@ class RequestOutputProcessor:
             finished=finished,
             metrics=self.metrics,
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )

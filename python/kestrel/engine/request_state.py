@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput, SampleLogprobs
+from kestrel.outputs import (
+    CompletionOutput,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    SampleLogprobs,
+)
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer
 
@@ -75,6 +81,8 @@ class RequestState:
     stream: bool = True  # False: only the final output is reported
     seqs: list[SequenceState] = field(default_factory=list)
     error: str | None = None  # set when the request failed alone (see engine/faults.py)
+    # Set once every prompt token's logprob is in (params.prompt_logprobs asked for them).
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -89,6 +97,7 @@ class RequestState:
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

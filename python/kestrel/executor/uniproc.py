@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from kestrel.executor.step_input import StepInput
     from kestrel.runner.model_runner import ModelRunner, StepResult
+    from kestrel.runner.prompt_logprobs import PromptLogprobRows
     from kestrel.sampling_params import SamplingParams
     from kestrel.structured import GrammarMask
 
@@ -46,7 +47,11 @@ class Executor(Protocol):
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None: ...
 
     def execute(
-        self, step: StepInput, slots: Sequence[int], grammar_mask: GrammarMask | None = None
+        self,
+        step: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+        grammar_mask: GrammarMask | None = None,
     ) -> StepResult: ...
 
 
@@ -77,6 +82,10 @@ class UniProcExecutor:
         self.runner.append_tokens(slots, tokens)
 
     def execute(
-        self, step: StepInput, slots: Sequence[int], grammar_mask: GrammarMask | None = None
+        self,
+        step: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+        grammar_mask: GrammarMask | None = None,
     ) -> StepResult:
-        return self.runner.execute(step, slots, grammar_mask)
+        return self.runner.execute(step, slots, prompt_rows, grammar_mask)

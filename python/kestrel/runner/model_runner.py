@@ -32,6 +32,7 @@ from kestrel.ops import AttentionMetadata
 from kestrel.ops.attention_backend import PagedAttentionBackend
 from kestrel.runner.cuda_graphs import DecodeGraphs
 from kestrel.runner.input_batch import InputBatch
+from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut, score_prompt_rows
 from kestrel.runner.staging import HostStager
 from kestrel.sample import Sampler, SamplerOutput
 from kestrel.structured.bitmask import GrammarMask, apply_bitmask
@@ -53,6 +54,8 @@ class StepResult:
     # Row index -> the exception that sampling that row alone raised. The engine must fail those
     # rows' requests (abort them before update(), which then drops their placeholder tokens).
     failed_rows: dict[int, BaseException] = field(default_factory=dict)
+    # The scored prompt rows of the step (see runner/prompt_logprobs.py), None when none asked.
+    prompt_logprobs: PromptLogprobsOut | None = None
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -206,23 +209,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: StepInput, slots: Sequence[int], grammar_mask: GrammarMask | None = None
+        self,
+        out: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+        grammar_mask: GrammarMask | None = None,
     ) -> StepResult:
         """Runs the step; `slots[i]` is the input-batch slot of the i-th sampled row (in
-        `out.logits_indices` order). `grammar_mask`: the structured-output bitmasks of the
-        constrained rows, applied to the logits before sampling (so every sampling path, the
-        argmax fast path and the row-by-row retry included, sees the masked logits)."""
+        `out.logits_indices` order). `prompt_rows`: prefill rows whose prompt logprobs are
+        asked for (scored from the same forward pass). `grammar_mask`: the structured-output
+        bitmasks of the constrained rows, applied to the logits before sampling (so every
+        sampling path, the argmax fast path and the row-by-row retry included, sees the
+        masked logits)."""
         if len(slots) != out.num_sampled:
             raise ValueError(f"{len(slots)} sampled slots for {out.num_sampled} logits indices")
         if out.num_tokens == 0:
             return StepResult(np.zeros(0, dtype=np.int64), None)
-        logits = self._logits(out)  # an exception here is fatal: it is no one row's fault
+        if prompt_rows is not None and prompt_rows.num_rows == 0:
+            prompt_rows = None
+        # An exception here is fatal: it is no one row's fault.
+        logits, prompt_out = self._logits(out, prompt_rows)
         if logits is None:
-            return StepResult(np.zeros(0, dtype=np.int64), None)
+            return StepResult(np.zeros(0, dtype=np.int64), None, prompt_logprobs=prompt_out)
         if grammar_mask is not None:
             apply_bitmask(logits, grammar_mask)
         try:
-            return self._sample(logits, slots)
+            result = self._sample(logits, slots)
         except Exception as exc:
             # Lazy import: kestrel.engine imports this module.
             from kestrel.engine.faults import is_device_failure
@@ -232,14 +244,23 @@ class ModelRunner:
             result = self._sample_each_row(logits, slots)
             if result is None:  # every row failed on its own: not attributable
                 raise
-            return result
+        result.prompt_logprobs = prompt_out
+        return result
 
-    def _logits(self, out: StepInput) -> torch.Tensor | None:
-        """The forward pass: logits [S, vocab] fp32 of the sampled rows, None when S == 0."""
+    def _logits(
+        self, out: StepInput, prompt_rows: PromptLogprobRows | None
+    ) -> tuple[torch.Tensor | None, PromptLogprobsOut | None]:
+        """The forward pass: logits [S, vocab] fp32 of the sampled rows (None when S == 0) and
+        the scored prompt rows. Steps that score prompt rows run eagerly (prefills)."""
         self.stager.begin_step()
-        if self.graphs is not None and out.num_sampled == out.num_reqs and self.graphs.can_run(out):
-            return self.graphs.run(out, self.stager.to_device)  # [S, vocab] fp32
-        return self._forward_eager(out)
+        if (
+            prompt_rows is None
+            and self.graphs is not None
+            and out.num_sampled == out.num_reqs
+            and self.graphs.can_run(out)
+        ):
+            return self.graphs.run(out, self.stager.to_device), None  # [S, vocab] fp32
+        return self._forward_eager(out, prompt_rows)
 
     def _sample(self, logits: torch.Tensor, slots: Sequence[int]) -> StepResult:
         """The sampling stage: one token per row of `logits` (row i: the sequence in slots[i]).
@@ -279,14 +300,22 @@ class ModelRunner:
             sampler_output = Sampler.with_logprobs(logits, sampled, max_num_logprobs)
         return StepResult(tokens, sampler_output, failed)
 
-    def _forward_eager(self, out: StepInput) -> torch.Tensor | None:
-        """Logits [S, vocab] fp32 of the sampled rows, or None when no row is sampled."""
+    def _forward_eager(
+        self, out: StepInput, prompt_rows: PromptLogprobRows | None
+    ) -> tuple[torch.Tensor | None, PromptLogprobsOut | None]:
+        """Logits [S, vocab] fp32 of the sampled rows (None when no row is sampled), and the
+        prompt logprobs of `prompt_rows`."""
         stage = self.stager.to_device
         input_ids = stage(out.input_ids, torch.int64)
         positions = stage(out.positions, torch.int64)
         metadata = self.build_attention_metadata(out)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+        prompt_out = None
+        if prompt_rows is not None:
+            prompt_out = score_prompt_rows(
+                hidden, self.model.compute_logits, prompt_rows, self.input_batch.max_num_seqs
+            )
         if out.num_sampled == 0:
-            return None
+            return None, prompt_out
         logits_indices = stage(out.logits_indices, torch.int64)
-        return self.model.compute_logits(hidden[logits_indices])
+        return self.model.compute_logits(hidden[logits_indices]), prompt_out
