@@ -160,6 +160,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 async def _create_chat_completion(body: ChatCompletionRequest, state: ServerState) -> Any:
     engine = state.engine
     model = state.resolve_model(body.model)
+    state.fields.check(body)
     check_request_limits(state, body, 1)
     top_logprobs = body.top_logprobs
     if top_logprobs is not None and not body.logprobs:

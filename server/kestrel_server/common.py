@@ -20,6 +20,7 @@ from kestrel.sampling_params import SamplingParams
 from kestrel_server.errors import APIError, bad_request, from_exception
 from kestrel_server.metrics import ServerMetrics
 from kestrel_server.protocol import SamplingRequest, UsageInfo
+from kestrel_server.request_fields import FieldPolicy
 
 T = TypeVar("T")
 
@@ -67,6 +68,7 @@ class ServerState:
     api_key: str | None = None
     chat_template: str | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
+    fields: FieldPolicy = field(default_factory=FieldPolicy)  # undeclared request fields
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, name: str | None) -> str:

@@ -79,6 +79,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
 async def _create_completion(body: CompletionRequest, state: ServerState) -> Any:
     engine = state.engine
     model = state.resolve_model(body.model)
+    state.fields.check(body)
     if body.suffix:
         raise bad_request("'suffix' is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
