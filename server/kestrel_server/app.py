@@ -92,7 +92,12 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     state = ServerState(
         engine=engine,
         served_model_names=names,
-        metrics=ServerMetrics(engine.stats, names[0]),
+        metrics=ServerMetrics(
+            engine.stats,
+            names[0],
+            max_model_len=engine.max_model_len,
+            cache_config=getattr(engine, "cache_config", None),
+        ),
         api_key=settings.api_key or None,
         chat_template=load_chat_template(settings.chat_template),
         limits=RequestLimits(max_n=settings.max_n, max_prompts=settings.max_prompts),
@@ -144,6 +149,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         st = server_state(request)
         st.resolve_model(body.model)
+        st.fields.check(body)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
@@ -161,6 +167,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
         st = server_state(request)
         st.resolve_model(body.model)
+        st.fields.check(body)
         if st.engine.tokenizer is None:
             raise bad_request("this model has no tokenizer", param="tokens")
         check_token_ids(body.tokens, st.engine.vocab_size, "tokens")

@@ -289,7 +289,7 @@ def _api_server_main(args: argparse.Namespace, facts, input_address: str, sock) 
 
     _setup_logging(args)
     config = engine_config(args)
-    tokenizer = load_tokenizer(config, resolve_model(config.model))
+    tokenizer = load_tokenizer(config, resolve_model(config.model, revision=config.revision))
     engine = MPAsyncEngine.connect(
         facts, tokenizer, input_address, max_queued_requests=args.max_queued_requests
     )

@@ -33,6 +33,7 @@ from kestrel.engine.request_state import (
     SequenceState,
     child_generator,
 )
+from kestrel.engine.step_stats import StepCounters
 from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
@@ -47,6 +48,25 @@ from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+def sampling_defaults(setting: str, model_generation_config: dict) -> dict:
+    """The generation config the default sampling parameters come from (`--generation-config`):
+    "auto" the model's, "vllm" none (SamplingParams' own defaults), else the
+    generation_config.json in that folder (which must exist). The model's EOS ids are used in
+    every case."""
+    if setting == "auto":
+        return model_generation_config
+    if setting == "vllm":
+        return {}
+    folder = Path(setting).expanduser()
+    if not (folder / "generation_config.json").is_file():
+        raise ValueError(
+            f"generation_config = {setting!r} is invalid; allowed: auto, vllm, or a folder "
+            "holding a generation_config.json"
+        )
+    return read_generation_config(folder)
+
 
 _INT32_MAX = 2**31 - 1
 
@@ -91,7 +111,7 @@ class LLMEngine:
         self.config = config
         self._token_texts = token_texts
         self.device = _resolve_device(config.device)
-        self.model_source = resolve_model(config.model)
+        self.model_source = resolve_model(config.model, revision=config.revision)
         if self.model_source.is_gguf:
             self._load_gguf(self.model_source.path)
         else:
@@ -103,6 +123,9 @@ class LLMEngine:
             self.generation_config = read_generation_config(model_dir)
         self.dtype = next(self.model.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
+        self._sampling_defaults = sampling_defaults(
+            config.generation_config, self.generation_config
+        )
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
@@ -146,6 +169,8 @@ class LLMEngine:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
+        self._step_counters = StepCounters()
+        self.num_kv_blocks = num_blocks
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
             mc.architecture,
@@ -185,7 +210,7 @@ class LLMEngine:
         return tuple(dict.fromkeys(ids))
 
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams.from_generation_config(self.generation_config)
+        return SamplingParams.from_generation_config(self._sampling_defaults)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -362,7 +387,20 @@ class LLMEngine:
         return len(self._requests)
 
     def stats(self) -> dict:
-        return self.scheduler.stats()
+        """The scheduler's counters and gauges, and the step counters (`step_stats`)."""
+        return {**self.scheduler.stats(), **self._step_counters.as_stats()}
+
+    def cache_config_info(self) -> dict[str, str]:
+        """The KV-cache settings, as labels of the `cache_config_info` metric (vLLM's names)."""
+        c = self.config
+        return {
+            "block_size": str(c.block_size),
+            "cache_dtype": "auto",
+            "enable_prefix_caching": str(c.enable_prefix_caching),
+            "gpu_memory_utilization": str(c.gpu_memory_utilization),
+            "num_gpu_blocks": str(self.num_kv_blocks),
+            "num_cpu_blocks": "0",
+        }
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -376,6 +414,7 @@ class LLMEngine:
         (finished ones are still in `_requests`: the caller collects them, see `_collect`), and
         the step's time."""
         out = self.scheduler.schedule()
+        scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
         try:
             for seq_id in out.preempted_seq_ids.tolist():  # they give their slots back
@@ -392,12 +431,13 @@ class LLMEngine:
         )
         upd = self.scheduler.update(result.sampled_token_ids)
         self._append_tokens(upd, slots)
+        self._step_counters.record(out.num_tokens, out.num_decodes, len(upd.token_ids))
         now = time.time()
         for seq_id in out.seq_ids.tolist():
             entry = self._seqs.get(seq_id)
             if entry is not None and entry[0].metrics.first_scheduled_time is None:
                 metrics = entry[0].metrics
-                metrics.first_scheduled_time = now
+                metrics.first_scheduled_time = scheduled_at
                 if self.scheduler.contains(entry[1].core_id):
                     info = self.scheduler.request_info(entry[1].core_id)
                     metrics.num_cached_prompt_tokens = max(0, info["num_cached_prompt_tokens"])
