@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.middleware.cors import CORSMiddleware
 
 import kestrel
 from kestrel.engine.async_engine import AsyncLLMEngine
@@ -62,6 +63,13 @@ class ServerArgs:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413
     max_n: int = RequestLimits.max_n  # samples per prompt; also sequences per request
     max_prompts: int = RequestLimits.max_prompts  # prompts per completions request
+    max_logprobs: int = RequestLimits.max_logprobs  # logprobs / top_logprobs per token
+    log_requests: bool = False  # one log line per admitted request
+    root_path: str | None = None  # the prefix a reverse proxy serves the app under
+    allowed_origins: list[str] | None = None  # CORS; None: no CORS middleware
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     @classmethod
     def from_namespace(cls, args: Any) -> ServerArgs:
@@ -100,7 +108,12 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         ),
         api_key=settings.api_key or None,
         chat_template=load_chat_template(settings.chat_template),
-        limits=RequestLimits(max_n=settings.max_n, max_prompts=settings.max_prompts),
+        limits=RequestLimits(
+            max_n=settings.max_n,
+            max_prompts=settings.max_prompts,
+            max_logprobs=settings.max_logprobs,
+        ),
+        log_requests=settings.log_requests,
     )
 
     @asynccontextmanager
@@ -113,7 +126,12 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
             logger.info("shutting down the engine (%d requests in flight)", engine.num_in_flight)
             await engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
 
-    app = FastAPI(title="Kestrel", version=kestrel.__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Kestrel",
+        version=kestrel.__version__,
+        lifespan=lifespan,
+        root_path=settings.root_path or "",
+    )
     app.state.kestrel = state
     install_error_handlers(app)
     # Outermost last: the key is checked before a body is read, the size before it is parsed.
@@ -121,6 +139,16 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     if state.api_key:
         public = DEFAULT_PUBLIC_PATHS if settings.public_paths is None else settings.public_paths
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key, public_paths=public)
+    if settings.allowed_origins is not None:
+        # Outermost: preflight requests (no API key) are answered here, and errors carry the
+        # CORS headers too.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers,
+            allow_credentials=settings.allow_credentials,
+        )
 
     work = documented_errors(400, 401, 404, 413, 503)
     app.post(
@@ -204,6 +232,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         max_model_len=engine.max_model_len,
         max_n=settings.max_n,
         max_prompts=settings.max_prompts,
+        max_logprobs=settings.max_logprobs,
     )
     install_openapi(app, [ChatCompletionChunk], limits)
     return app

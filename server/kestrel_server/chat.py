@@ -15,9 +15,11 @@ from kestrel.tokenizer.chat_template import ChatTemplateError
 from kestrel_server.common import (
     ServerState,
     check_context,
+    check_logprobs,
     check_request_limits,
     event_stream_response,
     final_outputs,
+    log_request,
     merged_outputs,
     off_loop,
     sampling_params,
@@ -165,6 +167,7 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     top_logprobs = body.top_logprobs
     if top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+    check_logprobs(state, top_logprobs, "top_logprobs")
     prompt_ids = await render_prompt_off_loop(
         state,
         body.messages,
@@ -180,6 +183,7 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
         engine, body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if body.logprobs else None
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    log_request(state, request_id, [prompt_ids], [params])
     streams = await submit(engine, request_id, [prompt_ids], [params])
     top_k = top_logprobs or 0
     if body.stream:

@@ -15,10 +15,12 @@ from kestrel.outputs import CompletionOutput, RequestOutput
 from kestrel_server.common import (
     ServerState,
     check_context,
+    check_logprobs,
     check_request_limits,
     check_token_ids,
     event_stream_response,
     final_outputs,
+    log_request,
     merged_outputs,
     off_loop,
     sampling_params,
@@ -87,6 +89,7 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
             "echo together with logprobs is not supported (prompt logprobs are not computed)",
             param="echo",
         )
+    check_logprobs(state, body.logprobs, "logprobs")
     items = prompt_items(body.prompt)
     check_request_limits(state, body, len(items))
     size = sum(len(t) if isinstance(t, str) else len(t) // 4 for t in items)
@@ -101,6 +104,7 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
         for _, ids in prompts
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    log_request(state, request_id, [ids for _, ids in prompts], params)
     streams = await submit(engine, request_id, [ids for _, ids in prompts], params)
     echoes = [text if body.echo else "" for text, _ in prompts]
     n = params[0].n

@@ -101,10 +101,10 @@ def extra_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]
         value = getattr(model, name, None)
         if isinstance(value, BaseModel):
             yield from extra_fields(value, f"{prefix}{name}.")
-        elif isinstance(value, list):
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            # Lists of models hold models only (token-id lists are never walked item by item).
             for item in value:
-                if isinstance(item, BaseModel):
-                    yield from extra_fields(item, f"{prefix}{name}[].")
+                yield from extra_fields(item, f"{prefix}{name}[].")
 
 
 @dataclass
