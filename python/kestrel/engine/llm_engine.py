@@ -42,6 +42,7 @@ from kestrel.model_source import ModelSource, resolve_model
 from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner
+from kestrel.runner.cpu_threads import configure_cpu_threads
 from kestrel.runner.memory import plan_num_kv_blocks
 from kestrel.runner.model_runner import StepResult
 from kestrel.sampling_params import SamplingParams
@@ -111,6 +112,8 @@ class LLMEngine:
         self.config = config
         self._token_texts = token_texts
         self.device = _resolve_device(config.device)
+        if self.device.type == "cpu":
+            configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
         if self.model_source.is_gguf:
             self._load_gguf(self.model_source.path)
