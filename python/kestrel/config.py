@@ -47,6 +47,10 @@ class EngineConfig:
         "file or a Hugging Face model id (org/name); None = Kestrel's default model "
         "(SmolLM2-135M-Instruct, fetched once)",
     )
+    revision: str | None = setting(
+        None,
+        "branch, tag or commit of a Hugging Face model id (default: main); ignored for local paths",
+    )
     tokenizer: str | None = setting(None, "tokenizer directory or .gguf (default: MODEL)")
     dtype: str = setting(
         "auto",
@@ -97,6 +101,14 @@ class EngineConfig:
         choices=_LOAD_FORMATS,
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
+    generation_config: str = setting(
+        "auto",
+        "default sampling parameters: auto (the model's generation_config.json), vllm "
+        "(none: temperature 1, top_p 1, ...), or a folder holding a generation_config.json",
+    )
+    disable_log_stats: bool = setting(
+        False, "no periodic engine log line (throughput, running and waiting requests)"
+    )
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -116,6 +128,10 @@ class EngineConfig:
             self.max_num_batched_tokens = max(8192, self.max_num_seqs)
         if self.max_num_batched_tokens < 1:
             raise _fail("max_num_batched_tokens", self.max_num_batched_tokens, "an int >= 1")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise _fail("generation_config", self.generation_config, "auto, vllm or a folder")
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
+            raise _fail("revision", self.revision, "None or a non-empty branch, tag or commit")
 
     def _check_choices(self) -> None:
         """Every field with metadata "choices" holds one of them (the CLI offers the same)."""

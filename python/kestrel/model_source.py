@@ -5,8 +5,9 @@
     path/to/dir                -> a Hugging Face model directory (config.json + safetensors),
                                   or the single .gguf file in a directory without config.json
     org/name[/file.gguf]       -> a Hugging Face model id: the snapshot in the local Hugging Face
-                                  cache (the revision `refs/main` names), else a download with
-                                  huggingface_hub when it is installed and the hub is reachable
+                                  cache (the revision `refs/main` names, or `revision`: a
+                                  branch, tag or commit), else a download with huggingface_hub
+                                  when it is installed and the hub is reachable
 
 Anything else raises ModelNotFoundError, which says what was tried.
 """
@@ -41,9 +42,12 @@ class ModelSource:
         return self.format == "gguf"
 
 
-def resolve_model(model: str | os.PathLike[str] | None, *, download: bool = True) -> ModelSource:
+def resolve_model(
+    model: str | os.PathLike[str] | None, *, download: bool = True, revision: str | None = None
+) -> ModelSource:
     """Where the weights of `model` are (see the module docstring). `download=False` never
-    touches the network (the default model must then already be cached)."""
+    touches the network (the default model must then already be cached). `revision` picks a
+    branch, tag or commit of a Hugging Face model id (local paths have none: ignored)."""
     if model is None:
         from kestrel.default_model import DEFAULT_MODEL_REQUIREMENT, default_model_path
 
@@ -60,10 +64,10 @@ def resolve_model(model: str | os.PathLike[str] | None, *, download: bool = True
     if match is None or text.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model {text!r} not found: no such file or directory")
     repo, file = match.group("repo"), match.group("file")
-    cached = _from_hf_cache(repo, file, text)
+    cached = _from_hf_cache(repo, file, text, revision)
     if cached is not None:
         return cached
-    return _download(repo, file, text, download)
+    return _download(repo, file, text, download, revision)
 
 
 def _local(path: Path, name: str) -> ModelSource:
@@ -101,17 +105,24 @@ def hf_hub_cache_dir() -> Path:
     return base / "huggingface" / "hub"
 
 
-def _from_hf_cache(repo: str, file: str | None, name: str) -> ModelSource | None:
+def _from_hf_cache(
+    repo: str, file: str | None, name: str, revision: str | None = None
+) -> ModelSource | None:
     """The snapshot of `repo` in the hub cache (layout models--org--name/snapshots/<rev>/,
-    revision from refs/main, or the only snapshot when there is no ref); None if absent."""
+    revision from refs/<revision or main>, a snapshot named `revision` (a commit), or without
+    a revision the only snapshot when there is no ref); None if absent."""
     repo_dir = hf_hub_cache_dir() / ("models--" + repo.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
     if not snapshots.is_dir():
         return None
-    ref = repo_dir / "refs" / "main"
+    ref = repo_dir / "refs" / (revision or "main")
     if ref.is_file():
         snapshot = snapshots / ref.read_text(encoding="utf-8").strip()
         if not snapshot.is_dir():
+            return None
+    elif revision is not None:
+        snapshot = snapshots / revision
+        if "/" in revision or not snapshot.is_dir():
             return None
     else:
         candidates = sorted(p for p in snapshots.iterdir() if p.is_dir())
@@ -129,7 +140,9 @@ def _from_hf_cache(repo: str, file: str | None, name: str) -> ModelSource | None
     return source
 
 
-def _download(repo: str, file: str | None, name: str, allowed: bool) -> ModelSource:
+def _download(
+    repo: str, file: str | None, name: str, allowed: bool, revision: str | None = None
+) -> ModelSource:
     searched = hf_hub_cache_dir()
     if not allowed or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelNotFoundError(
@@ -145,14 +158,18 @@ def _download(repo: str, file: str | None, name: str, allowed: bool) -> ModelSou
         ) from None
     try:
         if file is not None:
-            return ModelSource(Path(huggingface_hub.hf_hub_download(repo, file)), "gguf", name)
-        files = huggingface_hub.list_repo_files(repo)
+            path = huggingface_hub.hf_hub_download(repo, file, revision=revision)
+            return ModelSource(Path(path), "gguf", name)
+        files = huggingface_hub.list_repo_files(repo, revision=revision)
         if "config.json" in files:
-            folder = huggingface_hub.snapshot_download(repo, allow_patterns=_HF_DIR_PATTERNS)
+            folder = huggingface_hub.snapshot_download(
+                repo, allow_patterns=_HF_DIR_PATTERNS, revision=revision
+            )
             return ModelSource(Path(folder), "hf", name)
         ggufs = sorted(f for f in files if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return ModelSource(Path(huggingface_hub.hf_hub_download(repo, ggufs[0])), "gguf", name)
+            path = huggingface_hub.hf_hub_download(repo, ggufs[0], revision=revision)
+            return ModelSource(Path(path), "gguf", name)
     except Exception as exc:  # network, auth and missing-repo errors of huggingface_hub
         raise ModelNotFoundError(
             f"model {name!r} is not a local path, is not in the Hugging Face cache ({searched}) "

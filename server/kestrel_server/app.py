@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.middleware.cors import CORSMiddleware
 
 import kestrel
 from kestrel.engine.async_engine import AsyncLLMEngine
@@ -68,6 +69,13 @@ class ServerArgs:
     tool_call_parser: str | None = None  # a TOOL_PARSERS name; needed for tool_choice "auto"
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (also needs tool_call_parser)
     reasoning_parser: str | None = None  # a REASONING_PARSERS name: reasoning_content
+    max_logprobs: int = RequestLimits.max_logprobs  # logprobs / top_logprobs per token
+    log_requests: bool = False  # one log line per admitted request
+    root_path: str | None = None  # the prefix a reverse proxy serves the app under
+    allowed_origins: list[str] | None = None  # CORS; None: no CORS middleware
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     @classmethod
     def from_namespace(cls, args: Any) -> ServerArgs:
@@ -118,12 +126,22 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     state = ServerState(
         engine=engine,
         served_model_names=names,
-        metrics=ServerMetrics(engine.stats, names[0]),
+        metrics=ServerMetrics(
+            engine.stats,
+            names[0],
+            max_model_len=engine.max_model_len,
+            cache_config=getattr(engine, "cache_config", None),
+        ),
         api_key=settings.api_key or None,
         chat_template=load_chat_template(settings.chat_template),
-        limits=RequestLimits(max_n=settings.max_n, max_prompts=settings.max_prompts),
         tools=tool_settings(settings),
         reasoning_parser=reasoning_parser_class(settings.reasoning_parser),
+        limits=RequestLimits(
+            max_n=settings.max_n,
+            max_prompts=settings.max_prompts,
+            max_logprobs=settings.max_logprobs,
+        ),
+        log_requests=settings.log_requests,
     )
 
     @asynccontextmanager
@@ -136,7 +154,12 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
             logger.info("shutting down the engine (%d requests in flight)", engine.num_in_flight)
             await engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
 
-    app = FastAPI(title="Kestrel", version=kestrel.__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Kestrel",
+        version=kestrel.__version__,
+        lifespan=lifespan,
+        root_path=settings.root_path or "",
+    )
     app.state.kestrel = state
     install_error_handlers(app)
     # Outermost last: the key is checked before a body is read, the size before it is parsed.
@@ -144,6 +167,16 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     if state.api_key:
         public = DEFAULT_PUBLIC_PATHS if settings.public_paths is None else settings.public_paths
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key, public_paths=public)
+    if settings.allowed_origins is not None:
+        # Outermost: preflight requests (no API key) are answered here, and errors carry the
+        # CORS headers too.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers,
+            allow_credentials=settings.allow_credentials,
+        )
 
     work = documented_errors(400, 401, 404, 413, 503)
     app.post(
@@ -172,6 +205,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         st = server_state(request)
         st.resolve_model(body.model)
+        st.fields.check(body)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
@@ -192,6 +226,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
     async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
         st = server_state(request)
         st.resolve_model(body.model)
+        st.fields.check(body)
         if st.engine.tokenizer is None:
             raise bad_request("this model has no tokenizer", param="tokens")
         check_token_ids(body.tokens, st.engine.vocab_size, "tokens")
@@ -228,6 +263,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         max_model_len=engine.max_model_len,
         max_n=settings.max_n,
         max_prompts=settings.max_prompts,
+        max_logprobs=settings.max_logprobs,
     )
     install_openapi(app, [ChatCompletionChunk], limits)
     return app

@@ -22,9 +22,11 @@ from kestrel_server.chat_output import (
 from kestrel_server.common import (
     ServerState,
     check_context,
+    check_logprobs,
     check_request_limits,
     event_stream_response,
     final_outputs,
+    log_request,
     merged_outputs,
     off_loop,
     sampling_params,
@@ -204,11 +206,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 async def _create_chat_completion(body: ChatCompletionRequest, state: ServerState) -> Any:
     engine = state.engine
     model = state.resolve_model(body.model)
+    state.fields.check(body)
     check_request_limits(state, body, 1)
     top_logprobs = body.top_logprobs
     if top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
     plan = plan_tools(body, state.tools)  # before rendering: a bad choice fails fast
+    check_logprobs(state, top_logprobs, "top_logprobs")
     prompt_ids = await render_prompt_off_loop(
         state,
         body.messages,
@@ -227,6 +231,7 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
     params = _with_tool_plan(params, plan, body)
     parsing = OutputParsing(state.reasoning_parser, plan.new_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    log_request(state, request_id, [prompt_ids], [params])
     streams = await _submit(engine, request_id, prompt_ids, params, plan)
     top_k = top_logprobs or 0
     if body.stream:

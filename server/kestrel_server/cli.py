@@ -17,7 +17,17 @@ from kestrel.config_args import add_dataclass_arguments, dataclass_from_namespac
 # The server's own defaults live in ServerArgs. Importing it costs `kestrel --help` nothing
 # today: the kestrel_server package (__init__) imports the app before any of its modules.
 from kestrel_server.app import ServerArgs
+from kestrel_server.bench_cli import add_bench_parser
+from kestrel_server.client_cli import add_client_parsers
+from kestrel_server.listen import check_tls, listen_or_explain
 from kestrel_server.reasoning_parsers import REASONING_PARSERS
+from kestrel_server.serve_flags import (
+    ConfigFileError,
+    add_serve_compat_arguments,
+    expand_config_file,
+    not_built_yet,
+    resolve_model_flag,
+)
 from kestrel_server.tool_parsers import TOOL_PARSERS
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -189,6 +199,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_dataclass_arguments(
         eng, EngineConfig, skip=("model",), value_aliases={"dtype": _DTYPE_ALIASES}
     )
+    add_serve_compat_arguments(p, _LOG_LEVELS)
     p.set_defaults(handler=run_serve)
     return p
 
@@ -201,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kestrel {kestrel.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve_parser(subparsers)
+    add_client_parsers(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 
@@ -222,12 +235,21 @@ def parse_args(
     EngineConfig: a value it rejects (a range, say) is a usage error naming the flag, exit 2,
     like argparse's own, reported before any engine or server is built."""
     parser = parser or build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        try:
+            argv = expand_config_file(parser, argv)
+        except ConfigFileError as exc:
+            parser.exit(2, f"kestrel serve: error: argument --config: {exc}\n")
     args = parser.parse_args(argv)
     if args.command == "serve":
         if args.enable_auto_tool_choice and args.tool_call_parser is None:
             parser.exit(
                 2, "kestrel serve: error: --enable-auto-tool-choice needs --tool-call-parser\n"
             )
+        problem = resolve_model_flag(args) or not_built_yet(args)
+        if problem:
+            parser.exit(2, f"kestrel serve: error: {problem}\n")
         try:
             engine_config(args)
         except ConfigError as exc:
@@ -250,14 +272,21 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     _setup_logging(args)
     args.api_key = resolve_api_key(args)
+    if args.api_server_count > 1 and args.engine_in_process:
+        print(
+            "kestrel serve: error: --engine-in-process needs --api-server-count 1",
+            file=sys.stderr,
+        )
+        return 2
+    tls_problem = check_tls(args)
+    if tls_problem:
+        print(f"kestrel serve: error: {tls_problem}", file=sys.stderr)
+        return 2
+    sock = listen_or_explain(args)
+    if sock is None:
+        return 2
     if args.api_server_count > 1:
-        if args.engine_in_process:
-            print(
-                "kestrel serve: error: --engine-in-process needs --api-server-count 1",
-                file=sys.stderr,
-            )
-            return 2
-        return _run_api_servers(args)
+        return _run_api_servers(args, sock)
     from kestrel.engine.async_engine import AsyncLLMEngine
     from kestrel.engine.core_client import MPAsyncEngine
 
@@ -274,25 +303,31 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # bad flags, missing model, fetch failed
         logging.getLogger(__name__).debug("start-up failed", exc_info=exc)
         print(f"kestrel serve: error: {exc}", file=sys.stderr)
+        sock.close()
         return 2
     if not args.served_model_name and args.model is None:
         logging.getLogger(__name__).info("serving the default model as %r", engine.model_name)
-    return _serve(engine, args)
+    return _serve(engine, args, sockets=[sock])
 
 
-def _serve(engine, args: argparse.Namespace, sockets: list | None = None) -> int:
-    """Runs the HTTP server over `engine` until a signal or the engine's death."""
+def _serve(engine, args: argparse.Namespace, sockets: list) -> int:
+    """Runs the HTTP server over `engine` on the bound `sockets` until a signal or the
+    engine's death."""
     import uvicorn
 
     from kestrel_server.app import build_app
     from kestrel_server.shutdown import DrainingServer
 
     app = build_app(engine, ServerArgs.from_namespace(args))
-    server = DrainingServer(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
-        engine,
-        drain_s=args.shutdown_timeout,
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level or args.log_level,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
     )
+    server = DrainingServer(config, engine, drain_s=args.shutdown_timeout)
     # uvicorn handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (up to
     # --shutdown-timeout, then they end with an error), then the app's lifespan shuts the
     # engine down. Afterwards uvicorn
@@ -301,6 +336,9 @@ def _serve(engine, args: argparse.Namespace, sockets: list | None = None) -> int
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
+    scheme = "https" if args.ssl_certfile else "http"
+    port = sockets[0].getsockname()[1]
+    logging.getLogger(__name__).info("serving on %s://%s:%d", scheme, args.host, port)
     server.run(sockets=sockets)
     if received:
         logging.getLogger(__name__).info("stopped by %s", signal.Signals(received[0]).name)
@@ -317,19 +355,18 @@ def _api_server_main(args: argparse.Namespace, facts, input_address: str, sock) 
 
     _setup_logging(args)
     config = engine_config(args)
-    tokenizer = load_tokenizer(config, resolve_model(config.model))
+    tokenizer = load_tokenizer(config, resolve_model(config.model, revision=config.revision))
     engine = MPAsyncEngine.connect(
         facts, tokenizer, input_address, max_queued_requests=args.max_queued_requests
     )
     sys.exit(_serve(engine, args, sockets=[sock]))
 
 
-def _run_api_servers(args: argparse.Namespace) -> int:
+def _run_api_servers(args: argparse.Namespace, sock) -> int:
     """--api-server-count N > 1: the engine core, then N API server processes on one listening
-    socket (bound here, shared). SIGINT/SIGTERM are passed on to the API servers, which drain;
+    socket (`sock`, bound before the core started; shared). SIGINT/SIGTERM are passed on to the API servers, which drain;
     the core stops after them. Exit code 1 when the engine died."""
     import multiprocessing
-    import socket
 
     from kestrel.engine import core_protocol as cp
     from kestrel.engine.core_client import launch_core
@@ -340,15 +377,11 @@ def _run_api_servers(args: argparse.Namespace) -> int:
         core, _ = launch_core(
             config, max_queued_requests=args.max_queued_requests, log_level=args.log_level
         )
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-        sock.listen(2048)
         sock.set_inheritable(True)
     except (ValueError, OSError, RuntimeError) as exc:
         log.debug("start-up failed", exc_info=exc)
         print(f"kestrel serve: error: {exc}", file=sys.stderr)
+        sock.close()
         return 2
     ctx = multiprocessing.get_context("spawn")
     workers = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,14 +17,16 @@ from starlette.background import BackgroundTask
 
 from kestrel.engine.async_engine import AsyncLLMEngine, RequestStream
 from kestrel.outputs import RequestOutput
-from kestrel.sampling_params import SamplingParams, StructuredOutputsParams
+from kestrel.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from kestrel_server.errors import APIError, bad_request, from_exception
 from kestrel_server.metrics import ServerMetrics
 from kestrel_server.protocol import SamplingRequest, UsageInfo
 from kestrel_server.reasoning_parsers import ReasoningParser
+from kestrel_server.request_fields import FieldPolicy
 from kestrel_server.tool_choice import ToolSettings
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # Request fields that map one-to-one onto SamplingParams when the client sets them.
 _DIRECT_FIELDS = (
@@ -58,6 +61,7 @@ class RequestLimits:
 
     max_n: int = 16_384  # samples per prompt (vLLM: VLLM_MAX_N_SEQUENCES)
     max_prompts: int = 1024  # prompts in one completions request (VLLM_MAX_COMPLETION_PROMPTS)
+    max_logprobs: int = MAX_LOGPROBS  # logprobs per token (vLLM's --max-logprobs, default 20)
 
 
 @dataclass
@@ -72,6 +76,8 @@ class ServerState:
     limits: RequestLimits = field(default_factory=RequestLimits)
     tools: ToolSettings = field(default_factory=ToolSettings)
     reasoning_parser: type[ReasoningParser] | None = None  # --reasoning-parser
+    fields: FieldPolicy = field(default_factory=FieldPolicy)  # undeclared request fields
+    log_requests: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, name: str | None) -> str:
@@ -123,6 +129,29 @@ def check_request_limits(state: ServerState, req: SamplingRequest, num_prompts: 
             "n",
             code="request_too_large",
         )
+
+
+def check_logprobs(state: ServerState, value: int | None, param: str) -> None:
+    """logprobs per token against --max-logprobs (400 naming the field)."""
+    limit = state.limits.max_logprobs
+    if value is not None and value > limit:
+        raise bad_request(
+            f"{param} = {value} is invalid; allowed: an int in [0, {limit}] (--max-logprobs)",
+            param,
+        )
+
+
+def log_request(
+    state: ServerState, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+) -> None:
+    """With --enable-log-requests: one line per admitted request (no prompt text)."""
+    if state.log_requests:
+        p = params[0]
+        logger.info(
+            "request %s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s, temperature=%s",
+            request_id, len(prompts), ",".join(str(len(ids)) for ids in prompts), p.n,
+            p.max_tokens, p.temperature,
+        )  # fmt: skip
 
 
 def sampling_params(

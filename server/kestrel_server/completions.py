@@ -21,10 +21,12 @@ from kestrel.outputs import CompletionOutput, RequestOutput
 from kestrel_server.common import (
     ServerState,
     check_context,
+    check_logprobs,
     check_request_limits,
     check_token_ids,
     event_stream_response,
     final_outputs,
+    log_request,
     merged_outputs,
     off_loop,
     sampling_params,
@@ -90,6 +92,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
 async def _create_completion(body: CompletionRequest, state: ServerState) -> Any:
     engine = state.engine
     model = state.resolve_model(body.model)
+    state.fields.check(body)
     if body.suffix:
         raise bad_request("'suffix' is not supported", param="suffix")
     score_only = body.max_tokens == 0
@@ -99,6 +102,7 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
             "generated); allowed otherwise: an int >= 1",
             param="max_tokens",
         )
+    check_logprobs(state, body.logprobs, "logprobs")
     items = prompt_items(body.prompt)
     check_request_limits(state, body, len(items))
     size = sum(len(t) if isinstance(t, str) else len(t) // 4 for t in items)
@@ -116,6 +120,7 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
         for _, ids in prompts
     ]  # fmt: skip
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    log_request(state, request_id, [ids for _, ids in prompts], params)
     streams = await submit(engine, request_id, [ids for _, ids in prompts], params)
     echoes = [text if body.echo else "" for text, _ in prompts]
     n = params[0].n

@@ -113,6 +113,10 @@ def _set_limits(components: dict[str, Any], limits: ServerLimits) -> None:
             if field in props:
                 _integer_schema(props[field])["maximum"] = limits.max_model_len - 1
         _integer_schema(props["stop_token_ids"])["items"]["maximum"] = vocab_max
+    chat_props = components["ChatCompletionRequest"]["properties"]
+    _integer_schema(chat_props["top_logprobs"])["maximum"] = limits.max_logprobs
+    completion_props = components["CompletionRequest"]["properties"]
+    _integer_schema(completion_props["logprobs"])["maximum"] = limits.max_logprobs
     prompt = components["CompletionRequest"]["properties"]["prompt"]["anyOf"]
     prompt[1]["maxItems"] = limits.max_prompts  # list of texts
     prompt[2]["items"]["maximum"] = vocab_max  # token ids
@@ -127,6 +131,7 @@ class ServerLimits:
     max_model_len: int
     max_n: int
     max_prompts: int
+    max_logprobs: int = protocol.MAX_LOGPROBS
 
 
 def install_openapi(

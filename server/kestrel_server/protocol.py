@@ -7,7 +7,9 @@ clients and fuzzers see in /openapi.json; ranges that depend on the model (top_k
 token ids < vocabulary, prompt + max_tokens <= context) and on the server's flags (n, prompt-list
 length) are checked by the endpoints, which name the value and the allowed range.
 
-Unknown fields are ignored (clients send newer OpenAI fields freely).
+Fields a model does not declare are kept (`extra="allow"`, in `model_extra`) for the endpoint's
+`request_fields.FieldPolicy`: accepted and logged once, or a 400 naming the field when its
+semantics are not implemented (the table is in `request_fields.py`). Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class _Response(BaseModel):

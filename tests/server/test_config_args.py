@@ -24,6 +24,7 @@ ENGINE_FIELDS = [f for f in dataclasses.fields(EngineConfig) if f.name != "model
 # A value other than the default for every field but `model`; a new field must be added here
 # (test_non_defaults_cover_every_field), so that the round trip covers it too.
 NON_DEFAULTS: dict[str, Any] = {
+    "revision": "v1.0",
     "tokenizer": "some/tokenizer",
     "dtype": "float16",
     "device": "cpu",
@@ -40,6 +41,8 @@ NON_DEFAULTS: dict[str, Any] = {
     "seed": 9,
     "load_format": "dummy",
     "enforce_eager": True,
+    "generation_config": "vllm",
+    "disable_log_stats": True,
 }
 # Python < 3.13's BooleanOptionalAction appends this to the help it is given.
 _BOOL_SUFFIX = " (default: %(default)s)"

@@ -48,6 +48,7 @@ from kestrel.engine.request_stream import (
     _Stop,
     check_admission,
 )
+from kestrel.engine.step_stats import ThroughputLog
 from kestrel.outputs import RequestOutput
 from kestrel.sampling_params import SamplingParams
 
@@ -102,6 +103,9 @@ class AsyncLLMEngine:
         self._num_in_flight = 0  # loop-owned: accepted or pending requests not yet finished
         self._num_seqs_in_flight = 0  # loop-owned: their sequences (sum of n)
         self._stats: dict[str, Any] = dict(engine.stats())
+        info = getattr(engine, "cache_config_info", None)
+        self.cache_config: dict[str, str] = dict(info()) if info is not None else {}
+        self._throughput = ThroughputLog()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
@@ -323,6 +327,8 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         engine = self._engine
         last_log = time.monotonic()
+        config = getattr(engine, "config", None)
+        log_stats = _LOG_INTERVAL_S > 0 and not getattr(config, "disable_log_stats", False)
         try:
             while True:
                 busy = engine.has_unfinished_requests()
@@ -338,7 +344,7 @@ class AsyncLLMEngine:
                 if replies:
                     self._post(self._deliver, replies)
                 self._stats = dict(engine.stats())
-                if _LOG_INTERVAL_S and time.monotonic() - last_log > _LOG_INTERVAL_S:
+                if log_stats and time.monotonic() - last_log > _LOG_INTERVAL_S:
                     last_log = time.monotonic()
                     if engine.has_unfinished_requests():
                         self._log_stats()
@@ -393,12 +399,4 @@ class AsyncLLMEngine:
         self._stats = dict(self._engine.stats())
 
     def _log_stats(self) -> None:
-        s = self._stats
-        logger.info(
-            "engine: %d running, %d waiting, KV cache %.1f%% used, prefix hits %d/%d tokens",
-            s.get("num_running", 0),
-            s.get("num_waiting", 0),
-            100.0 * s.get("kv_cache_usage", 0.0),
-            s.get("prefix_hit_tokens", 0),
-            s.get("prefix_query_tokens", 0),
-        )
+        logger.info("engine: %s", self._throughput.line(self._stats, time.monotonic()))

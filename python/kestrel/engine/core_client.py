@@ -195,7 +195,7 @@ def launch_core(
     from kestrel.engine.llm_engine import load_tokenizer
     from kestrel.model_source import resolve_model
 
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, revision=config.revision)
     core = CoreProcess(config, max_queued_requests, log_level)
     try:
         tokenizer = load_tokenizer(config, source)
@@ -227,6 +227,7 @@ class MPAsyncEngine:
         self._default_params = cp.params_from_wire(facts.default_params)
         self._stats: dict[str, Any] = dict(facts.stats)
         self._core_pid = facts.pid
+        self.cache_config: dict[str, str] = dict(facts.cache_config)
         self._core = core
         self._input_address = input_address
         self._client = os.getpid() * 1000 + next(_client_ids)

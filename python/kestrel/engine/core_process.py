@@ -35,6 +35,7 @@ import zmq
 
 from kestrel.engine import core_protocol as cp
 from kestrel.engine.request_stream import QueueFullError, RequestTooLargeError, check_admission
+from kestrel.engine.step_stats import ThroughputLog
 from kestrel.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class EngineCore:
         self._out: dict[int, cp.CoreOutputs] = {}
         self._last_stats = 0.0
         self._clients_seen: set[int] = set()  # every front end that registered
+        self._throughput = ThroughputLog()
         self.stopped = False
 
     def facts(self) -> cp.CoreFacts:
@@ -116,6 +118,7 @@ class EngineCore:
             default_params=cp.params_to_wire(e.default_sampling_params()),
             stats=self.stats(),
             pid=os.getpid(),
+            cache_config=e.cache_config_info(),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -296,15 +299,7 @@ class EngineCore:
         return {client: cp.CoreOutputs(dead=error) for client in self._clients_seen}
 
     def log_stats(self) -> None:
-        s = self.engine.stats()
-        logger.info(
-            "engine: %d running, %d waiting, KV cache %.1f%% used, prefix hits %d/%d tokens",
-            s.get("num_running", 0),
-            s.get("num_waiting", 0),
-            100.0 * s.get("kv_cache_usage", 0.0),
-            s.get("prefix_hit_tokens", 0),
-            s.get("prefix_query_tokens", 0),
-        )
+        logger.info("engine: %s", self._throughput.line(self.engine.stats(), time.monotonic()))
 
 
 def run_core_loop(core: EngineCore, input_address: str, parent_pid: int | None) -> int:
@@ -317,6 +312,8 @@ def run_core_loop(core: EngineCore, input_address: str, parent_pid: int | None) 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     last_log = time.monotonic()
+    config = getattr(core.engine, "config", None)
+    log_stats = LOG_INTERVAL_S > 0 and not getattr(config, "disable_log_stats", False)
 
     def send(outputs: dict[int, cp.CoreOutputs]) -> None:
         for client, out in outputs.items():
@@ -346,7 +343,7 @@ def run_core_loop(core: EngineCore, input_address: str, parent_pid: int | None) 
                 break
             if core.busy:
                 core.step()
-                if LOG_INTERVAL_S and time.monotonic() - last_log > LOG_INTERVAL_S:
+                if log_stats and time.monotonic() - last_log > LOG_INTERVAL_S:
                     last_log = time.monotonic()
                     core.log_stats()
             elif parent_pid is not None and os.getppid() != parent_pid:

@@ -141,6 +141,7 @@ class CoreFacts(msgspec.Struct):
     default_params: dict[str, Any]
     stats: dict[str, Any]
     pid: int
+    cache_config: dict[str, str] = {}  # KV-cache settings (the cache_config_info metric)
 
 
 def params_to_wire(params: SamplingParams) -> dict[str, Any]:

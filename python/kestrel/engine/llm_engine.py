@@ -35,6 +35,7 @@ from kestrel.engine.request_state import (
     SequenceState,
     child_generator,
 )
+from kestrel.engine.step_stats import StepCounters
 from kestrel.engine.structured_requests import StructuredRequests
 from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
@@ -44,12 +45,32 @@ from kestrel.model_source import ModelSource, resolve_model
 from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner
+from kestrel.runner.cpu_threads import configure_cpu_threads
 from kestrel.runner.memory import plan_num_kv_blocks
 from kestrel.runner.model_runner import StepResult
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+def sampling_defaults(setting: str, model_generation_config: dict) -> dict:
+    """The generation config the default sampling parameters come from (`--generation-config`):
+    "auto" the model's, "vllm" none (SamplingParams' own defaults), else the
+    generation_config.json in that folder (which must exist). The model's EOS ids are used in
+    every case."""
+    if setting == "auto":
+        return model_generation_config
+    if setting == "vllm":
+        return {}
+    folder = Path(setting).expanduser()
+    if not (folder / "generation_config.json").is_file():
+        raise ValueError(
+            f"generation_config = {setting!r} is invalid; allowed: auto, vllm, or a folder "
+            "holding a generation_config.json"
+        )
+    return read_generation_config(folder)
+
 
 _INT32_MAX = 2**31 - 1
 
@@ -94,7 +115,9 @@ class LLMEngine:
         self.config = config
         self._token_texts = token_texts
         self.device = _resolve_device(config.device)
-        self.model_source = resolve_model(config.model)
+        if self.device.type == "cpu":
+            configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
+        self.model_source = resolve_model(config.model, revision=config.revision)
         if self.model_source.is_gguf:
             self._load_gguf(self.model_source.path)
         else:
@@ -106,6 +129,9 @@ class LLMEngine:
             self.generation_config = read_generation_config(model_dir)
         self.dtype = next(self.model.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
+        self._sampling_defaults = sampling_defaults(
+            config.generation_config, self.generation_config
+        )
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
@@ -155,6 +181,8 @@ class LLMEngine:
         # Sequences whose prompt logprobs are not all in yet (see engine/prompt_logprobs.py).
         self._scoring: dict[int, tuple[RequestState, PromptTally]] = {}
         self._salt_serials = itertools.count()
+        self._step_counters = StepCounters()
+        self.num_kv_blocks = num_blocks
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
             mc.architecture,
@@ -194,7 +222,7 @@ class LLMEngine:
         return tuple(dict.fromkeys(ids))
 
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams.from_generation_config(self.generation_config)
+        return SamplingParams.from_generation_config(self._sampling_defaults)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -453,7 +481,20 @@ class LLMEngine:
         return len(self._requests)
 
     def stats(self) -> dict:
-        return self.scheduler.stats()
+        """The scheduler's counters and gauges, and the step counters (`step_stats`)."""
+        return {**self.scheduler.stats(), **self._step_counters.as_stats()}
+
+    def cache_config_info(self) -> dict[str, str]:
+        """The KV-cache settings, as labels of the `cache_config_info` metric (vLLM's names)."""
+        c = self.config
+        return {
+            "block_size": str(c.block_size),
+            "cache_dtype": "auto",
+            "enable_prefix_caching": str(c.enable_prefix_caching),
+            "gpu_memory_utilization": str(c.gpu_memory_utilization),
+            "num_gpu_blocks": str(self.num_kv_blocks),
+            "num_cpu_blocks": "0",
+        }
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -474,6 +515,7 @@ class LLMEngine:
         if not self._seqs:  # nothing in the scheduler (yet)
             return failed, time.time()
         out = self.scheduler.schedule()
+        scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
         try:
             for seq_id in out.preempted_seq_ids.tolist():  # they give their slots back
@@ -498,12 +540,13 @@ class LLMEngine:
         )
         upd = self.scheduler.update(result.sampled_token_ids)
         self._append_tokens(upd, slots)
+        self._step_counters.record(out.num_tokens, out.num_decodes, len(upd.token_ids))
         now = time.time()
         for seq_id in out.seq_ids.tolist():
             entry = self._seqs.get(seq_id)
             if entry is not None and entry[0].metrics.first_scheduled_time is None:
                 metrics = entry[0].metrics
-                metrics.first_scheduled_time = now
+                metrics.first_scheduled_time = scheduled_at
                 if self.scheduler.contains(entry[1].core_id):
                     info = self.scheduler.request_info(entry[1].core_id)
                     metrics.num_cached_prompt_tokens = max(0, info["num_cached_prompt_tokens"])
