@@ -4,6 +4,7 @@ sample (n > 1 gives several). Streaming callers read the deltas; offline callers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -64,3 +65,22 @@ class RequestOutput:
     # Asked for with SamplingParams.prompt_logprobs: set once the whole prompt has been
     # computed (from the output that carries the first generated token on), else None.
     prompt_logprobs: PromptLogprobs | None = None
+
+
+def take_completion(sample: Any, token_ids: list[int]) -> CompletionOutput:
+    """The CompletionOutput of a sample's progress so far (`sample` has index, text,
+    finish_reason, stop_reason, logprobs, text_delta and num_tokens_reported), handing out its
+    deltas: text_delta is cleared and num_tokens_reported moved to the end."""
+    out = CompletionOutput(
+        index=sample.index,
+        text=sample.text,
+        token_ids=list(token_ids),
+        finish_reason=sample.finish_reason,
+        stop_reason=sample.stop_reason,
+        logprobs=None if sample.logprobs is None else list(sample.logprobs),
+        text_delta=sample.text_delta,
+        token_ids_delta=list(token_ids[sample.num_tokens_reported :]),
+    )
+    sample.text_delta = ""
+    sample.num_tokens_reported = len(token_ids)
+    return out

@@ -29,11 +29,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from kestrel.config import EngineConfig
+from kestrel.engine.client_base import EngineClientBase
 from kestrel.engine.request_stream import (
     _ACCEPTED,
     EngineDeadError,
@@ -77,7 +77,7 @@ def _model_name(engine: Any) -> str:
     return Path(str(path)).stem if path is not None else "default"
 
 
-class AsyncLLMEngine:
+class AsyncLLMEngine(EngineClientBase):
     """Runs an LLMEngine in a background thread and streams RequestOutputs to asyncio tasks.
 
     Read-only facts about the model (tokenizer, max_model_len, vocab_size, model name, sampling
@@ -121,22 +121,6 @@ class AsyncLLMEngine:
         return cls(LLMEngine(config), max_queued_requests=max_queued_requests)
 
     # ---- facts and health -----------------------------------------------------------------
-
-    def default_sampling_params(self) -> SamplingParams:
-        """The model's generation-config defaults (a fresh copy each call)."""
-        return self._default_params.clone()
-
-    def stats(self) -> dict[str, Any]:
-        """The scheduler's counters after the last engine-loop turn (see LLMEngine.stats)."""
-        return dict(self._stats)
-
-    @property
-    def num_in_flight(self) -> int:
-        return self._num_in_flight
-
-    @property
-    def num_seqs_in_flight(self) -> int:
-        return self._num_seqs_in_flight
 
     @property
     def is_running(self) -> bool:
@@ -183,21 +167,6 @@ class AsyncLLMEngine:
 
     # ---- requests (event loop) ------------------------------------------------------------
 
-    async def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        priority: int = 0,
-    ) -> RequestStream:
-        """Queues a request and returns its stream once the engine thread accepted it.
-
-        Raises ValueError/TypeError (bad request; nothing queued), QueueFullError, or
-        EngineDeadError. If the awaiting task is cancelled, the request is aborted."""
-        streams = await self.add_requests([(request_id, prompt, params)], priority=priority)
-        return streams[0]
-
     async def add_requests(
         self,
         requests: list[tuple[str, str | list[int], SamplingParams | None]],
@@ -230,58 +199,13 @@ class AsyncLLMEngine:
             streams.append(stream)
             adds.append(_Add(request_id, prompt, params, now, priority))
         self._commands.put(_AddBatch(adds))
-        try:
-            replies = [await stream._queue.get() for stream in streams]
-        except BaseException:
-            for stream in streams:
-                stream.abort()
-            raise
-        failure = next((r for r in replies if isinstance(r, BaseException)), None)
-        if failure is not None:
-            for stream, reply in zip(streams, replies):
-                if isinstance(reply, BaseException):
-                    stream.finished = True
-                else:
-                    stream.abort()
-            raise failure
-        return streams
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs; closing the iterator early aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, priority=priority)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.abort()
-
-    def abort(self, request_id: str) -> None:
-        """Aborts a request by id (no-op when unknown or finished). Event loop only."""
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.abort()
-
-    def stop_accepting(self) -> None:
-        """New requests are refused from now on (EngineDeadError); running ones go on."""
-        self._closing = True
+        return await self._await_admission(streams)
 
     def fail_all(self, error: BaseException) -> None:
         """Ends every open stream with `error` and aborts its engine request (event loop)."""
         for request_id in list(self._streams):
             self._commands.put(_Abort(request_id))
         self._fail_all(error)
-
-    def _check_accepting(self) -> None:
-        if self._closing:
-            raise EngineDeadError("the server is shutting down and accepts no new requests")
-        self.check_health()
 
     def _abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)

@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,9 @@ import zmq.asyncio
 
 from kestrel.config import EngineConfig
 from kestrel.engine import core_protocol as cp
+from kestrel.engine.client_base import EngineClientBase
 from kestrel.engine.output_processor import RequestOutputProcessor
+from kestrel.engine.request_checks import tokenize_prompt
 from kestrel.engine.request_stream import (
     _ACCEPTED,
     EngineDeadError,
@@ -50,7 +51,6 @@ from kestrel.engine.request_stream import (
     RequestTooLargeError,
 )
 from kestrel.errors import InvalidRequestError
-from kestrel.outputs import RequestOutput
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import Tokenizer
 
@@ -206,7 +206,7 @@ def launch_core(
     return core, tokenizer
 
 
-class MPAsyncEngine:
+class MPAsyncEngine(EngineClientBase):
     """The AsyncLLMEngine interface over an engine core process (see the module docstring)."""
 
     def __init__(
@@ -281,20 +281,6 @@ class MPAsyncEngine:
 
     # ---- facts and health -----------------------------------------------------------------
 
-    def default_sampling_params(self) -> SamplingParams:
-        return self._default_params.clone()
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._stats)
-
-    @property
-    def num_in_flight(self) -> int:
-        return self._num_in_flight
-
-    @property
-    def num_seqs_in_flight(self) -> int:
-        return self._num_seqs_in_flight
-
     @property
     def is_running(self) -> bool:
         return self._started and not self._stopped and self._dead is None
@@ -360,17 +346,6 @@ class MPAsyncEngine:
 
     # ---- requests (event loop) ------------------------------------------------------------
 
-    async def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        priority: int = 0,
-    ) -> RequestStream:
-        streams = await self.add_requests([(request_id, prompt, params)], priority=priority)
-        return streams[0]
-
     async def add_requests(
         self,
         requests: list[tuple[str, str | list[int], SamplingParams | None]],
@@ -389,7 +364,7 @@ class MPAsyncEngine:
         wire: list[cp.AddRequest] = []
         processors = []
         for (request_id, prompt, _), params in zip(requests, resolved):
-            prompt_text, prompt_ids = self._tokenize(prompt)
+            prompt_text, prompt_ids = tokenize_prompt(self.tokenizer, prompt)
             processors.append(
                 RequestOutputProcessor(
                     request_id, prompt_text, prompt_ids, params, self.tokenizer, now
@@ -408,54 +383,9 @@ class MPAsyncEngine:
             self._num_seqs_in_flight += processor.params.n
             streams.append(stream)
         self._send(cp.AddBatch(self._client, wire))
-        try:
-            replies = [await stream._queue.get() for stream in streams]
-        except BaseException:
-            for stream in streams:
-                stream.abort()
-            raise
-        failures = [r for r in replies if isinstance(r, BaseException)]
-        if failures:
-            for stream, reply in zip(streams, replies):
-                if isinstance(reply, BaseException):
-                    stream.finished = True
-                else:
-                    stream.abort()
-            causes = [f for f in failures if not isinstance(f, _RefusedWithBatch)]
-            raise (causes or failures)[0]
-        return streams
-
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)):
-            return None, [int(t) for t in prompt]
-        raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt, params, priority=priority)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.abort()
-
-    def abort(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.abort()
-
-    def stop_accepting(self) -> None:
-        self._closing = True
+        return await self._await_admission(
+            streams, lambda exc: not isinstance(exc, _RefusedWithBatch)
+        )
 
     def fail_all(self, error: BaseException) -> None:
         ids = list(self._streams)
@@ -474,11 +404,6 @@ class MPAsyncEngine:
             return await asyncio.wait_for(future, timeout_s)
         finally:
             self._utility_calls.pop(call_id, None)
-
-    def _check_accepting(self) -> None:
-        if self._closing:
-            raise EngineDeadError("the server is shutting down and accepts no new requests")
-        self.check_health()
 
     def _send(self, msg: Any) -> None:
         if self._push is None:

@@ -28,7 +28,7 @@ from kestrel.config import EngineConfig
 from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
 from kestrel.engine.prompt_logprobs import PromptRowPlan, PromptTally, cache_salt
-from kestrel.engine.request_checks import check_request
+from kestrel.engine.request_checks import check_request, tokenize_prompt
 from kestrel.engine.request_state import (
     RequestState,
     SampleRow,
@@ -243,7 +243,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params if params is not None else self.default_sampling_params()
-        prompt_text, prompt_ids = self._tokenize(prompt)
+        prompt_text, prompt_ids = tokenize_prompt(self.tokenizer, prompt)
         check_request(prompt_ids, params, self.model_config.vocab_size)
         state = RequestState(
             request_id=request_id,
@@ -353,15 +353,6 @@ class LLMEngine:
                 if t is tally:
                     del self._scoring[seq_id]
                     state.prompt_logprobs = tally.entries(self._token_text)
-
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            return None, [int(t) for t in prompt]
-        raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
 
     def _new_sequence(
         self,

@@ -17,6 +17,7 @@ from kestrel.outputs import (
     PromptLogprobs,
     RequestMetrics,
     RequestOutput,
+    take_completion,
 )
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,23 +33,10 @@ class _Sample:
     stop_reason: str | int | None = None
     text: str = ""
     text_delta: str = ""  # since the last output
-    num_reported: int = 0  # token ids handed out in outputs so far
+    num_tokens_reported: int = 0  # token ids handed out in outputs so far
 
     def completion(self) -> CompletionOutput:
-        ids = self.token_ids
-        out = CompletionOutput(
-            index=self.index,
-            text=self.text,
-            token_ids=list(ids),
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-            text_delta=self.text_delta,
-            token_ids_delta=list(ids[self.num_reported :]),
-        )
-        self.text_delta = ""
-        self.num_reported = len(ids)
-        return out
+        return take_completion(self, self.token_ids)
 
 
 class RequestOutputProcessor:

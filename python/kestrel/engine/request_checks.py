@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
 from kestrel.errors import InvalidRequestError
 from kestrel.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kestrel.tokenizer import Tokenizer
+
+
+def tokenize_prompt(tokenizer: Tokenizer | None, prompt: Any) -> tuple[str | None, list[int]]:
+    """(prompt text or None, token ids) of a text prompt or a list of token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+        return prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        return None, [int(t) for t in prompt]
+    raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, vocab: int) -> None:

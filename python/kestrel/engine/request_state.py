@@ -13,6 +13,7 @@ from kestrel.outputs import (
     RequestMetrics,
     RequestOutput,
     SampleLogprobs,
+    take_completion,
 )
 from kestrel.sampling_params import SamplingParams
 from kestrel.tokenizer import IncrementalDetokenizer
@@ -55,20 +56,7 @@ class SequenceState:
     num_tokens_reported: int = 0
 
     def completion(self) -> CompletionOutput:
-        ids = self.row.output_token_ids
-        out = CompletionOutput(
-            index=self.index,
-            text=self.text,
-            token_ids=list(ids),
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-            text_delta=self.text_delta,
-            token_ids_delta=list(ids[self.num_tokens_reported :]),
-        )
-        self.text_delta = ""
-        self.num_tokens_reported = len(ids)
-        return out
+        return take_completion(self, self.row.output_token_ids)
 
 
 @dataclass
