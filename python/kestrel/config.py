@@ -101,6 +101,11 @@ class EngineConfig:
         choices=_LOAD_FORMATS,
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
+    async_scheduling: bool = setting(
+        False,
+        "overlap scheduling: prepare step N+1 on the host while the device runs step N "
+        "(outputs are the same either way; off by default until measured on a GPU)",
+    )
     generation_config: str = setting(
         "auto",
         "default sampling parameters: auto (the model's generation_config.json), vllm "

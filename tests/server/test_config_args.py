@@ -41,6 +41,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "seed": 9,
     "load_format": "dummy",
     "enforce_eager": True,
+    "async_scheduling": True,
     "generation_config": "vllm",
     "disable_log_stats": True,
 }
