@@ -73,7 +73,9 @@ def measure(num_seqs: int, steps: int, async_scheduling: bool, model_dir: str) -
     engine.executor = NullExecutor(engine.executor)
     core = EngineCore(engine, max_queued_requests=None)
     params = cp.params_to_wire(
-        SamplingParams(temperature=0, max_tokens=min(steps + 50, 512 - 129), ignore_eos=True, detokenize=False)
+        SamplingParams(
+            temperature=0, max_tokens=min(steps + 50, 512 - 129), ignore_eos=True, detokenize=False
+        )
     )
     prompt = list(range(3, 131))
     requests = [cp.AddRequest(f"r{i}", prompt, params, time.time(), 0) for i in range(num_seqs)]
@@ -109,13 +111,11 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny_model(tmp, "qwen2")
-        rows = [
-            measure(n, args.steps, a, tmp) for n in args.num_seqs for a in (False, True)
-        ]
+        rows = [measure(n, args.steps, a, tmp) for n in args.num_seqs for a in (False, True)]
     print(f"{'seqs':>5} {'overlap':>7} {'us/step p50':>12} {'mean':>8} {'us/token':>9}")
     for r in rows:
         print(
-            f"{r['num_seqs']:>5} {str(r['async_scheduling']):>7} {r['us_per_step_p50']:>12.0f} "
+            f"{r['num_seqs']:>5} {r['async_scheduling']!s:>7} {r['us_per_step_p50']:>12.0f} "
             f"{r['us_per_step_mean']:>8.0f} {r['us_per_token_p50']:>9.2f}"
         )
     if args.json:
