@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import kestrel
@@ -388,6 +390,7 @@ def _run_api_servers(args: argparse.Namespace, sock) -> int:
 
     from kestrel.engine import core_protocol as cp
     from kestrel.engine.core_client import launch_core
+    from kestrel_server.metrics import MULTIPROC_ENV
 
     log = logging.getLogger(__name__)
     try:
@@ -401,6 +404,10 @@ def _run_api_servers(args: argparse.Namespace, sock) -> int:
         print(f"kestrel serve: error: {exc}", file=sys.stderr)
         sock.close()
         return 2
+    # The workers' request metrics go to shared files, so that any worker's /metrics counts all.
+    own_metrics_dir = not os.environ.get(MULTIPROC_ENV)
+    if own_metrics_dir:
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="kestrel-metrics-")
     ctx = multiprocessing.get_context("spawn")
     workers = [
         ctx.Process(
@@ -455,6 +462,8 @@ def _run_api_servers(args: argparse.Namespace, sock) -> int:
             push.close()
             core.stop()
         sock.close()
+        if own_metrics_dir:
+            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
     if received:
         log.info("stopped by %s", signal.Signals(received[0]).name)
     return code

@@ -245,6 +245,16 @@ def test_two_api_servers_share_one_core(tiny_model, tmp_path):
         # compositions may round differently in fp32 on the CPU and flip near-tied tokens).
         assert [r.json()["usage"]["completion_tokens"] for r in responses] == [8] * 16
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        # Whichever API process answers /metrics, it counts the requests of both.
+        for _ in range(6):
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            success = [
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("kestrel:request_success_total{")
+            ]
+            assert sum(success) == 16, metrics
+            assert metrics.count("# TYPE kestrel:num_requests_running gauge") == 1
     finally:
         code = server.stop()
     assert code == 0, server.log()
