@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kestrel.sampling_params import StructuredOutputsParams
-from kestrel.structured import GrammarBackend, GrammarMask, apply_bitmask, check
+from kestrel.structured import GrammarBackend, GrammarMask, apply_bitmask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit
@@ -63,9 +63,9 @@ def _tokenizer(path: str):
 
 
 def run(backend: GrammarBackend, tokenizer, batch: int, device: torch.device) -> dict:
-    grammar = check(StructuredOutputsParams(json=SCHEMA))
+    constraint = StructuredOutputsParams(json=SCHEMA)
     t0 = time.perf_counter()
-    matchers = [backend.compile_async(grammar).result() for _ in range(batch)]
+    matchers = [backend.compile_async(constraint).result() for _ in range(batch)]
     compile_ms = 1e3 * (time.perf_counter() - t0) / batch
     tokens = tokenizer.encode(json.dumps(DOCUMENT))
     words = matchers[0].num_words
