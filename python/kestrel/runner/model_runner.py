@@ -35,7 +35,7 @@ from kestrel.runner.input_batch import InputBatch
 from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut, score_prompt_rows
 from kestrel.runner.staging import HostStager
 from kestrel.sample import Sampler, SamplerOutput
-from kestrel.structured.bitmask import GrammarMask, apply_bitmask
+from kestrel.structured.bitmask import BitmaskApplier, GrammarMask
 
 if TYPE_CHECKING:
     from collections.abc import Hashable, Sequence
@@ -96,6 +96,7 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.input_batch = InputBatch(max_num_seqs, self.vocab_size, device)
         self.stager = HostStager(device)
+        self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
         self.attention = PagedAttentionBackend(
             num_q_heads=model_config.num_attention_heads,
@@ -232,7 +233,7 @@ class ModelRunner:
         if logits is None:
             return StepResult(np.zeros(0, dtype=np.int64), None, prompt_logprobs=prompt_out)
         if grammar_mask is not None:
-            apply_bitmask(logits, grammar_mask)
+            self.bitmask.apply(logits, grammar_mask)
         try:
             result = self._sample(logits, slots)
         except Exception as exc:
