@@ -103,6 +103,7 @@ class MPAsyncEngine(EngineClientBase):
         self._stats: dict[str, Any] = dict(facts.stats)
         self._core_pid = facts.pid
         self.cache_config: dict[str, str] = dict(facts.cache_config)
+        self.max_grammar_chars: int = facts.max_grammar_chars
         self._core = core
         self._input_address = input_address
         self._client = os.getpid() * 1000 + next(_client_ids)

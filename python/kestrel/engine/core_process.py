@@ -119,6 +119,7 @@ class EngineCore:
             stats=self.stats(),
             pid=os.getpid(),
             cache_config=e.cache_config_info(),
+            max_grammar_chars=e.config.max_grammar_chars,
         )
 
     def stats(self) -> dict[str, Any]:

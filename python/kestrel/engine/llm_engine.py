@@ -51,6 +51,7 @@ from kestrel.runner.cpu_threads import configure_cpu_threads
 from kestrel.runner.memory import plan_num_kv_blocks
 from kestrel.runner.model_runner import StepFuture, StepResult
 from kestrel.sampling_params import SamplingParams
+from kestrel.structured.limits import GrammarLimits
 from kestrel.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class LLMEngine:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
-        self._structured = StructuredRequests(self.tokenizer, eos)
+        limits = GrammarLimits(max_chars=config.max_grammar_chars)
+        self._structured = StructuredRequests(self.tokenizer, eos, limits)
         self._failed_waiting: dict[str, RequestState] = {}  # reported by the next step
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
         # Sequences whose prompt logprobs are not all in yet (see engine/prompt_logprobs.py).
@@ -235,20 +237,21 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time or time.time()),
             stream=stream,
         )
-        grammar = self._structured.grammar_for(params)  # a bad constraint is refused here
+        # Checked and compiled in a worker: a bad one fails this request alone, later.
+        constraint = self._structured.constraint_of(params)
         core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         state.seqs = [
             self._new_sequence(core_id, index, params, prompt_ids, stream)
             for index, core_id in enumerate(core_ids)
         ]
-        if grammar is None:
+        if constraint is None:
             self._admit(state, priority)
         else:  # waits outside the scheduler until its matcher is compiled
 
             def admit(matcher, error) -> None:
                 self._admit_constrained(state, priority, matcher, error)
 
-            self._structured.submit(request_id, grammar, admit)
+            self._structured.submit(request_id, constraint, admit)
         self._requests[request_id] = state
 
     def _admit(self, state: RequestState, priority: int) -> None:

@@ -35,7 +35,7 @@ from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut,
 from kestrel.runner.staging import HostStager
 from kestrel.runner.step_future import StepFuture, StepResult
 from kestrel.sample import Sampler, SamplerOutput
-from kestrel.structured.bitmask import GrammarMask, apply_bitmask
+from kestrel.structured.bitmask import BitmaskApplier, GrammarMask
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Hashable, Sequence
@@ -87,6 +87,7 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.input_batch = InputBatch(max_num_seqs, self.vocab_size, device)
         self.stager = HostStager(device)
+        self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last launched step's sampled ids
         self.attention = PagedAttentionBackend(
@@ -239,7 +240,7 @@ class ModelRunner:
         if callable(grammar_mask):
             grammar_mask = grammar_mask()
         if grammar_mask is not None:
-            apply_bitmask(logits, grammar_mask)
+            self.bitmask.apply(logits, grammar_mask)
         try:
             sampled, sampler_output = self._sample(logits, slots)
             future = StepFuture(sampled, sampler_output, None, prompt_out)
