@@ -48,6 +48,7 @@ def normalize_device(device: torch.device | str) -> torch.device:
 class DeviceStager:
     """Copies byte ranges of memory-mapped files to one device (see the module docstring).
 
+    `buffer_bytes`: size of each of the two pinned buffers (default STAGING_BUFFER_BYTES).
     `progress(num_bytes)` is called as bytes are staged (per chunk), for a byte progress bar.
     Use as a context manager, or call `close()`: it waits for the copies still in flight.
     """
@@ -56,9 +57,10 @@ class DeviceStager:
         self,
         device: torch.device | str,
         *,
-        buffer_bytes: int = STAGING_BUFFER_BYTES,
+        buffer_bytes: int | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> None:
+        buffer_bytes = STAGING_BUFFER_BYTES if buffer_bytes is None else buffer_bytes
         if buffer_bytes < 1:
             raise ValueError(f"buffer_bytes={buffer_bytes} must be >= 1")
         self.device = normalize_device(device)
