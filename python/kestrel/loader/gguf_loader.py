@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
 from torch import nn
 
 from kestrel.layers.linear import process_weights_after_loading
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
+from kestrel.loader.gguf_reader_fast import FastGGUFReader
 from kestrel.loader.gguf_tensor_data import (  # gguf_tensor_bytes: re-exported for callers
     gguf_tensor_bytes,  # noqa: F401 (raw GGML blocks of one tensor on the device)
     gguf_tensor_to_device,
@@ -80,7 +80,7 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise ValueError(f"{self.path} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
         try:
-            self.reader = GGUFReader(self.path, "r")
+            self.reader = FastGGUFReader(self.path, "r")
         except Exception as exc:  # gguf raises ValueError/IndexError/struct.error on bad files
             raise ValueError(
                 f"{self.path} is a truncated or corrupt GGUF file ({type(exc).__name__}: {exc})"
