@@ -178,7 +178,9 @@ _BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[Blocks], torch.Tensor]
     Q.Q5_K: _q5_k,
     Q.Q6_K: _q6_k,
 }
-# The GGML types dequantized here (the rest keep the gguf package's CPU path).
+# The float types (reinterpreted, then converted) and all the GGML types dequantized here (the
+# rest keep the gguf package's CPU path).
+FLOAT_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_DTYPES)
 TORCH_TYPES: frozenset[GGMLQuantizationType] = frozenset(_FLOAT_DTYPES) | frozenset(
     _BLOCK_DEQUANTIZERS
 )

@@ -30,7 +30,7 @@ from kestrel.loader.gguf_tensor_data import (  # gguf_tensor_bytes: re-exported 
     gguf_tensor_to_device,
 )
 from kestrel.loader.load_report import LoadTimer, byte_progress
-from kestrel.loader.staging import DeviceStager
+from kestrel.loader.staging import DeviceStager, normalize_device
 from kestrel.model_config import ModelConfig
 from kestrel.models.registry import get_model_class
 
@@ -310,14 +310,17 @@ def iter_gguf_weights(
 
     Each tensor's raw bytes go from the memory-mapped file to the device and are converted or
     dequantized there (`gguf_tensor_data.gguf_tensor_to_device`). `stager`: the load's stager
-    (its pinned buffers and byte progress); by default one is made, with a progress bar over
-    all the file's tensors.
+    (its pinned buffers and byte progress, e.g. shared with `gguf_tensor_bytes` calls); by
+    default one is made, with a progress bar over all the file's tensors.
     """
     unpermute = f.architecture == "llama"
     total = sum(int(t.n_bytes) for t in f.reader.tensors)
-    progress = byte_progress(total, f"Loading {f.path.name}")
+    # A caller's stager reports to the caller's progress; otherwise one bar for the file.
+    progress = byte_progress(total if stager is None else 0, f"Loading {f.path.name}")
     if stager is None:
         stager = DeviceStager(device, progress=progress.update)
+    elif stager.device != normalize_device(device):
+        raise ValueError(f"the stager copies to {stager.device}, not to {device}")
     with progress, stager:
         for tensor in f.reader.tensors:
             name = hf_tensor_name(tensor.name)

@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf.gguf_reader import ReaderTensor
 
 from kestrel.loader.gguf_dequant import check_tensor_type, dequantize_to_torch
-from kestrel.loader.gguf_dequant_torch import TORCH_TYPES, dequantize_raw
+from kestrel.loader.gguf_dequant_torch import FLOAT_TYPES, TORCH_TYPES, dequantize_raw
 from kestrel.loader.staging import DeviceStager, file_bytes, normalize_device
 
 
@@ -75,12 +75,15 @@ def gguf_tensor_to_device(
     """The tensor's values in `dtype` on the stager's device, shape `gguf_value_shape`.
 
     F32/F16/BF16 and the Q*_0/1 and K formats are copied raw and converted / dequantized on
-    the device (`gguf_dequant_torch`); the other formats (IQ*, TQ*, MXFP4) are dequantized on
-    the CPU by the `gguf` package and then copied. On CPU the result may be a read-only view of
+    the device (`gguf_dequant_torch`); the other formats (IQ*, TQ*, MXFP4), and on a CPU
+    device all block formats, are dequantized on the CPU by the `gguf` package's numpy. On CPU the result may be a read-only view of
     the file mapping: the loaders copy it into the parameters and never write to it.
     """
     qtype = check_tensor_type(tensor.name, tensor.tensor_type)
-    if qtype in TORCH_TYPES:
+    # On the CPU the gguf package's numpy dequantizes blocks faster than these torch ops (same
+    # values, bit for bit); the float types are viewed in place there.
+    on_device = stager.device.type != "cpu" or qtype in FLOAT_TYPES
+    if qtype in TORCH_TYPES and on_device:
         return dequantize_raw(_staged_bytes(tensor, stager), qtype, dtype)
     values = dequantize_to_torch(tensor.name, tensor.data, tensor.tensor_type, dtype)
     stager.report(int(tensor.n_bytes))
