@@ -2,9 +2,10 @@
 
 Supported architectures: `llama` (incl. Mistral-style files), `qwen2`, `qwen3`. Tensors are
 copied raw to the device and converted / dequantized there into the run dtype, one at a time
-(`gguf_tensor_data`; the IQ formats on the CPU through `gguf_dequant`), renamed to the Hugging Face names
-the models' `load_weights` understands (packed q/k/v and gate/up included), and, for `llama`, the Q/K rows are put back in the
-Hugging Face order (llama.cpp's converter interleaves the two rotary halves of every head).
+(`gguf_tensor_data`; the IQ formats on the CPU through `gguf_dequant`), renamed to the Hugging
+Face names the models' `load_weights` understands (packed q/k/v and gate/up included), and, for
+`llama`, the Q/K rows are put back in the Hugging Face order (llama.cpp's converter interleaves
+the two rotary halves of every head).
 """
 
 from __future__ import annotations
