@@ -137,3 +137,36 @@ def test_bad_raw_data_is_refused():
         dequantize_raw(torch.zeros(2, 18, dtype=torch.uint8), Q.IQ4_NL, torch.float32)
     with pytest.raises(ValueError, match=r"uint8 tensor"):
         dequantize_raw(torch.zeros(2, 34, dtype=torch.int8), Q.Q8_0, torch.float32)
+
+
+def test_one_stager_serves_weights_and_raw_blocks(tmp_path):
+    # The interface of the quantized-weight path: iter_gguf_weights and gguf_tensor_bytes share
+    # the caller's stager (its buffers and byte count); a stager for another device is refused.
+    from kestrel.loader.gguf_loader import gguf_model_config, iter_gguf_weights
+    from kestrel.testing.tiny_models import make_tiny_model
+    from tests.gguf.fixtures import write_gguf_from_hf
+
+    pytest.importorskip("transformers")
+    hf_dir = make_tiny_model(tmp_path / "hf", "qwen2", with_tokenizer=False)
+    path = write_gguf_from_hf(
+        hf_dir, tmp_path / "m.gguf", "qwen2", qtype=Q.Q8_0, with_tokenizer=False
+    )
+    f = GGUFFile(path)
+    seen: list[int] = []
+    stager = DeviceStager("cpu", progress=seen.append)
+    names = [
+        name
+        for name, _ in iter_gguf_weights(
+            f, gguf_model_config(f), torch.float32, "cpu", stager=stager
+        )
+    ]
+    assert len(names) == len(f.reader.tensors)
+    q = f.tensor("blk.0.attn_q.weight")
+    raw = gguf_tensor_bytes(q, "cpu", stager)
+    assert raw.shape == (q.data.shape[0], q.data.shape[1]) and raw.dtype == torch.uint8
+    assert np.array_equal(raw.numpy(), q.data)
+    assert sum(seen) == sum(int(t.n_bytes) for t in f.reader.tensors) + int(q.n_bytes)
+    raw[0, 0] ^= 1  # a private copy on CPU: the file mapping is untouched
+    assert not np.array_equal(raw.numpy(), q.data)
+    with pytest.raises(ValueError, match=r"the stager copies to cpu, not to meta"):
+        gguf_tensor_bytes(q, "meta", stager)
