@@ -1,9 +1,11 @@
 """Loading a GGUF file (llama.cpp's format): metadata -> ModelConfig, tensors -> HF names.
 
 Supported architectures: `llama` (incl. Mistral-style files), `qwen2`, `qwen3`. Tensors are
-dequantized one at a time into the run dtype (`gguf_dequant`), renamed to the Hugging Face names
-the models' `load_weights` understands (packed q/k/v and gate/up included), and, for `llama`, the Q/K rows are put back in the
-Hugging Face order (llama.cpp's converter interleaves the two rotary halves of every head).
+copied raw to the device and converted / dequantized there into the run dtype, one at a time
+(`gguf_tensor_data`; the IQ formats on the CPU through `gguf_dequant`), renamed to the Hugging
+Face names the models' `load_weights` understands (packed q/k/v and gate/up included), and, for
+`llama`, the Q/K rows are put back in the Hugging Face order (llama.cpp's converter interleaves
+the two rotary halves of every head).
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
 from torch import nn
-from tqdm.auto import tqdm
 
 from kestrel.layers.linear import process_weights_after_loading
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
+from kestrel.loader.gguf_reader_fast import FastGGUFReader
+from kestrel.loader.gguf_tensor_data import (  # gguf_tensor_bytes: re-exported for callers
+    gguf_tensor_bytes,  # noqa: F401 (raw GGML blocks of one tensor on the device)
+    gguf_tensor_to_device,
+)
+from kestrel.loader.load_report import LoadTimer, byte_progress
+from kestrel.loader.staging import DeviceStager, normalize_device
 from kestrel.model_config import ModelConfig
 from kestrel.models.registry import get_model_class
 
@@ -60,8 +67,6 @@ _BLOCK_TENSORS = {
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"  # llama3-style per-frequency divisors [head_dim / 2]
-# Below this many bytes no progress bar is shown.
-_PROGRESS_MIN_BYTES = 16 << 20
 
 
 class GGUFFile:
@@ -76,7 +81,7 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise ValueError(f"{self.path} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
         try:
-            self.reader = GGUFReader(self.path, "r")
+            self.reader = FastGGUFReader(self.path, "r")
         except Exception as exc:  # gguf raises ValueError/IndexError/struct.error on bad files
             raise ValueError(
                 f"{self.path} is a truncated or corrupt GGUF file ({type(exc).__name__}: {exc})"
@@ -295,33 +300,42 @@ def unpermute_rotary_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(
-    f: GGUFFile, config: ModelConfig, dtype: torch.dtype
+    f: GGUFFile,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    *,
+    stager: DeviceStager | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, CPU tensor in `dtype`) one tensor at a time, in file order."""
+    """Yield (HF name, tensor in `dtype` on `device`) one tensor at a time, in file order.
+
+    Each tensor's raw bytes go from the memory-mapped file to the device and are converted or
+    dequantized there (`gguf_tensor_data.gguf_tensor_to_device`). `stager`: the load's stager
+    (its pinned buffers and byte progress, e.g. shared with `gguf_tensor_bytes` calls); by
+    default one is made, with a progress bar over all the file's tensors.
+    """
     unpermute = f.architecture == "llama"
     total = sum(int(t.n_bytes) for t in f.reader.tensors)
-    progress = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc=f"Loading {f.path.name}",
-        disable=total < _PROGRESS_MIN_BYTES,
-    )
-    with progress:
+    # A caller's stager reports to the caller's progress; otherwise one bar for the file.
+    progress = byte_progress(total if stager is None else 0, f"Loading {f.path.name}")
+    if stager is None:
+        stager = DeviceStager(device, progress=progress.update)
+    elif stager.device != normalize_device(device):
+        raise ValueError(f"the stager copies to {stager.device}, not to {device}")
+    with progress, stager:
         for tensor in f.reader.tensors:
             name = hf_tensor_name(tensor.name)
             if name is None:
                 if tensor.name != _ROPE_FREQS:  # folded into the config's rope_scaling
                     logger.warning("ignoring GGUF tensor %s (no model parameter)", tensor.name)
-                progress.update(int(tensor.n_bytes))
+                stager.report(int(tensor.n_bytes))
                 continue
-            weight = dequantize_to_torch(tensor.name, tensor.data, tensor.tensor_type, dtype)
+            weight = gguf_tensor_to_device(tensor, dtype, stager)
             if unpermute and ".self_attn.q_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_attention_heads)
             elif unpermute and ".self_attn.k_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_key_value_heads)
             yield name, weight
-            progress.update(int(tensor.n_bytes))
 
 
 def load_gguf_model(
@@ -337,6 +351,7 @@ def load_gguf_model(
 
     Returns (model in eval mode on `device`, its ModelConfig).
     """
+    timer = LoadTimer()
     f = as_gguf_file(source)
     config = gguf_model_config(f)
     device = torch.device(device)
@@ -346,10 +361,12 @@ def load_gguf_model(
         init_dummy_weights(model, seed=seed)
     else:
         try:
-            model.load_weights(iter_gguf_weights(f, config, torch_dtype))
+            model.load_weights(iter_gguf_weights(f, config, torch_dtype, device))
         except ValueError as exc:
             raise type(exc)(f"{f.path}: {exc}") from exc  # keeps UnsupportedTensorTypeError
     process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
     logger.info("loaded %s from %s (%s, %s)", config.architecture, f.path, torch_dtype, device)
+    if not dummy:
+        timer.finish(model, f.path, device, sum(int(t.n_bytes) for t in f.reader.tensors))
     return model, config

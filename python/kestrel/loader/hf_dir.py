@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from tqdm.auto import tqdm
 
+from kestrel.loader.load_report import byte_progress
+from kestrel.loader.safetensors_file import SafetensorsFile, as_typed
+from kestrel.loader.staging import DeviceStager
 from kestrel.model_config import ModelConfig
-
-logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-# Below this many checkpoint bytes no progress bar is shown.
-_PROGRESS_MIN_BYTES = 1 << 30
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -91,26 +87,24 @@ def find_safetensors_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def iter_safetensors_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, CPU tensor) one tensor at a time, so at most one checkpoint tensor is
-    held in host memory beyond the model's own parameters."""
-    total_bytes = sum(file.stat().st_size for file in files)
-    progress = tqdm(
-        total=total_bytes,
-        unit="B",
-        unit_scale=True,
-        desc="Loading safetensors",
-        disable=total_bytes < _PROGRESS_MIN_BYTES,
-    )
-    with progress:
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise ValueError(f"cannot read checkpoint file {file}: {exc}") from exc
-            with handle as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                    tensor = f.get_tensor(name)
-                    yield name, tensor
-                    progress.update(tensor.numel() * tensor.element_size())
-    logger.info("loaded %d checkpoint file(s), %.1f MB", len(files), total_bytes / 1e6)
+def iter_safetensors_weights(
+    files: list[Path], device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor on `device` in its checkpoint dtype) one tensor at a time, in file
+    order. The bytes go straight from the memory-mapped file to the device (`DeviceStager`:
+    pinned staging overlapped with the next read on CUDA; on CPU a copy-on-write view of the
+    mapping, no copy), and dtype conversions happen where the model's loaders copy them into
+    its parameters, on the device. Every file's header is checked before any tensor is read;
+    one byte progress bar covers all files."""
+    opened = []
+    for file in files:
+        try:
+            opened.append(SafetensorsFile(file))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read checkpoint file {file}: {exc}") from exc
+    total_bytes = sum(f.num_bytes for f in opened)
+    progress = byte_progress(total_bytes, "Loading safetensors")
+    with progress, DeviceStager(device, progress=progress.update) as stager:
+        for handle in opened:
+            for entry in handle.entries:
+                yield entry.name, as_typed(stager.to_device(handle.raw(entry)), entry)

@@ -17,6 +17,7 @@ from kestrel.loader.hf_dir import (
     iter_safetensors_weights,
     read_model_config,
 )
+from kestrel.loader.load_report import LoadTimer
 from kestrel.model_config import ModelConfig
 from kestrel.models.registry import get_model_class
 
@@ -45,6 +46,7 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; supported: {LOAD_FORMATS}")
     model_dir = Path(model_dir)
+    timer = LoadTimer()
     if model_dir.suffix.lower() == ".gguf" or load_format == "gguf":
         if load_format == "safetensors":
             raise ValueError(f"load_format='safetensors' cannot read the GGUF file {model_dir}")
@@ -60,7 +62,7 @@ def load_model(
     if files is None:
         init_dummy_weights(model, seed=seed)
     else:
-        model.load_weights(iter_safetensors_weights(files))
+        model.load_weights(iter_safetensors_weights(files, device))
     process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
     logger.info(
@@ -71,4 +73,6 @@ def load_model(
         device,
         load_format,
     )
+    if files is not None:
+        timer.finish(model, model_dir, device, sum(f.stat().st_size for f in files))
     return model, config
