@@ -16,6 +16,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+QUANTIZATIONS = (None, "fp8", "gguf")
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,14 @@ class EngineConfig:
         "auto",
         "weights format: auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
         choices=_LOAD_FORMATS,
+    )
+    quantization: str | None = setting(
+        None,
+        "fp8: FP8 (e4m3) weights on a GPU of compute capability 8.9+ (Ada, Hopper): a "
+        "BF16/FP16 checkpoint is quantized at load (per-channel weight scales, per-token "
+        "activation scales); an FP8 checkpoint loads as published without it; gguf: accepted "
+        "for vLLM command lines (a GGUF file's weights are dequantized at load)",
+        choices=QUANTIZATIONS,
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
     async_scheduling: bool = setting(

@@ -95,7 +95,8 @@ def _argument_kwargs(
     else:
         kwargs["default"] = default
     if f.metadata.get("choices") is not None:
-        kwargs["choices"] = tuple(f.metadata["choices"])
+        # None (a default meaning "off") is not typed on a command line
+        kwargs["choices"] = tuple(c for c in f.metadata["choices"] if c is not None)
     return kwargs
 
 
