@@ -74,7 +74,8 @@ def test_rows_of_tiny_values_keep_their_precision():
     x[1, 3] = 3e-31
     q, scale = quantize_rows(x)
     assert q.float().abs().max() == FP8_MAX
-    assert _rel(dequantize_rows(q, scale), x) < REL_STEP
+    back = dequantize_rows(q, scale)
+    assert ((back - x).abs() / x).max() <= REL_STEP  # elementwise: squares would underflow
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
