@@ -31,12 +31,17 @@ def _fail(name: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(name, f"{name} = {value!r} is invalid; allowed: {allowed}")
 
 
-def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -> Any:
-    """A dataclass field with its documentation: metadata "help" (one line, shown by --help)
-    and, for a closed set of values, "choices" (checked in __post_init__ and by argparse)."""
+def setting(
+    default: Any, help: str, *, choices: tuple[Any, ...] | None = None, short: str | None = None
+) -> Any:
+    """A dataclass field with its documentation: metadata "help" (one line, shown by --help),
+    for a closed set of values "choices" (checked in __post_init__ and by argparse), and
+    optionally "short", a one-letter spelling of its flag (vLLM's, e.g. "-q")."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
+    if short is not None:
+        metadata["short"] = short
     return field(default=default, metadata=metadata)
 
 
@@ -108,6 +113,7 @@ class EngineConfig:
         "activation scales); an FP8 checkpoint loads as published without it; gguf: accepted "
         "for vLLM command lines (a GGUF file's weights are dequantized at load)",
         choices=QUANTIZATIONS,
+        short="-q",
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
     async_scheduling: bool = setting(

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kestrel.config import QUANTIZATIONS
 from kestrel.sampling_params import MAX_LOGPROBS
 
 # flag dest -> (the feature, the values that ask for nothing)
@@ -150,13 +149,6 @@ def add_serve_compat_arguments(p: argparse.ArgumentParser, log_levels: Sequence[
     )
     later.add_argument(
         "-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages (1 only)"
-    )
-    p.add_argument(  # vLLM's short form of the engine flag --quantization (same dest)
-        "-q",
-        dest="quantization",
-        choices=[c for c in QUANTIZATIONS if c is not None],
-        default=argparse.SUPPRESS,
-        help="the same as --quantization",
     )
     later.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (auto only)")
     later.add_argument(
