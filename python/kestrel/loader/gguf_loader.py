@@ -357,5 +357,13 @@ def load_gguf_model(
             raise type(exc)(f"{f.path}: {exc}") from exc  # keeps UnsupportedTensorTypeError
     process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
-    logger.info("loaded %s from %s (%s, %s)", config.architecture, f.path, torch_dtype, device)
+    linear = quant_config.description if quant_config is not None else torch_dtype
+    logger.info(
+        "loaded %s from %s (%s, %s, linear layers: %s)",
+        config.architecture,
+        f.path,
+        torch_dtype,
+        device,
+        linear,
+    )
     return model, config
