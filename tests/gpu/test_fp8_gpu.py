@@ -187,11 +187,16 @@ def test_engine_fp8_smollm_against_bf16():
 
 def test_engine_fp8_dummy_7b_shape_runs_with_graphs(tmp_path):
     """The benchmark's configuration: a Qwen2.5-7B-shaped dummy model quantized at load."""
+    import importlib.util
     import json
+    from pathlib import Path
 
-    from benchmarks.common import SHAPES
-
-    (tmp_path / "config.json").write_text(json.dumps(SHAPES["qwen2.5-7b"]))
+    common = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
+    spec = importlib.util.spec_from_file_location("kestrel_benchmarks_common", common)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "config.json").write_text(json.dumps(module.SHAPES["qwen2.5-7b"]))
     llm = LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", quantization="fp8",
               max_model_len=512, max_num_seqs=4)  # fmt: skip
     out = llm.generate([[100, 200, 300]], GREEDY, use_tqdm=False)[0].outputs[0]
