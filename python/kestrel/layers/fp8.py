@@ -165,7 +165,7 @@ class Fp8LinearMethod(LinearMethodBase):
         if self.weight_scale == "channel":
             scale = new_parameter((rows,), torch.float32, device)
             scale.output_dim = 0  # sharded with the rows (column layers); replicated otherwise
-            scale.weight_loader = _channel_scale_loader(weight_loader, rows)
+            scale.weight_loader = _channel_scale_loader(weight_loader)
         else:
             scale = new_parameter((len(layer.output_partition_sizes),), torch.float32, device)
             scale.weight_loader = _tensor_scale_loader(layer)
@@ -238,7 +238,7 @@ def _fp8_tensor_loader(weight_loader: Loader) -> Loader:
     return load
 
 
-def _channel_scale_loader(weight_loader: Loader, rows: int) -> Loader:
+def _channel_scale_loader(weight_loader: Loader) -> Loader:
     """Per-channel scales: checkpoint [N, 1] (compressed-tensors) or [N], into [N] float32."""
 
     def load(
