@@ -187,6 +187,8 @@ def test_setting_values():
     assert fp8_config_for({}, "fp8") == Fp8Config(serialized=False)
     with pytest.raises(ConfigError, match="'int8'"):
         fp8_config_for({}, "int8")
+    naive = fp8_config_for({"quantization_config": {**CT, "format": "naive-quantized"}}, None)
+    assert naive is not None and naive.serialized and naive.weight_scale == "channel"
     with pytest.raises(ConfigError, match="quantization='gguf' is for GGUF files"):
         fp8_config_for({"quantization_config": fp8_method_config([])}, "gguf")
 

@@ -9,7 +9,8 @@ Supported:
   past: activations are always scaled per token at run time); `ignored_layers` or
   `modules_to_not_convert` stay unquantized. Block-wise scales (`weight_block_size`,
   `weight_scale_inv`) are refused.
-- `quant_method: "compressed-tensors"` (llm-compressor) with `format: "float-quantized"`: 8-bit
+- `quant_method: "compressed-tensors"` (llm-compressor) with `format: "float-quantized"` (or
+  the older "naive-quantized", the same layout for float weights): 8-bit
   float weights, strategy "channel" (`weight_scale` [N, 1]) or "tensor"; input activations
   absent, dynamic per token / tensor, or static per tensor (read past, as above); `ignore`
   and `targets` as module names, "re:" regular expressions or "Linear".
@@ -31,6 +32,9 @@ from kestrel.layers.linear import LinearMethodBase
 
 _FIELD = "quantization"
 _INPUT_SCALE = ".input_scale"
+# compressed-tensors formats that store 8-bit float weights as float8_e4m3fn tensors as they are
+# ("naive-quantized" is the older name of the same layout for float weights).
+_CT_FORMATS = ("float-quantized", "naive-quantized")
 
 # prefix of a linear layer (the model's name, e.g. "model.layers.0.self_attn.qkv_proj") -> its
 # method (None: unquantized); built by DecoderForCausalLM from its packed_modules_mapping.
@@ -171,9 +175,11 @@ def _compressed_tensors(d: Mapping[str, Any]) -> Fp8Config:
         if not isinstance(group, Mapping):
             raise ConfigError(_FIELD, f"{where} must be an object")
         fmt = group.get("format") or d.get("format")
-        if fmt != "float-quantized":
+        if fmt not in _CT_FORMATS:
             raise ConfigError(
-                _FIELD, f"{where}: format={fmt!r} is not supported; supported: 'float-quantized'"
+                _FIELD,
+                f"{where}: format={fmt!r} is not supported; supported: "
+                f"{', '.join(map(repr, _CT_FORMATS))}",
             )
         strategies.add(_weights_strategy(group.get("weights"), f"{where}.weights"))
         static |= _activations_static(group.get("input_activations"), f"{where}.input_activations")
