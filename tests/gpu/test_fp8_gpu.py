@@ -70,25 +70,31 @@ def test_quantization_on_the_gpu_matches_the_cpu():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_layer_close_to_bf16_and_to_its_cpu_twin(bias):
+def test_fp8_layer_close_to_bf16_and_exactly_its_dequantized_matmul(bias):
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(960, 576, generator=g) * 0.05, torch.randn(960, generator=g)
-    x = torch.randn(9, 576, generator=g)
-    outs = {}
-    for device in ("cpu", "cuda"):
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        layer = ReplicatedLinear(
-            576, 960, bias=bias, dtype=dtype, device=device, quant_method=Fp8LinearMethod()
-        )
-        layer.weight.data.copy_(w)
-        if bias:
-            layer.bias.data.copy_(b)
-        process_weights_after_loading(layer)
-        assert layer.weight.dtype == FP8_DTYPE and layer.weight.device.type == device
-        outs[device] = layer(x.to(device, dtype)).float().cpu()
-    plain = x @ w.t() + (b if bias else 0)
-    assert _rel(outs["cuda"], plain) < 0.06
-    assert _rel(outs["cuda"], outs["cpu"]) < 1e-2
+    x = torch.randn(9, 576, generator=g).to("cuda", torch.bfloat16)
+    layer = ReplicatedLinear(
+        576, 960, bias=bias, dtype=torch.bfloat16, device="cuda", quant_method=Fp8LinearMethod()
+    )
+    layer.weight.data.copy_(w)
+    if bias:
+        layer.bias.data.copy_(b)
+    process_weights_after_loading(layer)
+    assert layer.weight.dtype == FP8_DTYPE and layer.weight.device.type == "cuda"
+    # The weight quantized on the GPU is the CPU's quantization of the same bf16 weight.
+    q_cpu, s_cpu = quantize_rows(w.to(torch.bfloat16))
+    same = layer.weight.cpu().view(torch.uint8) == q_cpu.view(torch.uint8)
+    assert same.float().mean().item() > 0.999
+    assert torch.allclose(layer.weight_scale.cpu().reshape(-1), s_cpu.reshape(-1), rtol=1e-6)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    x_q, x_scale = quantize_rows(x)
+    ref = fp8_matmul_reference(x_q, x_scale, layer.weight, layer.weight_scale, torch.float32)
+    ref = ref + (b.cuda() if bias else 0)
+    assert _rel(out, ref) < 1e-2  # bf16 output rounding
+    plain = x.float().cpu() @ w.t() + (b if bias else 0)
+    assert _rel(out.cpu(), plain) < 0.06
 
 
 def test_sizes_the_gpu_kernels_cannot_take_are_refused():
