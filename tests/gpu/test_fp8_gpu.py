@@ -109,18 +109,19 @@ def _prefill_logits(engine, ids: list[int]) -> torch.Tensor:
     from kestrel.ops import AttentionMetadata
 
     mc, bs, n = engine.model_config, engine.config.block_size, len(ids)
+    device = engine.device
     num_blocks = -(-n // bs)
     shape = (num_blocks, bs, mc.num_key_value_heads, mc.head_dim)
     kv = [
-        tuple(torch.zeros(shape, dtype=engine.dtype, device="cuda") for _ in range(2))
+        tuple(torch.zeros(shape, dtype=engine.dtype, device=device) for _ in range(2))
         for _ in range(mc.num_hidden_layers)
     ]
     i32 = {"dtype": torch.int32}
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, device="cuda"),
-        query_start_loc=torch.tensor([0, n], device="cuda", **i32),
-        seq_lens=torch.tensor([n], device="cuda", **i32),
-        block_tables=torch.arange(num_blocks, device="cuda", **i32)[None],
+        slot_mapping=torch.arange(n, device=device),
+        query_start_loc=torch.tensor([0, n], device=device, **i32),
+        seq_lens=torch.tensor([n], device=device, **i32),
+        block_tables=torch.arange(num_blocks, device=device, **i32)[None],
         num_decodes=0,
         num_decode_tokens=0,
         max_query_len=n,
@@ -129,7 +130,7 @@ def _prefill_logits(engine, ids: list[int]) -> torch.Tensor:
         seq_lens_cpu=torch.tensor([n], **i32),
     )
     with torch.inference_mode():
-        hidden = engine.model(torch.tensor(ids, device="cuda"), torch.arange(n, device="cuda"),
+        hidden = engine.model(torch.tensor(ids, device=device), torch.arange(n, device=device),
                               kv, meta)  # fmt: skip
         return engine.model.compute_logits(hidden).float()
 
