@@ -187,6 +187,12 @@ def engine_arg_parser(
         help=f"a preset shape with random weights ({', '.join(SHAPES)}) or a model dir",
     )
     ap.add_argument("--compare-hf", action="store_true")
+    ap.add_argument(
+        "--compare-unquantized",
+        action="store_true",
+        help="with --quantization fp8: also run Kestrel without it (same flags otherwise), in "
+        "the same run, as a row of its own",
+    )
     ap.add_argument("--json")
     ap.add_argument("--png")
     engine = ap.add_argument_group("engine", "kestrel.EngineConfig's fields")
@@ -208,16 +214,37 @@ def engine_kwargs(args: argparse.Namespace, dummy: bool, **workload: Any) -> dic
     return kwargs
 
 
-def run_both(
-    kestrel: Callable[[], dict], transformers: Callable[[], dict] | None
-) -> dict[str, dict]:
-    """Kestrel's run, then (when given) transformers' run once Kestrel's engine is released."""
-    results = {"kestrel": kestrel()}
-    if transformers is not None:
-        import torch
+def _quantized(args: argparse.Namespace) -> bool:
+    return getattr(args, "quantization", None) not in (None, "gguf")
 
-        gc.collect()  # the Kestrel engine (KV cache, graph pools) must be gone first
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+def kestrel_label(args: argparse.Namespace) -> str:
+    """The row name of Kestrel's run: "kestrel", or "kestrel fp8" under --quantization fp8."""
+    return f"kestrel {args.quantization}" if _quantized(args) else "kestrel"
+
+
+def _release_gpu() -> None:
+    import torch
+
+    gc.collect()  # the previous engine (KV cache, graph pools) must be gone first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_both(
+    kestrel: Callable[[argparse.Namespace], dict],
+    transformers: Callable[[], dict] | None,
+    args: argparse.Namespace,
+) -> dict[str, dict]:
+    """Kestrel's run on `args`; with --compare-unquantized under --quantization, Kestrel again
+    without the quantization (row "kestrel <dtype>"); then (when given) transformers' run. Each
+    run starts once the previous engine is released."""
+    results = {kestrel_label(args): kestrel(args)}
+    if getattr(args, "compare_unquantized", False) and _quantized(args):
+        _release_gpu()
+        plain = argparse.Namespace(**{**vars(args), "quantization": None})
+        results[f"kestrel {args.dtype}"] = kestrel(plain)
+    if transformers is not None:
+        _release_gpu()
         results["transformers"] = transformers()
     return results

@@ -109,8 +109,9 @@ def main() -> None:
 
     model_dir, dummy = model_dir_for(args.model)
     results = run_both(
-        lambda: kestrel_latency(model_dir, dummy, args),
+        lambda run_args: kestrel_latency(model_dir, dummy, run_args),
         (lambda: hf_latency(model_dir, dummy, args)) if args.compare_hf else None,
+        args,
     )
     rows = [[name, r["ttft_ms"], r["tpot_ms"]] for name, r in results.items()]
     print_table(

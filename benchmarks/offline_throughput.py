@@ -94,8 +94,9 @@ def main() -> None:
     model_dir, dummy = model_dir_for(args.model)
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, args.seed)
     results = run_both(
-        lambda: kestrel_run(model_dir, dummy, prompts, args),
+        lambda run_args: kestrel_run(model_dir, dummy, prompts, run_args),
         (lambda: hf_run(model_dir, dummy, prompts, args)) if args.compare_hf else None,
+        args,
     )
     rows = [
         [n, r["output_tokens"], r["elapsed_s"], r["output_tok_s"], r["total_tok_s"]]

@@ -16,6 +16,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+QUANTIZATIONS = (None, "fp8", "gguf")
 
 
 class ConfigError(ValueError):
@@ -30,12 +31,17 @@ def _fail(name: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(name, f"{name} = {value!r} is invalid; allowed: {allowed}")
 
 
-def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -> Any:
-    """A dataclass field with its documentation: metadata "help" (one line, shown by --help)
-    and, for a closed set of values, "choices" (checked in __post_init__ and by argparse)."""
+def setting(
+    default: Any, help: str, *, choices: tuple[Any, ...] | None = None, short: str | None = None
+) -> Any:
+    """A dataclass field with its documentation: metadata "help" (one line, shown by --help),
+    for a closed set of values "choices" (checked in __post_init__ and by argparse), and
+    optionally "short", a one-letter spelling of its flag (vLLM's, e.g. "-q")."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
+    if short is not None:
+        metadata["short"] = short
     return field(default=default, metadata=metadata)
 
 
@@ -99,6 +105,15 @@ class EngineConfig:
         "auto",
         "weights format: auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
         choices=_LOAD_FORMATS,
+    )
+    quantization: str | None = setting(
+        None,
+        "fp8: FP8 (e4m3) weights on a GPU of compute capability 8.9+ (Ada, Hopper): a "
+        "BF16/FP16 checkpoint is quantized at load (per-channel weight scales, per-token "
+        "activation scales); an FP8 checkpoint loads as published without it; gguf: accepted "
+        "for vLLM command lines (a GGUF file's weights are dequantized at load)",
+        choices=QUANTIZATIONS,
+        short="-q",
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
     async_scheduling: bool = setting(

@@ -44,7 +44,8 @@ def add_dataclass_arguments(
     value_aliases: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, argparse.Action]:
     """Adds one flag per field of dataclass `cls` (but those in `skip`) to `container`; returns
-    field name -> its argparse Action. `rename` maps a field to another option string;
+    field name -> its argparse Action. `rename` maps a field to another option string; a
+    field's metadata "short" (e.g. "-q") is a second spelling of the same flag;
     `value_aliases[field]` maps extra spellings a user may type to the values the field
     accepts (e.g. "half" -> "float16"), resolved when parsing. A field without help text, or
     with an annotation not listed above, is a TypeError: every flag is documented."""
@@ -54,7 +55,9 @@ def add_dataclass_arguments(
         if f.name in skip:
             continue
         kwargs = _argument_kwargs(cls, f, hints[f.name], (value_aliases or {}).get(f.name))
-        actions[f.name] = container.add_argument(flag_name(f.name, rename), **kwargs)
+        short = f.metadata.get("short")
+        names = (short, flag_name(f.name, rename)) if short else (flag_name(f.name, rename),)
+        actions[f.name] = container.add_argument(*names, **kwargs)
     return actions
 
 
@@ -95,7 +98,8 @@ def _argument_kwargs(
     else:
         kwargs["default"] = default
     if f.metadata.get("choices") is not None:
-        kwargs["choices"] = tuple(f.metadata["choices"])
+        # None (a default meaning "off") is not typed on a command line
+        kwargs["choices"] = tuple(c for c in f.metadata["choices"] if c is not None)
     return kwargs
 
 

@@ -25,7 +25,6 @@ from kestrel.sampling_params import MAX_LOGPROBS
 NOT_BUILT: dict[str, tuple[str, tuple[Any, ...]]] = {
     "tensor_parallel_size": ("tensor parallelism over several GPUs", (1,)),
     "pipeline_parallel_size": ("pipeline parallelism", (1,)),
-    "quantization": ("a quantization method (GGUF files are dequantized at load)", (None, "gguf")),
     "kv_cache_dtype": ("a KV cache in another dtype than the model's (e.g. fp8)", ("auto",)),
     "speculative_config": ("speculative decoding", (None,)),
 }
@@ -150,9 +149,6 @@ def add_serve_compat_arguments(p: argparse.ArgumentParser, log_levels: Sequence[
     )
     later.add_argument(
         "-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages (1 only)"
-    )
-    later.add_argument(
-        "-q", "--quantization", default=None, help="quantization method (gguf only: GGUF files)"
     )
     later.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (auto only)")
     later.add_argument(

@@ -40,7 +40,6 @@ def test_vllm_flags_parse(argv):
 NOT_BUILT = [
     (["-tp", "2"], "tensor parallelism"),
     (["--pipeline-parallel-size", "2"], "pipeline parallelism"),
-    (["--quantization", "awq"], "quantization method"),
     (["--kv-cache-dtype", "fp8"], "KV cache in another dtype"),
     (["--speculative-config", '{"method": "ngram"}'], "speculative decoding"),
 ]
@@ -54,6 +53,22 @@ def test_flag_of_a_feature_not_built_yet_exits_2_naming_it(argv, feature, capsys
     err = capsys.readouterr().err
     assert feature in err and "not built yet" in err, err
     assert "unrecognized" not in err
+
+
+@pytest.mark.parametrize("argv", [["--quantization", "fp8"], ["-q", "fp8"]])
+def test_quantization_flag_reaches_the_engine_config(argv):
+    from kestrel_server.cli import engine_config
+
+    assert engine_config(parse_args(["serve", "m", *argv])).quantization == "fp8"
+    assert engine_config(parse_args(["serve", "m"])).quantization is None
+
+
+def test_quantization_method_not_built_exits_2_naming_the_allowed_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "m", "--quantization", "awq"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quantization" in err and "'awq'" in err and "fp8" in err, err
 
 
 def test_model_flag_and_positional_must_agree(capsys):

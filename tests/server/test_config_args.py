@@ -40,6 +40,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "scheduling_policy": "priority",
     "seed": 9,
     "load_format": "dummy",
+    "quantization": "fp8",
     "enforce_eager": True,
     "async_scheduling": True,
     "generation_config": "vllm",
@@ -111,7 +112,10 @@ def test_flag_choices_are_the_field_choices():
     with_choices = [f for f in ENGINE_FIELDS if "choices" in f.metadata]
     assert {f.name for f in with_choices} >= {"dtype", "device", "load_format", "block_size"}
     for f in ENGINE_FIELDS:
-        assert actions[f.name].choices == f.metadata.get("choices"), f.name
+        choices = f.metadata.get("choices")
+        if choices is not None:  # None (the "off" default) is not typed on a command line
+            choices = tuple(c for c in choices if c is not None)
+        assert actions[f.name].choices == choices, f.name
 
 
 @pytest.mark.parametrize(
@@ -205,6 +209,24 @@ def test_benchmark_script_can_skip_an_engine_flag():
     assert common.engine_kwargs(args, True, max_num_seqs=args.batch_size)["max_num_seqs"] == 2
 
 
+def test_benchmark_fp8_row_and_its_unquantized_twin():
+    common = _load_benchmarks_common()
+    ap = common.engine_arg_parser("test")
+    seen = []
+
+    def kestrel(run_args):
+        seen.append(run_args.quantization)
+        return {"tpot_ms": 1.0}
+
+    args = ap.parse_args(["--quantization", "fp8", "--compare-unquantized"])
+    assert common.engine_kwargs(args, True)["quantization"] == "fp8"
+    results = common.run_both(kestrel, None, args)
+    assert list(results) == ["kestrel fp8", "kestrel bfloat16"] and seen == ["fp8", None]
+    seen.clear()
+    assert list(common.run_both(kestrel, None, ap.parse_args([]))) == ["kestrel"]
+    assert seen == [None]
+
+
 @pytest.mark.parametrize("script", ["latency.py", "offline_throughput.py"])
 def test_benchmark_scripts_build_their_parsers(script):
     """No flag of a script clashes with an engine flag (argparse would refuse to start)."""
@@ -217,6 +239,7 @@ def test_benchmark_scripts_build_their_parsers(script):
     )
     assert out.returncode == 0, out.stderr
     assert "--max-model-len" in out.stdout and "--enforce-eager" in out.stdout
+    assert "--quantization" in out.stdout and "--compare-unquantized" in out.stdout
 
 
 # --- kestrel.config_args on its own -------------------------------------------------------

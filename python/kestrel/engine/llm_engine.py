@@ -37,7 +37,13 @@ from kestrel.engine.request_state import (
     SequenceState,
     child_generator,
 )
-from kestrel.engine.setup import as_id_list, load_tokenizer, resolve_device, sampling_defaults
+from kestrel.engine.setup import (
+    as_id_list,
+    check_quantization_device,
+    load_tokenizer,
+    resolve_device,
+    sampling_defaults,
+)
 from kestrel.engine.step_stats import StepCounters
 from kestrel.engine.structured_requests import StructuredRequests
 from kestrel.executor import Executor, StepInput, UniProcExecutor
@@ -97,12 +103,18 @@ class LLMEngine:
         if self.device.type == "cpu":
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
+        check_quantization_device(config, self.model_source, self.device)
         if self.model_source.is_gguf:
             self._load_gguf(self.model_source.path)
         else:
             model_dir = self.model_source.path
             self.model, self.model_config = load_model(
-                model_dir, config.dtype, self.device, config.load_format, seed=config.seed
+                model_dir,
+                config.dtype,
+                self.device,
+                config.load_format,
+                seed=config.seed,
+                quantization=config.quantization,
             )
             self.tokenizer = load_tokenizer(config, self.model_source)
             self.generation_config = read_generation_config(model_dir)
@@ -194,6 +206,7 @@ class LLMEngine:
             self.device,
             dummy=self.config.load_format == "dummy",
             seed=self.config.seed,
+            quantization=self.config.quantization,
         )
         self.tokenizer = load_tokenizer(self.config, self.model_source, gguf_file)
         self.generation_config = gguf_generation_config(gguf_file)

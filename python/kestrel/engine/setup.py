@@ -1,5 +1,6 @@
 """What an engine (or a front end that only needs the tokenizer) sets up before it runs:
-the device, the tokenizer and the default sampling parameters."""
+the device (and whether it can run the model's FP8 layers), the tokenizer and the default
+sampling parameters."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import torch
 
 from kestrel.config import EngineConfig
-from kestrel.loader import read_generation_config
+from kestrel.layers.fp8 import require_fp8_device
+from kestrel.layers.quant_config import fp8_config_for
+from kestrel.loader import read_generation_config, read_model_config
 from kestrel.loader.gguf_loader import GGUFFile
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
 from kestrel.model_source import ModelSource
@@ -42,6 +45,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA GPU is available")
     return torch.device(name)
+
+
+def check_quantization_device(
+    config: EngineConfig, source: ModelSource, device: torch.device
+) -> None:
+    """FP8 linear layers (asked for, or declared by the checkpoint) need a GPU built for them:
+    refused here, before any weight is read."""
+    if source.is_gguf:
+        fp8 = config.quantization == "fp8"  # GGUF metadata declares no FP8
+    else:
+        hf_config = read_model_config(source.path).hf_config
+        fp8 = fp8_config_for(hf_config, config.quantization) is not None
+    if fp8:
+        require_fp8_device(device)
 
 
 def load_tokenizer(

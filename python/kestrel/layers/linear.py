@@ -94,11 +94,17 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Let every layer's quant method finish its weights; call once, after loading."""
+    """Let every layer's quant method finish its weights; call once, after loading. On CUDA
+    the memory of the tensors they replaced goes back to the card (so that the KV-cache
+    planner, which reads the card's free memory, sees it)."""
+    repacked = False
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, LinearMethodBase) and isinstance(module, LinearBase):
             method.process_weights_after_loading(module)
+            repacked |= not isinstance(method, UnquantizedLinearMethod)
+    if repacked and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # A shard copy: param.narrow(dim, dst_start, length) <- loaded.narrow(dim, src_start, length),

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kestrel.layers.linear import process_weights_after_loading
+from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
@@ -345,9 +346,11 @@ def load_gguf_model(
     *,
     dummy: bool = False,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a GGUF file describes and fill its weights (dequantized to the dtype;
-    `dummy`: random weights of the same shapes, deterministic in `seed`).
+    `dummy`: random weights of the same shapes, deterministic in `seed`). quantization="fp8"
+    quantizes the dequantized linear weights to FP8 (kestrel.layers.fp8).
 
     Returns (model in eval mode on `device`, its ModelConfig).
     """
@@ -356,7 +359,10 @@ def load_gguf_model(
     config = gguf_model_config(f)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, config, device)
-    model = get_model_class(config.architecture)(config, torch_dtype, device)
+    quant_config = fp8_config_for(config.hf_config, quantization)  # the metadata declares none
+    model = get_model_class(config.architecture)(
+        config, torch_dtype, device, quant_config=quant_config
+    )
     if dummy:
         init_dummy_weights(model, seed=seed)
     else:
@@ -366,7 +372,15 @@ def load_gguf_model(
             raise type(exc)(f"{f.path}: {exc}") from exc  # keeps UnsupportedTensorTypeError
     process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
-    logger.info("loaded %s from %s (%s, %s)", config.architecture, f.path, torch_dtype, device)
+    linear = quant_config.description if quant_config is not None else torch_dtype
+    logger.info(
+        "loaded %s from %s (%s, %s, linear layers: %s)",
+        config.architecture,
+        f.path,
+        torch_dtype,
+        device,
+        linear,
+    )
     if not dummy:
         timer.finish(model, f.path, device, sum(int(t.n_bytes) for t in f.reader.tensors))
     return model, config

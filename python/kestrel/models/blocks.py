@@ -26,6 +26,7 @@ from torch import nn
 from kestrel import ops
 from kestrel.layers import (
     SINGLE_RANK,
+    LinearMethodBase,
     MergedColumnParallelLinear,
     PagedAttention,
     ParallelLMHead,
@@ -36,12 +37,18 @@ from kestrel.layers import (
     TensorParallelGroup,
     VocabParallelEmbedding,
 )
+from kestrel.layers.quant_config import Fp8Config, LinearMethods
 from kestrel.model_config import ModelConfig
 from kestrel.models.weights import load_packed_weights
 from kestrel.ops import _dispatch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
 Device = torch.device | str
+
+
+def unquantized(prefix: str) -> LinearMethodBase | None:
+    """The LinearMethods of a model without quantization: every layer plain F.linear."""
+    return None
 
 
 class DecoderMLP(nn.Module):
@@ -54,16 +61,18 @@ class DecoderMLP(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str,
+        quant: LinearMethods = unquantized,
     ) -> None:
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden, [inter, inter], bias=config.mlp_bias, dtype=dtype, device=device,
-            tp_group=tp_group, prefix=f"{prefix}.gate_up_proj",
+            tp_group=tp_group, quant_method=quant(f"{prefix}.gate_up_proj"),
+            prefix=f"{prefix}.gate_up_proj",
         )  # fmt: skip
         self.down_proj = RowParallelLinear(
             inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device, tp_group=tp_group,
-            prefix=f"{prefix}.down_proj",
+            quant_method=quant(f"{prefix}.down_proj"), prefix=f"{prefix}.down_proj",
         )  # fmt: skip
         # The gate's implementation, chosen once (the kernel on CUDA fp16/bf16).
         kernels = _dispatch.kernels_for(device, dtype)
@@ -85,13 +94,15 @@ class DecoderAttention(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str,
+        quant: LinearMethods = unquantized,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, head_dim, config.num_attention_heads,
             config.num_key_value_heads, bias=config.qkv_bias, dtype=dtype, device=device,
-            tp_group=tp_group, prefix=f"{prefix}.qkv_proj",
+            tp_group=tp_group, quant_method=quant(f"{prefix}.qkv_proj"),
+            prefix=f"{prefix}.qkv_proj",
         )  # fmt: skip
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -99,7 +110,8 @@ class DecoderAttention(nn.Module):
         self.kv_size = self.qkv_proj.kv_size  # num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(
             config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype,
-            device=device, tp_group=tp_group, prefix=f"{prefix}.o_proj",
+            device=device, tp_group=tp_group, quant_method=quant(f"{prefix}.o_proj"),
+            prefix=f"{prefix}.o_proj",
         )  # fmt: skip
         if config.qk_norm:
             eps = config.rms_norm_eps
@@ -143,13 +155,16 @@ class DecoderLayer(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str,
+        quant: LinearMethods = unquantized,
     ) -> None:
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.self_attn = DecoderAttention(config, dtype, device, tp_group, f"{prefix}.self_attn")
+        self.self_attn = DecoderAttention(
+            config, dtype, device, tp_group, f"{prefix}.self_attn", quant
+        )
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.mlp = DecoderMLP(config, dtype, device, tp_group, f"{prefix}.mlp")
+        self.mlp = DecoderMLP(config, dtype, device, tp_group, f"{prefix}.mlp", quant)
 
     def forward(
         self,
@@ -187,6 +202,7 @@ class DecoderModel(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str = "model",
+        quant: LinearMethods = unquantized,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
@@ -201,7 +217,7 @@ class DecoderModel(nn.Module):
             device,
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, dtype, device, tp_group, f"{prefix}.layers.{i}")
+            DecoderLayer(config, dtype, device, tp_group, f"{prefix}.layers.{i}", quant)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -234,6 +250,8 @@ class DecoderForCausalLM(nn.Module):
 
     Subclasses (one per architecture) declare `packed_modules_mapping`: packed parameter
     module -> the checkpoint modules fused into it, in the order of its shards.
+    `quant_config`: FP8 for the decoder's linear layers (which ones: the config says, by
+    checkpoint module name); the embedding and the LM head stay in `dtype`.
     """
 
     packed_modules_mapping: ClassVar[Mapping[str, Sequence[str]]] = {}
@@ -247,11 +265,19 @@ class DecoderForCausalLM(nn.Module):
         device: Device = "cpu",
         *,
         tp_group: TensorParallelGroup = SINGLE_RANK,
+        quant_config: Fp8Config | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.tp_group = tp_group
-        self.model = DecoderModel(config, dtype, device, tp_group)
+        self.quant_config = quant_config
+        quant = unquantized
+        # Checkpoint tensors read past: recomputed buffers, and the quantization's extras.
+        self._skipped_suffixes = self.ignored_checkpoint_suffixes
+        if quant_config is not None:
+            quant = quant_config.methods_for(self.packed_modules_mapping)
+            self._skipped_suffixes += quant_config.ignored_checkpoint_suffixes
+        self.model = DecoderModel(config, dtype, device, tp_group, quant=quant)
         tie_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, dtype=dtype, device=device,
@@ -288,7 +314,7 @@ class DecoderForCausalLM(nn.Module):
         def skip(name: str) -> bool:
             if name == "lm_head.weight" and tied:
                 return True  # the head reuses model.embed_tokens.weight
-            return name.endswith(self.ignored_checkpoint_suffixes)
+            return name.endswith(self._skipped_suffixes)
 
         what = f"{type(self).__name__} ({self.config.architecture})"
         return load_packed_weights(self, weights, self.packed_modules_mapping, skip, what)
