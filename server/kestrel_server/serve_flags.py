@@ -27,7 +27,6 @@ NOT_BUILT: dict[str, tuple[str, tuple[Any, ...]]] = {
     "pipeline_parallel_size": ("pipeline parallelism", (1,)),
     "quantization": ("a quantization method (GGUF files are dequantized at load)", (None, "gguf")),
     "kv_cache_dtype": ("a KV cache in another dtype than the model's (e.g. fp8)", ("auto",)),
-    "speculative_config": ("speculative decoding", (None,)),
 }
 
 
@@ -155,9 +154,6 @@ def add_serve_compat_arguments(p: argparse.ArgumentParser, log_levels: Sequence[
         "-q", "--quantization", default=None, help="quantization method (gguf only: GGUF files)"
     )
     later.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (auto only)")
-    later.add_argument(
-        "--speculative-config", default=None, help="speculative decoding (JSON): not built"
-    )
 
 
 def resolve_model_flag(args: argparse.Namespace) -> str | None:

@@ -42,6 +42,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "load_format": "dummy",
     "enforce_eager": True,
     "async_scheduling": True,
+    "speculative_config": '{"method": "ngram", "num_speculative_tokens": 3}',
     "generation_config": "vllm",
     "disable_log_stats": True,
 }
