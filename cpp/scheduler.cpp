@@ -245,7 +245,6 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
 
   build_output(scheduled, *out);
   PendingStep& pending = pending_sampled_.emplace_back();
-  pending.num_rows = static_cast<int32_t>(out->logits_indices.size());
   pending.has_drafts = out->total_draft_tokens > 0;
   pending.seq_ids.reserve(out->num_draft_tokens.size());
   pending.num_drafts = out->num_draft_tokens;

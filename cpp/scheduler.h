@@ -185,7 +185,6 @@ class Scheduler {
   struct PendingStep {
     std::vector<int64_t> seq_ids;
     std::vector<int32_t> num_drafts;  // parallel to seq_ids
-    int32_t num_rows = 0;             // sampled rows
     bool has_drafts = false;
   };
 
