@@ -89,6 +89,8 @@ py::dict request_info(const Request& r, const Scheduler& s) {
   d["output_token_ids"] =
       std::vector<int32_t>(r.output_token_ids().begin(), r.output_token_ids().end());
   d["num_output_placeholders"] = r.num_output_placeholders;
+  d["draft_token_ids"] = r.draft_token_ids;
+  d["num_drafts_in_flight"] = static_cast<int32_t>(r.spec_token_ids.size());
   d["num_preemptions"] = r.num_preemptions;
   d["num_cached_prompt_tokens"] = r.num_cached_prompt_tokens;
   d["block_table"] = s.block_table(r.seq_id);
@@ -171,6 +173,13 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly(
           "sampled_request_indices",
           [](py::object o) { return view(o.cast<Out&>().sampled_request_indices, o); })
+      .def_property_readonly(
+          "sampled_query_start_loc",
+          [](py::object o) { return view(o.cast<Out&>().sampled_query_start_loc, o); })
+      .def_property_readonly("num_draft_tokens",
+                             [](py::object o) { return view(o.cast<Out&>().num_draft_tokens, o); })
+      .def_readonly("total_draft_tokens", &Out::total_draft_tokens)
+      .def_property_readonly("num_sampled_reqs", &Out::num_sampled_reqs)
       .def_property_readonly("preempted_seq_ids",
                              [](py::object o) { return view(o.cast<Out&>().preempted_seq_ids, o); })
       .def_property_readonly("placeholder_rows",
@@ -276,13 +285,49 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "update",
           [](Scheduler& s,
-             const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& ids) {
+             const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& ids,
+             const py::object& num_accepted) {
             if (ids.ndim() != 1) throw py::value_error("sampled token ids must be 1-D");
+            std::vector<int32_t> counts;
+            if (!num_accepted.is_none()) {
+              auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(
+                  num_accepted);
+              if (!arr || arr.ndim() != 1) {
+                throw py::type_error("num_accepted must be a 1-D sequence of ints");
+              }
+              counts.resize(arr.size());
+              for (py::ssize_t i = 0; i < arr.size(); ++i) {
+                const int64_t n = arr.data()[i];
+                if (n < 0 || n > INT32_MAX) {
+                  throw py::value_error("num_accepted[" + std::to_string(i) +
+                                        "] must be >= 0, got " + std::to_string(n));
+                }
+                counts[i] = static_cast<int32_t>(n);
+              }
+            }
             auto out = std::make_shared<UpdateOutput>();
-            raise_if_error(s.update(std::span<const int64_t>(ids.data(), ids.size()), *out));
+            const auto tokens = std::span<const int64_t>(ids.data(), ids.size());
+            raise_if_error(s.update(tokens, counts, *out));  // empty counts: one per row
             return out;
           },
-          py::arg("sampled_token_ids"))
+          py::arg("sampled_token_ids"), py::arg("num_accepted") = py::none(),
+          "Appends the step's tokens: one per sampled row, or with num_accepted (one count per "
+          "sampled request, in sampled_query_start_loc order) the accepted tokens flat.")
+      .def(
+          "set_draft_tokens",
+          [](Scheduler& s, const py::object& request, const py::handle& tokens) {
+            const std::vector<int32_t> drafts = to_token_vector(tokens, "draft token ids");
+            int32_t kept = 0;
+            if (py::isinstance<py::str>(request)) {
+              raise_if_error(s.set_draft_tokens(request.cast<std::string>(), drafts, kept));
+            } else {
+              raise_if_error(s.set_draft_tokens(request.cast<int64_t>(), drafts, kept));
+            }
+            return kept;
+          },
+          py::arg("request"), py::arg("token_ids"),
+          "Draft tokens for the next step of a running decode (by seq id or request id); "
+          "returns how many were kept (drafts past max_tokens / max_model_len are trimmed).")
       .def("abort", [](Scheduler& s, const std::string& id) { raise_if_error(s.abort(id)); })
       .def(
           "finish",

@@ -126,6 +126,18 @@ void KVCacheManager::free(const Request& request) {
   tables_.erase(it);
 }
 
+void KVCacheManager::truncate(const Request& request, int32_t num_blocks) {
+  const auto it = tables_.find(request.seq_id);
+  if (it == tables_.end()) return;
+  Table& table = it->second;
+  const auto held = static_cast<int32_t>(table.blocks.size());
+  if (held <= num_blocks) return;
+  assert(table.num_registered <= num_blocks);
+  std::vector<int32_t> tail(table.blocks.rbegin(), table.blocks.rend() - num_blocks);
+  pool_.release(tail);
+  table.blocks.resize(num_blocks);
+}
+
 const std::vector<int32_t>& KVCacheManager::block_table(int64_t seq_id) const {
   const auto it = tables_.find(seq_id);
   return it == tables_.end() ? kEmptyTable : it->second.blocks;

@@ -41,6 +41,10 @@ class KVCacheManager {
 
   // Releases all of the request's blocks (tail blocks first, so they are evicted first).
   void free(const Request& request);
+  // Releases the request's blocks past its first `num_blocks` (tail first): the slots of
+  // rejected draft tokens. Those blocks were never registered in the prefix cache (only blocks
+  // of known tokens are).
+  void truncate(const Request& request, int32_t num_blocks);
 
   // The request's block table (empty if it holds no blocks).
   const std::vector<int32_t>& block_table(int64_t seq_id) const;

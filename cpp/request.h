@@ -41,6 +41,11 @@ struct Request {
   // the runner fills on the device from the previous step's sampled row `last_sampled_index`.
   int32_t num_output_placeholders = 0;
   int32_t last_sampled_index = -1;
+  // Speculation: draft tokens proposed for the next step (Scheduler::set_draft_tokens), and the
+  // drafts the scheduled step verifies (its query rows after the last known token) until its
+  // update(). A request with drafts in flight is never scheduled again before that update.
+  std::vector<int32_t> draft_token_ids;
+  std::vector<int32_t> spec_token_ids;
   // Chained hashes of this request's full blocks, filled lazily by the KV cache manager.
   std::vector<uint64_t> block_hashes;
 

@@ -156,6 +156,7 @@ void Scheduler::preempt(size_t running_index) {
   running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(running_index));
   kv_.free(*victim);
   victim->num_computed_tokens = 0;
+  victim->draft_token_ids.clear();
   victim->status = RequestStatus::kPreempted;
   ++victim->num_preemptions;
   ++num_preemptions_;
@@ -174,7 +175,7 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
   auto out = std::make_shared<SchedulerOutput>();
   out->step = ++step_;
   int32_t budget = config_.max_num_batched_tokens;
-  std::vector<std::pair<Request*, int32_t>> scheduled;  // (request, tokens this step)
+  std::vector<Scheduled> scheduled;
   scheduled.reserve(running_.size() + 8);
   const PrefixHit no_hit;
 
@@ -187,11 +188,17 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
       ++i;
       continue;
     }
-    const int32_t num_new =
-        std::min(r->num_tokens_with_placeholders() - r->num_computed_tokens, budget);
-    assert(num_new > 0);
+    const int32_t num_base = r->num_tokens_with_placeholders() - r->num_computed_tokens;
+    assert(num_base > 0);
+    assert(r->draft_token_ids.empty() || (num_base == 1 && r->num_output_placeholders == 0));
+    // Drafts are trimmed to the budget (never the base row), and dropped before preempting.
+    int32_t num_new = std::min(num_base + static_cast<int32_t>(r->draft_token_ids.size()), budget);
     bool preempted_self = false;
     while (!kv_.allocate_slots(*r, num_new, no_hit)) {
+      if (num_new > num_base) {
+        num_new = num_base;
+        continue;
+      }
       size_t victim = i;
       for (size_t j = i + 1; j < running_.size(); ++j) {
         if (lower_priority(*running_[j], *running_[victim])) victim = j;
@@ -204,7 +211,10 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
       }
     }
     if (preempted_self) continue;
-    scheduled.emplace_back(r, num_new);
+    const int32_t num_drafts = std::max(0, num_new - num_base);
+    r->spec_token_ids.assign(r->draft_token_ids.begin(), r->draft_token_ids.begin() + num_drafts);
+    r->draft_token_ids.clear();
+    scheduled.push_back({r, num_new, num_drafts});
     budget -= num_new;
     ++i;
   }
@@ -229,40 +239,42 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
     r->status = RequestStatus::kRunning;
     r->num_computed_tokens = hit.num_tokens;
     running_.push_back(r);
-    scheduled.emplace_back(r, num_new);
+    scheduled.push_back({r, num_new, 0});
     budget -= num_new;
   }
 
   build_output(scheduled, *out);
-  std::vector<int64_t>& sampled = pending_sampled_.emplace_back();
-  sampled.reserve(out->sampled_request_indices.size());
-  for (size_t k = 0; k < out->sampled_request_indices.size(); ++k) {
-    const int64_t seq_id = out->seq_ids[out->sampled_request_indices[k]];
-    sampled.push_back(seq_id);
+  PendingStep& pending = pending_sampled_.emplace_back();
+  pending.has_drafts = out->total_draft_tokens > 0;
+  pending.seq_ids.reserve(out->num_draft_tokens.size());
+  pending.num_drafts = out->num_draft_tokens;
+  for (int32_t j = 0; j < out->num_sampled_reqs(); ++j) {
+    const int32_t first_row = out->sampled_query_start_loc[j];
+    const int64_t seq_id = out->seq_ids[out->sampled_request_indices[first_row]];
+    pending.seq_ids.push_back(seq_id);
     Request& r = *requests_.at(seq_id);
     ++r.num_output_placeholders;
-    r.last_sampled_index = static_cast<int32_t>(k);
+    r.last_sampled_index = out->sampled_query_start_loc[j + 1] - 1;
   }
-  for (auto& [r, num_new] : scheduled) r->num_computed_tokens += num_new;
+  for (const Scheduled& e : scheduled) e.request->num_computed_tokens += e.num_new;
   result = std::move(out);
   return Status::Ok();
 }
 
-void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& scheduled,
-                             SchedulerOutput& out) const {
-  std::vector<const std::pair<Request*, int32_t>*> order;
+void Scheduler::build_output(const std::vector<Scheduled>& scheduled, SchedulerOutput& out) const {
+  std::vector<const Scheduled*> order;
   order.reserve(scheduled.size());
   int32_t num_tokens = 0;
   int32_t max_blocks = 0;
-  for (const auto& entry : scheduled) {
-    if (entry.second == 1) order.push_back(&entry);
-    num_tokens += entry.second;
+  for (const Scheduled& entry : scheduled) {
+    if (entry.num_new == 1) order.push_back(&entry);
+    num_tokens += entry.num_new;
     max_blocks =
-        std::max(max_blocks, static_cast<int32_t>(kv_.block_table(entry.first->seq_id).size()));
+        std::max(max_blocks, static_cast<int32_t>(kv_.block_table(entry.request->seq_id).size()));
   }
   out.num_decodes = static_cast<int32_t>(order.size());
-  for (const auto& entry : scheduled) {
-    if (entry.second != 1) order.push_back(&entry);
+  for (const Scheduled& entry : scheduled) {
+    if (entry.num_new != 1) order.push_back(&entry);
   }
 
   const size_t num_reqs = order.size();
@@ -279,14 +291,18 @@ void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& sc
 
   int32_t row = 0;
   out.query_start_loc[0] = 0;
+  out.sampled_query_start_loc.push_back(0);
   for (size_t k = 0; k < num_reqs; ++k) {
-    const Request& r = *order[k]->first;
-    const int32_t num_new = order[k]->second;
+    const Request& r = *order[k]->request;
+    const int32_t num_new = order[k]->num_new;
+    const int32_t num_drafts = order[k]->num_drafts;
     const int32_t start = r.num_computed_tokens;
     const std::vector<int32_t>& table = kv_.block_table(r.seq_id);
     for (int32_t pos = start; pos < start + num_new; ++pos, ++row) {
       if (pos < r.num_tokens()) {
         out.input_ids[row] = r.token_ids[pos];
+      } else if (num_drafts > 0) {  // a draft token to verify
+        out.input_ids[row] = r.spec_token_ids[pos - r.num_tokens()];
       } else {  // sampled by the previous step, still in flight: the runner fills it in
         assert(pos == r.num_tokens() && r.num_output_placeholders == 1);
         out.input_ids[row] = 0;
@@ -304,54 +320,20 @@ void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& sc
               out.block_tables.begin() + static_cast<std::ptrdiff_t>(k * max_blocks));
     out.max_query_len = std::max(out.max_query_len, num_new);
     out.max_seq_len = std::max(out.max_seq_len, start + num_new);
-    if (start + num_new == r.num_tokens_with_placeholders()) {
-      out.logits_indices.push_back(row - 1);
-      out.sampled_request_indices.push_back(static_cast<int32_t>(k));
+    if (num_drafts > 0 || start + num_new == r.num_tokens_with_placeholders()) {
+      for (int32_t s = row - num_drafts - 1; s < row; ++s) {
+        out.logits_indices.push_back(s);
+        out.sampled_request_indices.push_back(static_cast<int32_t>(k));
+      }
+      out.sampled_query_start_loc.push_back(static_cast<int32_t>(out.logits_indices.size()));
+      out.num_draft_tokens.push_back(num_drafts);
+      out.total_draft_tokens += num_drafts;
     }
   }
-}
-
-Status Scheduler::update(std::span<const int64_t> sampled_token_ids, UpdateOutput& out) {
-  if (pending_sampled_.empty()) {
-    return Status::InvalidArgument("update() called without a preceding schedule()");
-  }
-  if (sampled_token_ids.size() != pending_sampled_.front().size()) {
-    return Status::InvalidArgument("update() expects " + str(pending_sampled_.front().size()) +
-                                   " sampled tokens (one per logits index), got " +
-                                   str(sampled_token_ids.size()));
-  }
-  for (const int64_t t : sampled_token_ids) {
-    if (t < 0 || t > INT32_MAX) {
-      return Status::InvalidArgument("sampled token id out of range: " + str(t));
-    }
-  }
-  const std::vector<int64_t> pending = std::move(pending_sampled_.front());
-  pending_sampled_.pop_front();
-  out.seq_ids.reserve(pending.size());
-  out.token_ids.reserve(pending.size());
-  for (size_t k = 0; k < pending.size(); ++k) {
-    const auto it = requests_.find(pending[k]);
-    // Finished (aborted or stopped) between schedule() and update(): drop its token.
-    if (it == requests_.end()) continue;
-    Request& r = *it->second;
-    // Running, or preempted by a schedule() made since (async scheduling): the token is its
-    // next one either way (a preempted request recomputes it with the rest).
-    assert(r.num_output_placeholders > 0);
-    --r.num_output_placeholders;
-    const auto token = static_cast<int32_t>(sampled_token_ids[k]);
-    const FinishReason reason = append_token_and_check_stop(r, token, config_.max_model_len);
-    out.seq_ids.push_back(r.seq_id);
-    out.token_ids.push_back(token);
-    if (reason != FinishReason::kNone) {
-      out.finished_seq_ids.push_back(r.seq_id);
-      out.finish_reasons.push_back(reason);
-      finish_request(r, reason);
-    }
-  }
-  return Status::Ok();
 }
 
 bool Scheduler::can_grow(const Request& r) const {
+  if (!r.spec_token_ids.empty()) return false;  // its drafted step is in flight: wait for it
   if (r.num_output_placeholders == 0) return true;
   return r.num_output_tokens() + r.num_output_placeholders < r.stop.max_tokens &&
          r.num_tokens_with_placeholders() < config_.max_model_len;

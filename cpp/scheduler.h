@@ -37,7 +37,7 @@ struct SchedulerConfig {
 };
 
 // One step's batch as flat arrays. Requests are ordered decodes first (query length 1), then
-// prefill chunks; token rows follow the request order.
+// prefill chunks and speculative (verify) decodes; token rows follow the request order.
 struct SchedulerOutput {
   uint64_t step = 0;
   // Per token row, [num_tokens].
@@ -52,10 +52,19 @@ struct SchedulerOutput {
   std::vector<int32_t> block_tables;  // [num_reqs, max_blocks_per_seq], padded with -1
   int32_t max_blocks_per_seq = 0;
   // Rows whose logits are sampled, [num_sampled]: the last row of each request that reaches its
-  // end this step, and the index of that request in seq_ids.
+  // end this step, or all k + 1 rows of a decode verifying k draft tokens; and the index of the
+  // row's request in seq_ids (repeated for a drafted request).
   std::vector<int32_t> logits_indices;
   std::vector<int32_t> sampled_request_indices;
-  int32_t num_decodes = 0;  // the first num_decodes requests (and rows) are decodes
+  // Per sampled request, [num_sampled_reqs] (+ 1 for the start locations): its sampled rows are
+  // logits_indices[sampled_query_start_loc[j] : sampled_query_start_loc[j + 1]], i.e.
+  // num_draft_tokens[j] + 1 rows. Sampled row i of a request with k drafts predicts the token
+  // after draft i - 1 (row 0: after its last known token; row k: the bonus token); draft i is
+  // the input id of sampled row i + 1, input_ids[logits_indices[start + i + 1]].
+  std::vector<int32_t> sampled_query_start_loc;
+  std::vector<int32_t> num_draft_tokens;
+  int32_t total_draft_tokens = 0;  // sum of num_draft_tokens
+  int32_t num_decodes = 0;         // the first num_decodes requests (and rows) are decodes
   int32_t max_query_len = 0;
   int32_t max_seq_len = 0;
   // Requests preempted during this step (their blocks are gone; they will be recomputed).
@@ -68,12 +77,15 @@ struct SchedulerOutput {
 
   int32_t num_reqs() const { return static_cast<int32_t>(seq_ids.size()); }
   int32_t num_tokens() const { return static_cast<int32_t>(input_ids.size()); }
+  int32_t num_sampled_reqs() const { return static_cast<int32_t>(num_draft_tokens.size()); }
 };
 
 // What update() did with the sampled tokens.
 struct UpdateOutput {
-  std::vector<int64_t> seq_ids;    // requests that received a token, in sampled order
-  std::vector<int32_t> token_ids;  // the token each received
+  // One entry per token appended, in sampled order (a request that accepted several tokens
+  // appears once per token, its tokens in order).
+  std::vector<int64_t> seq_ids;
+  std::vector<int32_t> token_ids;
   std::vector<int64_t> finished_seq_ids;
   std::vector<FinishReason> finish_reasons;  // parallel to finished_seq_ids
 };
@@ -117,7 +129,30 @@ class Scheduler {
   Status schedule(std::shared_ptr<SchedulerOutput>& out);
   // One sampled token per entry of the oldest un-updated output's logits_indices, in order.
   // Tokens of requests that finished (or were aborted) since that schedule() are dropped.
+  // Only for a step without draft tokens (else use the overload below).
   Status update(std::span<const int64_t> sampled_token_ids, UpdateOutput& out);
+  // Accepted tokens, flat: `num_accepted[j]` tokens for the j-th sampled request of the oldest
+  // un-updated output (its sampled_query_start_loc order): exactly 1 for a request without
+  // drafts, 0 .. k + 1 for one that verified k drafts (the accepted prefix of its drafts, then
+  // the correction / bonus token). Stop criteria apply in order: a stop ends the request there
+  // and its later tokens are dropped. Rejected drafts roll back num_computed_tokens (to the last
+  // position whose input matched: a computed draft is kept only if it equals the accepted
+  // token) and free blocks past the request's known tokens. An empty `num_accepted` means one
+  // token per sampled row (the overload above).
+  Status update(std::span<const int64_t> token_ids, std::span<const int32_t> num_accepted,
+                UpdateOutput& out);
+
+  // Speculation: proposes draft tokens for the next step of a running request in decode (all
+  // tokens but the last computed, no token in flight); replaces earlier drafts, an empty list
+  // clears them. Drafts that could never be accepted (past max_tokens or max_model_len) are
+  // trimmed; `num_kept` says how many remain. schedule() gives the request 1 + k query rows
+  // (k trimmed to the token budget, or to 0 when blocks run short, before anyone is preempted)
+  // and samples all of them; the drafts are cleared when scheduled or when it is preempted.
+  // Async scheduling: a request whose drafted step is in flight is not scheduled again until
+  // that step's update().
+  Status set_draft_tokens(int64_t seq_id, std::span<const int32_t> tokens, int32_t& num_kept);
+  Status set_draft_tokens(const std::string& request_id, std::span<const int32_t> tokens,
+                          int32_t& num_kept);
   // Steps scheduled whose update() has not come yet (0 or 1; up to 2 with async_scheduling).
   int32_t num_pending_updates() const { return static_cast<int32_t>(pending_sampled_.size()); }
 
@@ -137,8 +172,21 @@ class Scheduler {
   bool lower_priority(const Request& a, const Request& b) const;  // a is preempted before b
   void preempt(size_t running_index);
   void finish_request(Request& request, FinishReason reason);
-  void build_output(const std::vector<std::pair<Request*, int32_t>>& scheduled,
-                    SchedulerOutput& out) const;
+  struct Scheduled {
+    Request* request;
+    int32_t num_new;     // query rows this step
+    int32_t num_drafts;  // of which draft tokens (the last num_drafts rows)
+  };
+  void build_output(const std::vector<Scheduled>& scheduled, SchedulerOutput& out) const;
+  // update() for one drafted request: appends its accepted tokens in order, then finishes it or
+  // rolls back its rejected drafts. Returns the finish reason (kNone if it goes on).
+  FinishReason accept_tokens(Request& r, std::span<const int64_t> tokens, UpdateOutput& out);
+  // A step scheduled but not updated yet: its sampled requests, oldest step first.
+  struct PendingStep {
+    std::vector<int64_t> seq_ids;
+    std::vector<int32_t> num_drafts;  // parallel to seq_ids
+    bool has_drafts = false;
+  };
 
   SchedulerConfig config_;
   KVCacheManager kv_;
@@ -149,8 +197,8 @@ class Scheduler {
   int64_t next_seq_id_ = 0;
   uint64_t step_ = 0;
   int64_t num_preemptions_ = 0;
-  // The sampled requests of each scheduled step not yet updated, oldest first.
-  std::deque<std::vector<int64_t>> pending_sampled_;
+  // Each scheduled step not yet updated, oldest first.
+  std::deque<PendingStep> pending_sampled_;
   // May `r` be scheduled now? A request with a placeholder that will reach its length limit
   // when that token lands has nothing left to compute (update() finishes it).
   bool can_grow(const Request& r) const;

@@ -121,6 +121,13 @@ class EngineConfig:
         "overlap scheduling: prepare step N+1 on the host while the device runs step N "
         "(outputs are the same either way; off by default until measured on a GPU)",
     )
+    speculative_config: str | None = setting(
+        None,
+        "speculative decoding, a JSON object as vLLM's: "
+        '{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 5, '
+        '"prompt_lookup_min": 1} (greedy requests only; off with --async-scheduling); '
+        "LLM(speculative_config=...) also takes a dict",
+    )
     generation_config: str = setting(
         "auto",
         "default sampling parameters: auto (the model's generation_config.json), vllm "
@@ -159,8 +166,23 @@ class EngineConfig:
             isinstance(self.max_grammar_chars, int) and 1 <= self.max_grammar_chars <= 1 << 20
         ):
             raise _fail("max_grammar_chars", self.max_grammar_chars, "an int in [1, 1048576]")
+        if self.speculative_config is not None:
+            self._check_speculative_config()
         if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
             raise _fail("revision", self.revision, "None or a non-empty branch, tag or commit")
+
+    def _check_speculative_config(self) -> None:
+        """Parses the setting (a dict becomes its JSON text, so the config stays plain data)."""
+        import json
+
+        from kestrel.spec.config import SpeculativeConfig, SpeculativeConfigError
+
+        try:
+            SpeculativeConfig.parse(self.speculative_config)
+        except SpeculativeConfigError as e:
+            raise ConfigError("speculative_config", str(e)) from None
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = json.dumps(self.speculative_config)
 
     def _check_choices(self) -> None:
         """Every field with metadata "choices" holds one of them (the CLI offers the same)."""

@@ -66,6 +66,15 @@ _ITL_BUCKETS = (
 )  # fmt: skip
 
 
+# Speculative decoding (engine/spec counters), vLLM's series: drafts (requests that verified
+# drafts in a step), draft tokens scheduled, draft tokens accepted (the bonus token not counted).
+SPEC_DECODE_COUNTERS = (
+    ("spec_decode_num_drafts", "Speculative-decoding drafts (requests verifying drafts, per step)"),
+    ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified"),
+    ("spec_decode_num_accepted_tokens", "Draft tokens accepted"),
+)
+
+
 class _EngineCollector(Collector):
     """Gauges and cumulative counters straight from the engine's stats dict."""
 
@@ -96,6 +105,9 @@ class _EngineCollector(Collector):
             (CounterMetricFamily, "num_preemptions", "Preemptions of running sequences",
              s.get("num_preemptions", 0)),
         ]  # fmt: skip
+        for key, doc in SPEC_DECODE_COUNTERS:  # only with speculative decoding on
+            if key in s:
+                specs.append((CounterMetricFamily, key, doc, s[key]))
         for family, name, doc, value in specs:
             metric = family(PREFIX + name, doc, labels=labels)
             metric.add_metric([self._model], float(value))

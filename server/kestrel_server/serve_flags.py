@@ -26,7 +26,6 @@ NOT_BUILT: dict[str, tuple[str, tuple[Any, ...]]] = {
     "tensor_parallel_size": ("tensor parallelism over several GPUs", (1,)),
     "pipeline_parallel_size": ("pipeline parallelism", (1,)),
     "kv_cache_dtype": ("a KV cache in another dtype than the model's (e.g. fp8)", ("auto",)),
-    "speculative_config": ("speculative decoding", (None,)),
 }
 
 
@@ -151,9 +150,6 @@ def add_serve_compat_arguments(p: argparse.ArgumentParser, log_levels: Sequence[
         "-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages (1 only)"
     )
     later.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (auto only)")
-    later.add_argument(
-        "--speculative-config", default=None, help="speculative decoding (JSON): not built"
-    )
 
 
 def resolve_model_flag(args: argparse.Namespace) -> str | None:

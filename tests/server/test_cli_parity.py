@@ -28,6 +28,7 @@ VLLM_LINES = [
     ["m", "--revision", "main", "--uvicorn-log-level", "warning", "--disable-log-requests"],
     ["m", "--disable-log-stats", "--allowed-origins", '["*"]', "--root-path", "/api"],
     ["m", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem", "--enable-log-requests"],
+    ["m", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'],
 ]
 
 
@@ -41,7 +42,6 @@ NOT_BUILT = [
     (["-tp", "2"], "tensor parallelism"),
     (["--pipeline-parallel-size", "2"], "pipeline parallelism"),
     (["--kv-cache-dtype", "fp8"], "KV cache in another dtype"),
-    (["--speculative-config", '{"method": "ngram"}'], "speculative decoding"),
 ]
 
 
@@ -69,6 +69,14 @@ def test_quantization_method_not_built_exits_2_naming_the_allowed_ones(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--quantization" in err and "'awq'" in err and "fp8" in err, err
+
+
+def test_a_speculative_method_not_built_exits_2_naming_the_allowed_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "m", "--speculative-config", '{"method": "eagle"}'])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--speculative-config" in err and "allowed: ['ngram']" in err, err
 
 
 def test_model_flag_and_positional_must_agree(capsys):

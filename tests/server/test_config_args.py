@@ -43,6 +43,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "quantization": "fp8",
     "enforce_eager": True,
     "async_scheduling": True,
+    "speculative_config": '{"method": "ngram", "num_speculative_tokens": 3}',
     "generation_config": "vllm",
     "disable_log_stats": True,
     "max_grammar_chars": 4096,

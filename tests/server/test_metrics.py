@@ -55,6 +55,26 @@ def test_throughput_log_line_reads_like_vllms():
     )
 
 
+def test_speculative_decoding_adds_its_counters_and_the_acceptance_rate():
+    spec = {"spec_decode_num_drafts": 10, "spec_decode_num_draft_tokens": 40,
+            "spec_decode_num_accepted_tokens": 30}  # fmt: skip
+    log = ThroughputLog(_last=(0.0, 0, 0, 0, 0))
+    line = log.line(spec, now=1.0)
+    assert line.endswith("Draft acceptance rate: 75.0%, Mean acceptance length: 4.00")
+    later = {"spec_decode_num_drafts": 20, "spec_decode_num_draft_tokens": 80,
+             "spec_decode_num_accepted_tokens": 40}  # fmt: skip
+    assert log.line(later, now=2.0).endswith(  # the interval only: 10 of 40, 10 drafts
+        "Draft acceptance rate: 25.0%, Mean acceptance length: 2.00"
+    )
+    assert "Draft" not in ThroughputLog().line({}, now=1.0)
+    s = _samples(ServerMetrics(lambda: spec, "m", max_model_len=64).exposition().decode())
+    assert s['kestrel:spec_decode_num_drafts_total{model_name="m"}'] == 10
+    assert s['kestrel:spec_decode_num_draft_tokens_total{model_name="m"}'] == 40
+    assert s['kestrel:spec_decode_num_accepted_tokens_total{model_name="m"}'] == 30
+    plain = _samples(ServerMetrics(dict, "m", max_model_len=64).exposition().decode())
+    assert not any("spec_decode" in k for k in plain)
+
+
 def test_token_buckets_are_1_2_5_up_to_the_context():
     assert token_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
     assert token_buckets(4) == (1, 2)

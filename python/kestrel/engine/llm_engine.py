@@ -57,6 +57,8 @@ from kestrel.runner.cpu_threads import configure_cpu_threads
 from kestrel.runner.memory import plan_num_kv_blocks
 from kestrel.runner.model_runner import StepFuture, StepResult
 from kestrel.sampling_params import SamplingParams
+from kestrel.spec.config import SpeculativeConfig
+from kestrel.spec.speculator import Speculator
 from kestrel.structured.limits import GrammarLimits
 from kestrel.tokenizer import IncrementalDetokenizer
 
@@ -156,6 +158,17 @@ class LLMEngine:
             )
         )
         self._async = config.async_scheduling
+        self._speculator: Speculator | None = None
+        if config.speculative_config is not None:
+            if self._async:
+                logger.warning(
+                    "speculative decoding is off with async scheduling (a drafted step is never "
+                    "scheduled one step ahead); running without speculation"
+                )
+            else:
+                spec = SpeculativeConfig.parse(config.speculative_config)
+                self._speculator = Speculator(spec)
+                logger.info("speculative decoding: %s", spec)
         self._inflight: _Launched | None = None  # overlap scheduling: the step on the device
         self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -480,7 +493,10 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """The scheduler's counters and gauges, and the step counters (`step_stats`)."""
-        return {**self.scheduler.stats(), **self._step_counters.as_stats()}
+        stats = {**self.scheduler.stats(), **self._step_counters.as_stats()}
+        if self._speculator is not None:
+            stats.update(self._speculator.as_stats())
+        return stats
 
     def cache_config_info(self) -> dict[str, str]:
         """The KV-cache settings, as labels of the `cache_config_info` metric (vLLM's names)."""
@@ -545,6 +561,8 @@ class LLMEngine:
 
     def _launch(self) -> _Launched:
         """Schedules a step and enqueues it on the device (not waiting for it)."""
+        if self._speculator is not None:
+            self._speculator.propose(self.scheduler, self._spec_candidates())
         out = self.scheduler.schedule()
         scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
@@ -574,6 +592,19 @@ class LLMEngine:
         ahead = self._inflight is not None
         return _Launched(out, sampled_seq_ids, slots, plan, future, scheduled_at, ahead)
 
+    def _spec_candidates(self):
+        """Running sequences whose next tokens greedy verification reproduces exactly: greedy,
+        no grammar, no penalties or min_tokens, no logprobs, no prompt rows being scored."""
+        for seq_id, (_, seq) in self._seqs.items():
+            params = seq.row.params
+            if (
+                params.is_greedy
+                and seq.logprobs is None
+                and seq_id not in self._scoring
+                and not _needs_history(params, seq.matcher)
+            ):
+                yield seq_id, seq.row.prompt_token_ids, seq.row.output_token_ids
+
     def _fail_rows(self, step: _Launched) -> dict[str, RequestState]:
         """Fails the requests of the rows whose sampling failed alone in `step` (known at
         launch); called before the next schedule() and after the previous step's update(), so
@@ -597,9 +628,15 @@ class LLMEngine:
             abort_steps(self, [out] + later)  # not attributable to one request: fatal
             self._inflight = None
             raise
-        upd = self.scheduler.update(result.sampled_token_ids)
+        tokens, num_accepted = result.sampled_token_ids, None
+        decode_rows = out.num_decodes
+        if self._speculator is not None:
+            tokens, num_accepted = self._speculator.accept(out, tokens)
+            drafted = out.num_draft_tokens > 0
+            decode_rows += int(drafted.sum()) + out.total_draft_tokens  # verify rows
+        upd = self.scheduler.update(tokens, num_accepted)
         self._append_tokens(upd, step.slots, step.slots_stale)
-        self._step_counters.record(out.num_tokens, out.num_decodes, len(upd.token_ids))
+        self._step_counters.record(out.num_tokens, decode_rows, len(upd.token_ids))
         now = time.time()
         for seq_id in out.seq_ids.tolist():
             entry = self._seqs.get(seq_id)
@@ -618,11 +655,14 @@ class LLMEngine:
         logprob_rows = host_logprobs(result.sampler_output)
         row_of = {s: i for i, s in enumerate(sampled_seq_ids)} if logprob_rows else {}
         changed: dict[str, RequestState] = {}
-        for seq_id, token in zip(upd.seq_ids.tolist(), upd.token_ids.tolist()):
-            if seq_id not in self._seqs:  # its request failed earlier in this loop (n > 1)
+        seq_ids = upd.seq_ids.tolist()
+        # A speculative step gives a sequence several tokens: its finish reason is its last's.
+        last = {s: i for i, s in enumerate(seq_ids)} if self._speculator is not None else None
+        for i, (seq_id, token) in enumerate(zip(seq_ids, upd.token_ids.tolist())):
+            if seq_id not in self._seqs:  # its request failed (n > 1) or stopped earlier here
                 continue
             state, seq = self._seqs[seq_id]
-            reason = finished.get(seq_id)
+            reason = finished.get(seq_id) if last is None or last[seq_id] == i else None
             try:
                 seq.row.output_token_ids.append(token)
                 if state.metrics.first_token_time is None:

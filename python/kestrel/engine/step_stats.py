@@ -8,6 +8,8 @@ and the log line. Keys added to the stats dict:
 - `prompt_tokens_computed`: prefill tokens run through the model (scheduled tokens less one
   per decode row; a recomputed preempted request counts again, a prefix-cache hit does not);
 - `generation_tokens`: tokens sampled and accepted by the scheduler;
+- with speculative decoding (`kestrel/spec/greedy.py`, `SpecCounters`): `spec_decode_num_drafts`,
+  `spec_decode_num_draft_tokens`, `spec_decode_num_accepted_tokens`;
 - `iteration_tokens_buckets` / `iteration_tokens_counts` / `iteration_tokens_sum`: the
   histogram of tokens per step (`counts[i]`: steps with at most `buckets[i]` tokens, not in a
   smaller bucket; the last count is the +Inf bucket).
@@ -65,6 +67,7 @@ class ThroughputLog:
     _last: tuple[float, int, int, int, int] = field(
         default_factory=lambda: (time.monotonic(), 0, 0, 0, 0)
     )
+    _last_spec: tuple[int, int, int] = (0, 0, 0)  # drafts, draft tokens, accepted tokens
 
     def line(self, stats: dict[str, Any], now: float) -> str:
         prompt = int(stats.get("prompt_tokens_computed", 0))
@@ -83,5 +86,21 @@ class ThroughputLog:
             f"Running: {stats.get('num_running', 0)} reqs, "
             f"Waiting: {stats.get('num_waiting', 0)} reqs, "
             f"KV cache usage: {100.0 * stats.get('kv_cache_usage', 0.0):.1f}%, "
-            f"Prefix cache hit rate: {hit_rate:.1f}%"
+            f"Prefix cache hit rate: {hit_rate:.1f}%" + self._spec_part(stats)
         )
+
+    def _spec_part(self, stats: dict[str, Any]) -> str:
+        """With speculative decoding: the draft acceptance rate and the mean acceptance length
+        (tokens per drafted request-step, the bonus token included) since the last line."""
+        if "spec_decode_num_drafts" not in stats:
+            return ""
+        now = (
+            int(stats["spec_decode_num_drafts"]),
+            int(stats["spec_decode_num_draft_tokens"]),
+            int(stats["spec_decode_num_accepted_tokens"]),
+        )
+        last, self._last_spec = self._last_spec, now
+        drafts, drafted, accepted = (a - b for a, b in zip(now, last))
+        rate = 100.0 * accepted / drafted if drafted > 0 else 0.0
+        mean_len = 1.0 + accepted / drafts if drafts > 0 else 0.0
+        return f", Draft acceptance rate: {rate:.1f}%, Mean acceptance length: {mean_len:.2f}"

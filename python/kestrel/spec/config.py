@@ -1,0 +1,68 @@
+"""SpeculativeConfig: `--speculative-config '{"method": "ngram", ...}'`, in vLLM's words.
+
+Only `method: "ngram"` (prompt lookup, no draft model) is built; other methods are refused with
+the list of those that exist. Keys: `num_speculative_tokens` (k, drafts per step, 1..64),
+`prompt_lookup_max` / `prompt_lookup_min` (the longest / shortest n-gram matched; default 5
+and 1)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 64
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+class SpeculativeConfigError(ValueError):
+    """A speculative_config EngineConfig rejects (names the bad key and what is allowed)."""
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
+        """From a JSON object (a string) or a dict; raises SpeculativeConfigError."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise SpeculativeConfigError(
+                    f"speculative_config is not valid JSON ({e.msg}): {value!r}"
+                ) from None
+        if not isinstance(value, dict):
+            raise SpeculativeConfigError(
+                f"speculative_config must be a JSON object, got {type(value).__name__}"
+            )
+        unknown = sorted(set(value) - set(_KEYS))
+        if unknown:
+            raise SpeculativeConfigError(
+                f"speculative_config has unknown keys {unknown}; allowed: {list(_KEYS)}"
+            )
+        method = value.get("method")
+        if method not in METHODS:
+            raise SpeculativeConfigError(
+                f"speculative_config method = {method!r} is not supported; allowed: {list(METHODS)}"
+            )
+        k = _int(value, "num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
+        hi = _int(value, "prompt_lookup_max", 5, 1, 1024)
+        lo = _int(value, "prompt_lookup_min", 1, 1, hi)
+        return cls(method, k, hi, lo)
+
+
+def _int(value: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int:
+    v = value.get(key, default)
+    if v is None:
+        raise SpeculativeConfigError(f"speculative_config needs {key!r} (an int in [{lo}, {hi}])")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise SpeculativeConfigError(
+            f"speculative_config {key} = {v!r} is invalid; allowed: an int in [{lo}, {hi}]"
+        )
+    return v

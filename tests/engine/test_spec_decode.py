@@ -1,0 +1,155 @@
+"""Greedy n-gram speculation in the engine against the same engine without it.
+
+Greedy outputs must be identical token for token (text, finish and stop reasons too), with
+chunked prefill (a 32-token budget), prefix caching (shared prompt prefixes), preemption (48
+blocks of 4 tokens), EOS, stop strings and stop ids, and requests that cannot speculate
+(seeded sampling, penalties, logprobs) mixed in; prompts repeat themselves so drafts are
+accepted, and the acceptance counters say so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kestrel import LLM, SamplingParams
+from kestrel.config import ConfigError, EngineConfig
+from tests.engine.test_overlap_scheduling import (
+    NUM_BLOCKS,
+    assert_same,
+    make_params,
+    params_strategy,
+    run_streaming,
+)
+
+ARCH = "qwen2"
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+_serial = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    def make(spec) -> LLM:
+        return LLM(
+            tiny_model_dir(ARCH),
+            block_size=4,
+            num_kv_blocks=NUM_BLOCKS,  # small: long batches preempt
+            max_num_batched_tokens=32,  # chunked prefill
+            speculative_config=spec,
+        )
+
+    return {"spec": make(SPEC), "plain": make(None)}
+
+
+def repetitive_prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    """Prompts made of a few repeated spans (some shared between prompts: prefix hits)."""
+    rng = random.Random(seed)
+    spans = [[rng.randrange(3, 500) for _ in range(rng.randrange(2, 6))] for _ in range(3)]
+    prompts = []
+    for n in lengths:
+        p: list[int] = []
+        while len(p) < n:
+            p += spans[rng.randrange(len(spans))]
+        prompts.append(p[:n])
+    return prompts
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def test_greedy_outputs_are_identical_and_drafts_are_accepted(engines):
+    prompts = repetitive_prompts([12, 30, 7, 45, 20, 3], seed=1)
+    requests = {
+        f"g{next(_serial)}-{i}": (p, greedy(40, ignore_eos=True)) for i, p in enumerate(prompts)
+    }
+    before = engines["spec"].engine.stats()
+    spec = run_streaming(engines["spec"], requests)
+    plain = run_streaming(engines["plain"], requests)
+    for rid in requests:
+        assert_same(spec[rid], plain[rid])
+        assert len(spec[rid][0].outputs[0].token_ids) == 40
+    stats = engines["spec"].engine.stats()
+    drafts = stats["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
+    draft_tokens = stats["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = stats["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    assert drafts > 0 and draft_tokens >= drafts
+    assert 0 < accepted <= draft_tokens
+    assert "spec_decode_num_drafts" not in engines["plain"].engine.stats()
+
+
+def test_speculation_takes_fewer_steps(engines):
+    """A prompt that repeats one span: the tiny model's greedy continuation tends to loop, and
+    every accepted draft is a step saved."""
+    prompt = [11, 12, 13, 14] * 6
+    steps = {}
+    for name, llm in engines.items():
+        engine = llm.engine
+        engine.add_request(f"s{next(_serial)}", prompt, greedy(48, ignore_eos=True))
+        steps[name] = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps[name] += 1
+    assert steps["spec"] < steps["plain"]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    params=st.lists(params_strategy, min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_mixed_requests_give_the_same_outputs(engines, lengths, params, seed):
+    prompts = repetitive_prompts(lengths, seed)
+    tag = next(_serial)
+    requests = {
+        f"m{tag}-{i}": (prompt, make_params(params[i], seed + i))
+        for i, prompt in enumerate(prompts)
+    }
+    spec = run_streaming(engines["spec"], requests)
+    plain = run_streaming(engines["plain"], requests)
+    for rid in requests:
+        assert_same(spec[rid], plain[rid])
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ({"method": "eagle", "num_speculative_tokens": 2}, "method = 'eagle' is not supported"),
+        ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, r"num_speculative_tokens = 0"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 9},
+            r"prompt_lookup_min = 9 is invalid; allowed: an int in \[1, 5\]",
+        ),
+        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "unknown keys"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_speculative_configs_are_refused(value, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        EngineConfig(speculative_config=value)
+    assert e.value.field == "speculative_config"
+
+
+def test_a_dict_becomes_json_text():
+    c = EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    assert c.speculative_config == '{"method": "ngram", "num_speculative_tokens": 3}'
+
+
+def test_speculation_is_off_with_async_scheduling(tiny_model_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        llm = LLM(
+            tiny_model_dir(ARCH),
+            block_size=4,
+            num_kv_blocks=NUM_BLOCKS,
+            async_scheduling=True,
+            speculative_config=SPEC,
+        )
+    assert llm.engine._speculator is None
+    assert "speculative decoding is off with async scheduling" in caplog.text
