@@ -8,10 +8,12 @@ from kestrel.layers.linear import (
     LinearMethodBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    QuantConfig,
     ReplicatedLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
     default_weight_loader,
+    linear_method_for,
     process_weights_after_loading,
 )
 from kestrel.layers.norm import RMSNorm
@@ -27,6 +29,7 @@ __all__ = [
     "PagedAttention",
     "ParallelLMHead",
     "QKVParallelLinear",
+    "QuantConfig",
     "RMSNorm",
     "ReplicatedLinear",
     "RotaryEmbedding",
@@ -35,5 +38,6 @@ __all__ = [
     "UnquantizedLinearMethod",
     "VocabParallelEmbedding",
     "default_weight_loader",
+    "linear_method_for",
     "process_weights_after_loading",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,19 @@ class LinearMethodBase(ABC):
     @abstractmethod
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [num_tokens, input_size_per_partition] -> [num_tokens, output_size_per_partition]."""
+
+
+class QuantConfig(Protocol):
+    """What a model asks, per linear layer, at construction: the quant method of the layer
+    named `prefix` (e.g. "model.layers.0.self_attn.qkv_proj"), or None for the default
+    (unquantized) method."""
+
+    def get_linear_method(self, prefix: str) -> LinearMethodBase | None: ...
+
+
+def linear_method_for(quant_config: QuantConfig | None, prefix: str) -> LinearMethodBase | None:
+    """The layer's quant method under `quant_config` (None: unquantized)."""
+    return None if quant_config is None else quant_config.get_linear_method(prefix)
 
 
 class UnquantizedLinearMethod(LinearMethodBase):

@@ -25,6 +25,12 @@ from kestrel.layers.linear import process_weights_after_loading
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
+from kestrel.loader.gguf_quantized import (
+    gguf_quant_config,
+    keep_quantized,
+    log_weight_memory,
+    raw_gguf_blocks,
+)
 from kestrel.model_config import ModelConfig
 from kestrel.models.registry import get_model_class
 
@@ -295,9 +301,10 @@ def unpermute_rotary_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(
-    f: GGUFFile, config: ModelConfig, dtype: torch.dtype
+    f: GGUFFile, config: ModelConfig, dtype: torch.dtype, raw: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, CPU tensor in `dtype`) one tensor at a time, in file order."""
+    """Yield (HF name, CPU tensor in `dtype`) one tensor at a time, in file order; the GGUF
+    tensors named in `raw` come as their raw blocks, uint8 [rows, row_bytes]."""
     unpermute = f.architecture == "llama"
     total = sum(int(t.n_bytes) for t in f.reader.tensors)
     progress = tqdm(
@@ -315,7 +322,10 @@ def iter_gguf_weights(
                     logger.warning("ignoring GGUF tensor %s (no model parameter)", tensor.name)
                 progress.update(int(tensor.n_bytes))
                 continue
-            weight = dequantize_to_torch(tensor.name, tensor.data, tensor.tensor_type, dtype)
+            if tensor.name in raw:
+                weight = raw_gguf_blocks(tensor.data)  # rows permute as whole rows below
+            else:
+                weight = dequantize_to_torch(tensor.name, tensor.data, tensor.tensor_type, dtype)
             if unpermute and ".self_attn.q_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_attention_heads)
             elif unpermute and ".self_attn.k_proj." in name:
@@ -331,25 +341,37 @@ def load_gguf_model(
     *,
     dummy: bool = False,
     seed: int = 0,
+    keep_quantized_blocks: bool | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a GGUF file describes and fill its weights (dequantized to the dtype;
     `dummy`: random weights of the same shapes, deterministic in `seed`).
 
-    Returns (model in eval mode on `device`, its ModelConfig).
+    Linear layers whose tensors are in a type with GGUF kernels keep the raw blocks when
+    `keep_quantized_blocks` (None: on CUDA, or as KESTREL_GGUF_QUANTIZED says; see
+    loader.gguf_quantized). Returns (model in eval mode on `device`, its ModelConfig).
     """
     f = as_gguf_file(source)
     config = gguf_model_config(f)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, config, device)
-    model = get_model_class(config.architecture)(config, torch_dtype, device)
+    model_class = get_model_class(config.architecture)
+    if keep_quantized_blocks is None:
+        keep_quantized_blocks = keep_quantized(device)
+    quant_config = None
+    if keep_quantized_blocks and not dummy:
+        tensors = [(hf_tensor_name(t.name), t.name, int(t.tensor_type)) for t in f.reader.tensors]
+        quant_config = gguf_quant_config(tensors, model_class.packed_modules_mapping)
+    model = model_class(config, torch_dtype, device, quant_config=quant_config)
     if dummy:
         init_dummy_weights(model, seed=seed)
     else:
+        raw = quant_config.raw_tensor_names() if quant_config is not None else frozenset()
         try:
-            model.load_weights(iter_gguf_weights(f, config, torch_dtype))
+            model.load_weights(iter_gguf_weights(f, config, torch_dtype, raw))
         except ValueError as exc:
             raise type(exc)(f"{f.path}: {exc}") from exc  # keeps UnsupportedTensorTypeError
     process_weights_after_loading(model)  # quant methods finish (repack) their weights
     model.eval()
     logger.info("loaded %s from %s (%s, %s)", config.architecture, f.path, torch_dtype, device)
+    log_weight_memory(model, device)
     return model, config

@@ -30,11 +30,13 @@ from kestrel.layers import (
     PagedAttention,
     ParallelLMHead,
     QKVParallelLinear,
+    QuantConfig,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
     TensorParallelGroup,
     VocabParallelEmbedding,
+    linear_method_for,
 )
 from kestrel.model_config import ModelConfig
 from kestrel.models.weights import load_packed_weights
@@ -54,16 +56,19 @@ class DecoderMLP(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str,
+        quant_config: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden, [inter, inter], bias=config.mlp_bias, dtype=dtype, device=device,
             tp_group=tp_group, prefix=f"{prefix}.gate_up_proj",
+            quant_method=linear_method_for(quant_config, f"{prefix}.gate_up_proj"),
         )  # fmt: skip
         self.down_proj = RowParallelLinear(
             inter, hidden, bias=config.mlp_bias, dtype=dtype, device=device, tp_group=tp_group,
             prefix=f"{prefix}.down_proj",
+            quant_method=linear_method_for(quant_config, f"{prefix}.down_proj"),
         )  # fmt: skip
         # The gate's implementation, chosen once (the kernel on CUDA fp16/bf16).
         kernels = _dispatch.kernels_for(device, dtype)
@@ -85,6 +90,7 @@ class DecoderAttention(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str,
+        quant_config: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim = config.head_dim
@@ -92,6 +98,7 @@ class DecoderAttention(nn.Module):
             config.hidden_size, head_dim, config.num_attention_heads,
             config.num_key_value_heads, bias=config.qkv_bias, dtype=dtype, device=device,
             tp_group=tp_group, prefix=f"{prefix}.qkv_proj",
+            quant_method=linear_method_for(quant_config, f"{prefix}.qkv_proj"),
         )  # fmt: skip
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -100,6 +107,7 @@ class DecoderAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype,
             device=device, tp_group=tp_group, prefix=f"{prefix}.o_proj",
+            quant_method=linear_method_for(quant_config, f"{prefix}.o_proj"),
         )  # fmt: skip
         if config.qk_norm:
             eps = config.rms_norm_eps
@@ -143,13 +151,16 @@ class DecoderLayer(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str,
+        quant_config: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.self_attn = DecoderAttention(config, dtype, device, tp_group, f"{prefix}.self_attn")
+        self.self_attn = DecoderAttention(
+            config, dtype, device, tp_group, f"{prefix}.self_attn", quant_config
+        )
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
-        self.mlp = DecoderMLP(config, dtype, device, tp_group, f"{prefix}.mlp")
+        self.mlp = DecoderMLP(config, dtype, device, tp_group, f"{prefix}.mlp", quant_config)
 
     def forward(
         self,
@@ -187,6 +198,7 @@ class DecoderModel(nn.Module):
         device: Device,
         tp_group: TensorParallelGroup,
         prefix: str = "model",
+        quant_config: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
@@ -201,7 +213,7 @@ class DecoderModel(nn.Module):
             device,
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, dtype, device, tp_group, f"{prefix}.layers.{i}")
+            DecoderLayer(config, dtype, device, tp_group, f"{prefix}.layers.{i}", quant_config)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -247,11 +259,14 @@ class DecoderForCausalLM(nn.Module):
         device: Device = "cpu",
         *,
         tp_group: TensorParallelGroup = SINGLE_RANK,
+        quant_config: QuantConfig | None = None,
     ) -> None:
+        """`quant_config`: the quant method of each linear layer (None: all unquantized);
+        embeddings, norms and the LM head are never quantized here."""
         super().__init__()
         self.config = config
         self.tp_group = tp_group
-        self.model = DecoderModel(config, dtype, device, tp_group)
+        self.model = DecoderModel(config, dtype, device, tp_group, quant_config=quant_config)
         tie_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, dtype=dtype, device=device,
