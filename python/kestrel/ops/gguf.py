@@ -28,7 +28,8 @@ def block_size(qtype: GGMLQuantizationType) -> tuple[int, int]:
     """(elements, bytes) of one block of a kernel type; ValueError for any other type."""
     if qtype not in KERNEL_TYPES:
         names = ", ".join(sorted(t.name for t in KERNEL_TYPES))
-        raise ValueError(f"GGML type {qtype!r} has no GGUF kernel; supported: {names}")
+        name = getattr(qtype, "name", repr(qtype))
+        raise ValueError(f"GGML type {name} has no GGUF kernel; supported: {names}")
     return GGML_QUANT_SIZES[qtype]
 
 
