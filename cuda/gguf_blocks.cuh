@@ -1,10 +1,15 @@
 // GGUF (ggml) weight block formats decoded on the device: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K.
 //
 // A weight row of K elements is K / kBlockElems blocks of kBlockBytes bytes, stored back to
-// back exactly as in the GGUF file (little-endian, fp16 scales). Each decoder turns one
-// "group" of 8 consecutive elements of a block into fp32: group g covers elements
-// [8 g, 8 g + 8) of the block (g < kBlockElems / 8). The values are the ones the `gguf`
-// package's dequantize gives (same fp32 operations, no fused multiply-add).
+// back exactly as in the GGUF file (little-endian, fp16 scales). Each decoder reads one "group"
+// of 8 consecutive elements of a block, group g covering elements [8 g, 8 g + 8) (g <
+// kBlockElems / 8), as w[i] = scale * q[i] - offset (offset 0 unless kHasOffset): q exact
+// small integers as fp32, scale and offset the group's fp32 factors. Rounded as in the `gguf`
+// package's dequantize (scale = d * sub-block scale, then scale * q - offset, no fused
+// multiply-add), dequant8 gives the same fp32 values.
+//
+// Integers become floats by the exponent trick (2^23 + q has q in its mantissa), which is full
+// rate where int-to-float conversion is a quarter-rate instruction.
 //
 // Alignment: a block starts on a 2-byte boundary at least (every block size is even). Q4_K and
 // Q5_K blocks (144 and 176 bytes) start on 16-byte boundaries when the row data does, which
@@ -44,19 +49,27 @@ __device__ __forceinline__ uint32_t byte_of(uint32_t lo, uint32_t hi, int i) {
 
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
 
+// float(q - bias) for 0 <= q < 2^23, exact: (2^23 + q) - (2^23 + bias).
+template <int BIAS>
+__device__ __forceinline__ float int_to_float(uint32_t q) {
+  return __int_as_float(0x4B000000 | q) - (8388608.f + static_cast<float>(BIAS));
+}
+
 // Q8_0: 34 bytes = fp16 d, int8 q[32]; w = d * q.
 struct BlockQ8_0 {
   static constexpr int kBlockElems = 32;
   static constexpr int kBlockBytes = 34;
-  static __device__ __forceinline__ void dequant8(const uint8_t* b, int g, float (&w)[8]) {
-    const float d = load_f16(b);
+  static constexpr bool kHasOffset = false;
+  static __device__ __forceinline__ void decode8(const uint8_t* b, int g, float (&q)[8],
+                                                 float& scale, float& offset) {
+    scale = load_f16(b);
+    offset = 0.f;
     uint32_t lo, hi;
     load8_align2(b + 2 + 8 * g, lo, hi);
+    lo ^= 0x80808080u;  // int8 -> int8 + 128, unsigned
+    hi ^= 0x80808080u;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int q = static_cast<int8_t>(static_cast<uint8_t>(byte_of(lo, hi, i)));
-      w[i] = mul(d, static_cast<float>(q));
-    }
+    for (int i = 0; i < 8; ++i) q[i] = int_to_float<128>(byte_of(lo, hi, i));
   }
 };
 
@@ -65,16 +78,16 @@ struct BlockQ8_0 {
 struct BlockQ4_0 {
   static constexpr int kBlockElems = 32;
   static constexpr int kBlockBytes = 18;
-  static __device__ __forceinline__ void dequant8(const uint8_t* b, int g, float (&w)[8]) {
-    const float d = load_f16(b);
+  static constexpr bool kHasOffset = false;
+  static __device__ __forceinline__ void decode8(const uint8_t* b, int g, float (&q)[8],
+                                                 float& scale, float& offset) {
+    scale = load_f16(b);
+    offset = 0.f;
     uint32_t lo, hi;
     load8_align2(b + 2 + 8 * (g & 1), lo, hi);
     const int shift = (g >> 1) * 4;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int q = static_cast<int>((byte_of(lo, hi, i) >> shift) & 0xFu) - 8;
-      w[i] = mul(d, static_cast<float>(q));
-    }
+    for (int i = 0; i < 8; ++i) q[i] = int_to_float<8>((byte_of(lo, hi, i) >> shift) & 0xFu);
   }
 };
 
@@ -82,14 +95,24 @@ struct BlockQ4_0 {
 // j < 4: s[j] & 63 and s[j + 4] & 63; j >= 4: the low / high nibble of s[j + 4] with the two
 // top bits of s[j - 4] / s[j] above them.
 __device__ __forceinline__ void scale_min_k4(const uint8_t* s, int j, float& scale, float& min) {
+  uint32_t sc, mn;
   if (j < 4) {
-    scale = static_cast<float>(__ldg(s + j) & 63);
-    min = static_cast<float>(__ldg(s + j + 4) & 63);
+    sc = __ldg(s + j) & 63u;
+    mn = __ldg(s + j + 4) & 63u;
   } else {
-    const int packed = __ldg(s + j + 4);
-    scale = static_cast<float>((packed & 0xF) | ((__ldg(s + j - 4) >> 6) << 4));
-    min = static_cast<float>((packed >> 4) | ((__ldg(s + j) >> 6) << 4));
+    const uint32_t packed = __ldg(s + j + 4);
+    sc = (packed & 0xFu) | ((static_cast<uint32_t>(__ldg(s + j - 4)) >> 6) << 4);
+    mn = (packed >> 4) | ((static_cast<uint32_t>(__ldg(s + j)) >> 6) << 4);
   }
+  scale = int_to_float<0>(sc);
+  min = int_to_float<0>(mn);
+}
+
+// d and dmin of a Q4_K / Q5_K block (its first 4 bytes; the block is 4-byte aligned).
+__device__ __forceinline__ void load_d_dmin(const uint8_t* b, float& d, float& dmin) {
+  const uint32_t u = __ldg(reinterpret_cast<const unsigned int*>(b));
+  d = __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xFFFFu)));
+  dmin = __half2float(__ushort_as_half(static_cast<unsigned short>(u >> 16)));
 }
 
 // Q4_K: 144 bytes = fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles. Sub-block
@@ -98,20 +121,20 @@ __device__ __forceinline__ void scale_min_k4(const uint8_t* s, int j, float& sca
 struct BlockQ4_K {
   static constexpr int kBlockElems = 256;
   static constexpr int kBlockBytes = 144;
-  static __device__ __forceinline__ void dequant8(const uint8_t* b, int g, float (&w)[8]) {
+  static constexpr bool kHasOffset = true;
+  static __device__ __forceinline__ void decode8(const uint8_t* b, int g, float (&q)[8],
+                                                 float& scale, float& offset) {
     const int j = g >> 2;  // sub-block of the group
-    float scale, min;
-    scale_min_k4(b + 4, j, scale, min);
-    const float d = mul(load_f16(b), scale);
-    const float m = mul(load_f16(b + 2), min);
+    float sc, mn, d, dmin;
+    scale_min_k4(b + 4, j, sc, mn);
+    load_d_dmin(b, d, dmin);
+    scale = mul(d, sc);
+    offset = mul(dmin, mn);
     uint32_t lo, hi;
     load8_align8(b + 16 + 32 * (j >> 1) + 8 * (g & 3), lo, hi);
     const int shift = (j & 1) * 4;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float q = static_cast<float>((byte_of(lo, hi, i) >> shift) & 0xFu);
-      w[i] = __fsub_rn(mul(d, q), m);
-    }
+    for (int i = 0; i < 8; ++i) q[i] = int_to_float<0>((byte_of(lo, hi, i) >> shift) & 0xFu);
   }
 };
 
@@ -120,21 +143,24 @@ struct BlockQ4_K {
 struct BlockQ5_K {
   static constexpr int kBlockElems = 256;
   static constexpr int kBlockBytes = 176;
-  static __device__ __forceinline__ void dequant8(const uint8_t* b, int g, float (&w)[8]) {
+  static constexpr bool kHasOffset = true;
+  static __device__ __forceinline__ void decode8(const uint8_t* b, int g, float (&q)[8],
+                                                 float& scale, float& offset) {
     const int j = g >> 2;
-    float scale, min;
-    scale_min_k4(b + 4, j, scale, min);
-    const float d = mul(load_f16(b), scale);
-    const float m = mul(load_f16(b + 2), min);
+    float sc, mn, d, dmin;
+    scale_min_k4(b + 4, j, sc, mn);
+    load_d_dmin(b, d, dmin);
+    scale = mul(d, sc);
+    offset = mul(dmin, mn);
     uint32_t lo, hi, hlo, hhi;
     load8_align8(b + 48 + 32 * (j >> 1) + 8 * (g & 3), lo, hi);
     load8_align8(b + 16 + 8 * (g & 3), hlo, hhi);
     const int shift = (j & 1) * 4;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const uint32_t q = ((byte_of(lo, hi, i) >> shift) & 0xFu) |
-                         (((byte_of(hlo, hhi, i) >> j) & 1u) << 4);
-      w[i] = __fsub_rn(mul(d, static_cast<float>(q)), m);
+      const uint32_t v =
+          ((byte_of(lo, hi, i) >> shift) & 0xFu) | (((byte_of(hlo, hhi, i) >> j) & 1u) << 4);
+      q[i] = int_to_float<0>(v);
     }
   }
 };
@@ -146,11 +172,14 @@ struct BlockQ5_K {
 struct BlockQ6_K {
   static constexpr int kBlockElems = 256;
   static constexpr int kBlockBytes = 210;
-  static __device__ __forceinline__ void dequant8(const uint8_t* b, int g, float (&w)[8]) {
+  static constexpr bool kHasOffset = false;
+  static __device__ __forceinline__ void decode8(const uint8_t* b, int g, float (&q)[8],
+                                                 float& scale, float& offset) {
     const int c = g >> 2;
     const int n = c >> 2;
-    const float d = mul(load_f16(b + 208), static_cast<float>(static_cast<int8_t>(
-                                               __ldg(b + 192 + (g >> 1)))));
+    const int sub_scale = static_cast<int8_t>(__ldg(b + 192 + (g >> 1)));
+    scale = mul(load_f16(b + 208), static_cast<float>(sub_scale));
+    offset = 0.f;
     uint32_t lo, hi, hlo, hhi;
     load8_align2(b + 64 * n + 32 * (c & 1) + 8 * (g & 3), lo, hi);
     load8_align2(b + 128 + 32 * n + 8 * (g & 3), hlo, hhi);
@@ -158,13 +187,23 @@ struct BlockQ6_K {
     const int hshift = (c & 3) * 2;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int q = static_cast<int>(((byte_of(lo, hi, i) >> lshift) & 0xFu) |
-                                     (((byte_of(hlo, hhi, i) >> hshift) & 3u) << 4)) -
-                    32;
-      w[i] = mul(d, static_cast<float>(q));
+      const uint32_t v =
+          ((byte_of(lo, hi, i) >> lshift) & 0xFu) | (((byte_of(hlo, hhi, i) >> hshift) & 3u) << 4);
+      q[i] = int_to_float<32>(v);
     }
   }
 };
+
+// The 8 weights of group g as fp32, rounded as the `gguf` package's dequantize rounds them.
+template <typename B>
+__device__ __forceinline__ void dequant8(const uint8_t* b, int g, float (&w)[8]) {
+  float q[8], scale, offset;
+  B::decode8(b, g, q, scale, offset);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    w[i] = B::kHasOffset ? __fsub_rn(mul(scale, q[i]), offset) : mul(scale, q[i]);
+  }
+}
 
 template <typename B>
 struct BlockTag {
