@@ -46,6 +46,22 @@ _Q = gguf.GGMLQuantizationType
 _RANDOM_BLOCK_TYPES = frozenset({_Q.Q4_K, _Q.Q5_K, _Q.Q6_K})  # gguf cannot quantize these
 
 
+# A tiny model whose linears can be K-quants (every input size a multiple of 256).
+MIXED_TINY = {"hidden_size": 256, "intermediate_size": 512, "num_heads": 4, "num_kv_heads": 2}
+
+
+def mixed_qtype_for(name: str) -> gguf.GGMLQuantizationType:
+    """Q4_K and Q8_0 linears (q/k Q4_K with a Q8_0 v: mixed parts); layer 1's v is Q5_0, which
+    has no kernel, so that layer's q/k/v is dequantized; embeddings and head F32."""
+    if not name.startswith("model.layers."):
+        return _Q.F32
+    if name == "model.layers.1.self_attn.v_proj.weight":
+        return _Q.Q5_0
+    if ".v_proj." in name or ".down_proj." in name:
+        return _Q.Q8_0
+    return _Q.Q4_K
+
+
 def gguf_name(hf_name: str) -> str:
     if hf_name in _HF_TO_GGUF_GLOBAL:
         return _HF_TO_GGUF_GLOBAL[hf_name]
@@ -182,23 +198,28 @@ def _finish(writer: gguf.GGUFWriter) -> None:
 
 @torch.inference_mode()
 def prefill_logits(model: torch.nn.Module, config, token_ids: list[int]) -> torch.Tensor:
-    """Logits [len(token_ids), vocab] of one sequence fed in one step (contiguous KV blocks)."""
+    """Logits [len(token_ids), vocab] of one sequence fed in one step (contiguous KV blocks), on
+    the model's device."""
     n = len(token_ids)
     block_size = 16
     num_blocks = -(-n // block_size)
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
     kv_caches = [
-        (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
         for _ in range(config.num_hidden_layers)
     ]
     qsl = torch.tensor([0, n], dtype=torch.int32)
     lens = torch.tensor([n], dtype=torch.int32)
     metadata = AttentionMetadata(
-        slot_mapping=torch.arange(n, dtype=torch.int64),
-        query_start_loc=qsl,
-        seq_lens=lens,
-        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
+        query_start_loc=qsl.to(device),
+        seq_lens=lens.to(device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
         num_decodes=0,
         num_decode_tokens=0,
         max_query_len=n,
@@ -206,5 +227,6 @@ def prefill_logits(model: torch.nn.Module, config, token_ids: list[int]) -> torc
         query_start_loc_cpu=qsl.clone(),
         seq_lens_cpu=lens.clone(),
     )
-    hidden = model(torch.tensor(token_ids), torch.arange(n), kv_caches, metadata)
+    ids = torch.tensor(token_ids, device=device)
+    hidden = model(ids, torch.arange(n, device=device), kv_caches, metadata)
     return model.compute_logits(hidden)

@@ -14,29 +14,17 @@ from kestrel.layers.linear import UnquantizedLinearMethod
 from kestrel.loader.gguf_loader import load_gguf_model
 from kestrel.loader.gguf_quantized import KEEP_QUANTIZED_ENV, keep_quantized
 from kestrel.testing.tiny_models import make_tiny_model
-from tests.gguf.fixtures import prefill_logits, write_gguf_from_hf
+from tests.gguf.fixtures import MIXED_TINY, mixed_qtype_for, prefill_logits, write_gguf_from_hf
 
 Q = gguf.GGMLQuantizationType
 PROMPT = [5, 77, 300, 12, 9, 401, 250, 3, 64, 128, 17]
-TINY = {"hidden_size": 256, "intermediate_size": 512, "num_heads": 4, "num_kv_heads": 2}
-
-
-def _qtype_for(name: str) -> Q:
-    """Q4_K and Q8_0 linears (q/k Q4_K with a Q8_0 v: mixed parts); layer 1's v is Q5_0, which
-    has no kernel, so that layer's q/k/v is dequantized; embeddings and head F32."""
-    if not name.startswith("model.layers."):
-        return Q.F32
-    if name == "model.layers.1.self_attn.v_proj.weight":
-        return Q.Q5_0
-    if ".v_proj." in name or ".down_proj." in name:
-        return Q.Q8_0
-    return Q.Q4_K
 
 
 @pytest.fixture(params=["llama", "qwen2"])
 def mixed_gguf(request, tmp_path):
-    hf_dir = make_tiny_model(tmp_path / "hf", request.param, **TINY)
-    return write_gguf_from_hf(hf_dir, tmp_path / "m.gguf", request.param, qtype_for=_qtype_for)
+    hf_dir = make_tiny_model(tmp_path / "hf", request.param, **MIXED_TINY)
+    path = tmp_path / "m.gguf"
+    return write_gguf_from_hf(hf_dir, path, request.param, qtype_for=mixed_qtype_for)
 
 
 def _method(model, path: str):
