@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from timing import time_graph
 
+from kestrel.layers.gguf_linear import GGUFSegment, gemv_segments
 from kestrel.ops import gguf as gguf_ops
 
 Q = GGMLQuantizationType
@@ -78,6 +79,26 @@ def _prefill_case(row, bw: float, qtype: GGMLQuantizationType, name: str, m: int
         note)  # fmt: skip
 
 
+def _crossover_case(row, bw: float, qtype: GGMLQuantizationType, m: int) -> None:
+    """Batched decode rows (9..64): the GEMV in launches of 8 rows against dequantize + matmul
+    (gguf_linear.GEMV_ROW_LIMIT picks between them)."""
+    n, k = SHAPES["gate_up"]
+    weight = random_gpu_blocks(qtype, n, k)
+    segment = (GGUFSegment(qtype, 0, n, 0, weight.shape[1]),)
+    flat = weight.reshape(-1)
+    x = torch.randn(m, k, device="cuda", dtype=DT)
+    scratch = torch.empty(n, k, device="cuda", dtype=DT)
+
+    def dequant_matmul() -> torch.Tensor:
+        gguf_ops.gguf_dequantize(weight, qtype, DT, out=scratch)
+        return F.linear(x, scratch)
+
+    t = time_graph([lambda: gemv_segments(x, flat, segment, n)], 4)
+    base = time_graph([dequant_matmul], 4)
+    row(f"gguf_gemv_chunked {qtype.name}", f"gate_up M={m}", t, weight.numel(), "GB/s", bw, base,
+        "baseline: dequantize + matmul")  # fmt: skip
+
+
 def bench_gguf(row, bw: float) -> None:
     """row: bench_kernels._row; bw: the measured copy bandwidth (bytes/s)."""
     for qtype in (Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q8_0, Q.Q4_0):
@@ -87,3 +108,5 @@ def bench_gguf(row, bw: float) -> None:
     for qtype in (Q.Q4_K, Q.Q6_K):
         for m in (16, 512):
             _prefill_case(row, bw, qtype, "gate_up", m)
+        for m in (16, 32, 64):
+            _crossover_case(row, bw, qtype, m)

@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from kestrel.layers import QKVParallelLinear
+from kestrel.layers import QKVParallelLinear, ReplicatedLinear, gguf_linear
 from kestrel.layers.gguf_linear import GGUFLinearMethod
 from kestrel.ops import _dispatch
 from kestrel.ops import gguf as gguf_ops
@@ -90,8 +90,6 @@ def test_dequantize_kernel_matches_gguf(qtype, dtype, spy, poison):
 @pytest.mark.parametrize("m", [17, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_prefill_dequantizes_then_matmul(qtype, m, dtype, gen, spy):
-    from kestrel.layers import ReplicatedLinear
-
     raw, dense = _weights(qtype, 301, 3, seed=13)
     k = dense.shape[1]
     layer = ReplicatedLinear(
@@ -166,3 +164,17 @@ def test_bad_arguments_are_refused():
     assert kernels.gguf_gemv(args, 0) != 0  # no kernel for Q4_1
     args.ggml_type, args.row_bytes = int(Q.Q8_0), 70
     assert kernels.gguf_gemv(args, 0) != 0  # row_bytes that is not K / 32 blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_in_chunks_of_eight_rows(dtype, gen, spy, poison, monkeypatch):
+    monkeypatch.setattr(gguf_linear, "GEMV_ROW_LIMIT", 32)  # batched decode through the GEMV
+    raw, dense = _weights(Q.Q4_K, 77, 2, seed=21)
+    layer = ReplicatedLinear(
+        512, 77, bias=False, dtype=dtype, device="cuda", quant_method=GGUFLinearMethod([Q.Q4_K])
+    )
+    layer.weight.weight_loader(layer.weight, raw.cpu())
+    x = torch.randn(20, 512, generator=gen, device="cuda").to(dtype)
+    out = layer(x)
+    assert spy.calls["gguf_gemv"] == 3 and spy.calls["gguf_dequantize"] == 0  # rows 8 + 8 + 4
+    _check(out, x, dense, "chunked GEMV")

@@ -7,9 +7,9 @@ GGML type, and consecutive parts of one type form a segment, a row-major block m
 dimension, a part's rows are whole file rows: the weight loader copies row slices (column- and
 QKV-parallel shards) or, for row-parallel shards, whole-block column slices of the file tensor.
 
-apply: on CUDA with the kernels, M <= 8 rows run the fused dequantize-GEMV per segment straight
-into the output's columns; more rows dequantize every segment into one [N, K] scratch in the
-activation dtype and take one cuBLAS matmul. Elsewhere (CPU, kernels off) the torch reference:
+apply: on CUDA with the kernels, M <= GEMV_ROW_LIMIT rows run the fused dequantize-GEMV per
+segment (8 rows per launch) straight into the output's columns; more rows dequantize every
+segment into one [N, K] scratch in the activation dtype and take one cuBLAS matmul. Elsewhere (CPU, kernels off) the torch reference:
 dequantize, then F.linear (fp32 on CPU).
 """
 
@@ -28,6 +28,10 @@ from kestrel.ops import _dispatch
 from kestrel.ops import gguf as gguf_ops
 
 _ALIGN = 16  # byte alignment of every segment in the flat weight buffer
+# Up to this many rows the layer runs the fused GEMV (in launches of MAX_GEMV_ROWS rows, each
+# re-reading the weight); above it, dequantize + one cuBLAS matmul. 8: one launch. Where the
+# crossover lies for batched decode (9..64 rows) is for bench_gguf.py's chunked rows to say.
+GEMV_ROW_LIMIT = gguf_ops.MAX_GEMV_ROWS
 
 
 @dataclass(frozen=True)
@@ -192,17 +196,33 @@ class GGUFLinearMethod(LinearMethodBase):
         segments = layer.gguf_segments
         if m == 0:
             return x.new_empty((0, n))
-        if m <= gguf_ops.MAX_GEMV_ROWS:
-            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-            for s in segments:
-                cols = out[:, s.row_start : s.row_start + s.rows]
-                gguf_ops.gguf_gemv(x, s.view(layer.weight), s.qtype, out=cols)
-            return out if bias is None else out.add_(bias)
+        if m <= GEMV_ROW_LIMIT:
+            return gemv_segments(x, layer.weight, segments, n, bias)
         w = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)  # scratch [N, K]
         for s in segments:
             rows = w[s.row_start : s.row_start + s.rows]
             gguf_ops.gguf_dequantize(s.view(layer.weight), s.qtype, x.dtype, out=rows)
         return F.linear(x, w, bias)
+
+
+def gemv_segments(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    segments: Sequence[GGUFSegment],
+    n: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ W^T through the fused GEMV: per segment, per 8 rows of x, one launch writing
+    the segment's output columns. Returns [M, n] (+ bias)."""
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    step = gguf_ops.MAX_GEMV_ROWS
+    for s in segments:
+        blocks = s.view(weight)
+        for r in range(0, m, step):
+            cols = out[r : r + step, s.row_start : s.row_start + s.rows]
+            gguf_ops.gguf_gemv(x[r : r + step], blocks, s.qtype, out=cols)
+    return out if bias is None else out.add_(bias)
 
 
 def gguf_weight_bytes(module: torch.nn.Module) -> dict[str, int]:
