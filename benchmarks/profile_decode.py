@@ -66,16 +66,16 @@ def main() -> None:
     sink: dict[str, list[float]] = {}
     engine.scheduler = _Timed(engine.scheduler, ["schedule", "update"], sink)
     # Steps reach the runner through the executor, which holds its own reference.
-    engine.runner = engine.executor.runner = _Timed(engine.runner, ["execute"], sink)
+    engine.runner = engine.executor.runner = _Timed(engine.runner, ["launch"], sink)
     graphs = engine.runner._inner.graphs
     gpu_ms: list[float] = []
     if graphs is not None:
         run = graphs.run
 
-        def run_with_events(out, stage):
+        def run_with_events(out, input_ids, stage):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            logits = run(out, stage)
+            logits = run(out, input_ids, stage)
             end.record()
             gpu_ms.append((start, end))
             return logits
@@ -93,12 +93,12 @@ def main() -> None:
     rows = [
         ["step (wall)", total],
         ["  scheduler.schedule", med.get("schedule", 0.0)],
-        ["  runner.execute (incl. GPU wait)", med.get("execute", 0.0)],
+        ["  runner.launch (enqueue; GPU wait under --no-async-scheduling)", med.get("launch", 0.0)],
         ["    GPU: graph replay (events)", statistics.median(gpu) if gpu else float("nan")],
         ["  scheduler.update", med.get("update", 0.0)],
         [
             "  engine bookkeeping (rest)",
-            total - med.get("schedule", 0) - med.get("execute", 0) - med.get("update", 0),
+            total - med.get("schedule", 0) - med.get("launch", 0) - med.get("update", 0),
         ],
     ]
     print_table(

@@ -3,8 +3,11 @@
 
 Walks B sequences through a JSON document that follows the schema (its tokens as the
 "sampled" ones), so every step has B constrained rows; reports microseconds per step and per
-token for the bitmask fill + accept on the host, and for `apply_bitmask` on the logits' device
-(CPU unless --device cuda). Compare with the engine's TPOT at the same batch size.
+token for the bitmask fill + accept on the host, and for applying the bitmask to the logits on
+their device (CPU unless --device cuda) two ways: the engine's path (`BitmaskApplier`: one
+pinned staging copy and, on CUDA, the `apply_token_bitmask` kernel) and the torch reference
+(`apply_bitmask`: a pageable copy and a few torch ops). Compare with the engine's TPOT at the
+same batch size.
 
     python benchmarks/structured_overhead.py --tokenizer .peers/ggml-vocab-qwen2.gguf \\
         [--batch 1 64] [--device cpu] [--json out.json]
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from kestrel.sampling_params import StructuredOutputsParams
-from kestrel.structured import GrammarBackend, GrammarMask, apply_bitmask, check
+from kestrel.structured import BitmaskApplier, GrammarBackend, GrammarMask, apply_bitmask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit
@@ -63,28 +66,38 @@ def _tokenizer(path: str):
 
 
 def run(backend: GrammarBackend, tokenizer, batch: int, device: torch.device) -> dict:
-    grammar = check(StructuredOutputsParams(json=SCHEMA))
+    constraint = StructuredOutputsParams(json=SCHEMA)
     t0 = time.perf_counter()
-    matchers = [backend.compile_async(grammar).result() for _ in range(batch)]
+    matchers = [backend.compile_async(constraint).result() for _ in range(batch)]
     compile_ms = 1e3 * (time.perf_counter() - t0) / batch
     tokens = tokenizer.encode(json.dumps(DOCUMENT))
     words = matchers[0].num_words
     vocab = 32 * words
     logits = torch.randn(batch, vocab, device=device)
     rows = np.arange(batch, dtype=np.int64)
-    host, apply = [], []
+    applier = BitmaskApplier()
+    check = logits.clone()
+    host, apply, reference = [], [], []
     for token in tokens:
         t0 = time.perf_counter()
         bitmask = np.empty((batch, words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)  # parallel across rows, as the engine does
         for m in matchers:
             m.accept(token)
+        mask = GrammarMask(rows, bitmask)
         t1 = time.perf_counter()
-        apply_bitmask(logits, GrammarMask(rows, bitmask))
+        applier.apply(logits, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        apply_bitmask(check, mask)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         host.append(t1 - t0)
-        apply.append(time.perf_counter() - t1)
+        apply.append(t2 - t1)
+        reference.append(time.perf_counter() - t2)
+        # Both paths mask the same tokens (logits only ever lose tokens, never change values).
+        assert torch.equal(torch.isneginf(logits), torch.isneginf(check))
     assert all(m.is_terminated or not m._m.is_error() for m in matchers)
     return {
         "batch": batch,
@@ -94,6 +107,7 @@ def run(backend: GrammarBackend, tokenizer, batch: int, device: torch.device) ->
         "host_us_per_step_mean": 1e6 * statistics.mean(host),
         "host_us_per_token_mean": 1e6 * statistics.mean(host) / batch,
         "apply_us_per_step_mean": 1e6 * statistics.mean(apply[1:] or apply),
+        "apply_reference_us_per_step_mean": 1e6 * statistics.mean(reference[1:] or reference),
     }
 
 

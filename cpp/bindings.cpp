@@ -88,6 +88,7 @@ py::dict request_info(const Request& r, const Scheduler& s) {
   d["num_computed_tokens"] = r.num_computed_tokens;
   d["output_token_ids"] =
       std::vector<int32_t>(r.output_token_ids().begin(), r.output_token_ids().end());
+  d["num_output_placeholders"] = r.num_output_placeholders;
   d["num_preemptions"] = r.num_preemptions;
   d["num_cached_prompt_tokens"] = r.num_cached_prompt_tokens;
   d["block_table"] = s.block_table(r.seq_id);
@@ -103,7 +104,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](int32_t num_blocks, int32_t block_size, int32_t max_num_seqs,
                        int32_t max_num_batched_tokens, int32_t max_model_len,
                        bool enable_prefix_caching, bool enable_chunked_prefill,
-                       const std::string& policy) {
+                       const std::string& policy, bool async_scheduling) {
              SchedulerConfig c;
              c.num_blocks = num_blocks;
              c.block_size = block_size;
@@ -112,6 +113,7 @@ PYBIND11_MODULE(_core, m) {
              c.max_model_len = max_model_len;
              c.enable_prefix_caching = enable_prefix_caching;
              c.enable_chunked_prefill = enable_chunked_prefill;
+             c.async_scheduling = async_scheduling;
              if (policy == "fcfs") {
                c.policy = SchedulingPolicy::kFcfs;
              } else if (policy == "priority") {
@@ -125,14 +127,16 @@ PYBIND11_MODULE(_core, m) {
            py::kw_only(), py::arg("num_blocks"), py::arg("block_size") = 16,
            py::arg("max_num_seqs") = 256, py::arg("max_num_batched_tokens") = 8192,
            py::arg("max_model_len") = 4096, py::arg("enable_prefix_caching") = true,
-           py::arg("enable_chunked_prefill") = true, py::arg("policy") = "fcfs")
+           py::arg("enable_chunked_prefill") = true, py::arg("policy") = "fcfs",
+           py::arg("async_scheduling") = false)
       .def_readonly("num_blocks", &SchedulerConfig::num_blocks)
       .def_readonly("block_size", &SchedulerConfig::block_size)
       .def_readonly("max_num_seqs", &SchedulerConfig::max_num_seqs)
       .def_readonly("max_num_batched_tokens", &SchedulerConfig::max_num_batched_tokens)
       .def_readonly("max_model_len", &SchedulerConfig::max_model_len)
       .def_readonly("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
-      .def_readonly("enable_chunked_prefill", &SchedulerConfig::enable_chunked_prefill);
+      .def_readonly("enable_chunked_prefill", &SchedulerConfig::enable_chunked_prefill)
+      .def_readonly("async_scheduling", &SchedulerConfig::async_scheduling);
 
   using Out = SchedulerOutput;
   py::class_<Out, std::shared_ptr<Out>>(m, "SchedulerOutput")
@@ -169,6 +173,10 @@ PYBIND11_MODULE(_core, m) {
           [](py::object o) { return view(o.cast<Out&>().sampled_request_indices, o); })
       .def_property_readonly("preempted_seq_ids",
                              [](py::object o) { return view(o.cast<Out&>().preempted_seq_ids, o); })
+      .def_property_readonly("placeholder_rows",
+                             [](py::object o) { return view(o.cast<Out&>().placeholder_rows, o); })
+      .def_property_readonly("placeholder_src",
+                             [](py::object o) { return view(o.cast<Out&>().placeholder_src, o); })
       .def_readonly("num_decodes", &Out::num_decodes)
       .def_readonly("max_query_len", &Out::max_query_len)
       .def_readonly("max_seq_len", &Out::max_seq_len)
@@ -283,6 +291,7 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("request_id"), py::arg("reason"))
       .def("has_unfinished_requests", &Scheduler::has_unfinished_requests)
+      .def("num_pending_updates", &Scheduler::num_pending_updates)
       .def("contains",
            [](const Scheduler& s, const std::string& id) { return s.find(id) != nullptr; })
       .def("request_info",

@@ -97,7 +97,10 @@ bool KVCacheManager::allocate_slots(Request& request, int32_t num_new_tokens,
   table.num_registered = std::max(table.num_registered, static_cast<int32_t>(hit.block_ids.size()));
   [[maybe_unused]] const bool ok = pool_.allocate(num_new_blocks, table.blocks);
   assert(ok);
-  if (enable_prefix_caching_) register_full_blocks(request, table, total);
+  // Only blocks whose tokens are all known (async scheduling computes over a placeholder).
+  if (enable_prefix_caching_) {
+    register_full_blocks(request, table, std::min(total, request.num_tokens()));
+  }
   return true;
 }
 

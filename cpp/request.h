@@ -36,6 +36,11 @@ struct Request {
   FinishReason finish_reason = FinishReason::kNone;
   int32_t num_preemptions = 0;
   int32_t num_cached_prompt_tokens = -1;  // prefix-cache hit at first admission; -1 = not yet
+  // Async scheduling: tokens sampled by scheduled steps whose update() has not come yet. A step
+  // scheduled meanwhile computes the next token over them: its input row is a placeholder that
+  // the runner fills on the device from the previous step's sampled row `last_sampled_index`.
+  int32_t num_output_placeholders = 0;
+  int32_t last_sampled_index = -1;
   // Chained hashes of this request's full blocks, filled lazily by the KV cache manager.
   std::vector<uint64_t> block_hashes;
 
@@ -45,6 +50,8 @@ struct Request {
     return std::span<const int32_t>(token_ids).subspan(num_prompt_tokens);
   }
   bool is_finished() const { return status == RequestStatus::kFinished; }
+  // Tokens known plus those still being sampled.
+  int32_t num_tokens_with_placeholders() const { return num_tokens() + num_output_placeholders; }
 };
 
 // Appends `token` to `request` and returns why it must finish now, or kNone.

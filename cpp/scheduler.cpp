@@ -163,10 +163,13 @@ void Scheduler::preempt(size_t running_index) {
 }
 
 Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
-  if (update_pending_) {
+  const size_t max_pending = config_.async_scheduling ? 1 : 0;
+  if (pending_sampled_.size() > max_pending) {
     return Status::InvalidArgument(
-        "schedule() called twice without update(): pass the sampled tokens of step " +
-        str(static_cast<int64_t>(step_)) + " first");
+        std::string(config_.async_scheduling ? "schedule() called with two steps not updated"
+                                             : "schedule() called twice without update()") +
+        ": pass the sampled tokens of step " +
+        str(static_cast<int64_t>(step_ - pending_sampled_.size() + 1)) + " first");
   }
   auto out = std::make_shared<SchedulerOutput>();
   out->step = ++step_;
@@ -180,7 +183,12 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
   size_t i = 0;
   while (i < running_.size() && budget > 0) {
     Request* r = running_[i];
-    const int32_t num_new = std::min(r->num_tokens() - r->num_computed_tokens, budget);
+    if (!can_grow(*r)) {  // its last token is in flight and ends it: nothing to compute
+      ++i;
+      continue;
+    }
+    const int32_t num_new =
+        std::min(r->num_tokens_with_placeholders() - r->num_computed_tokens, budget);
     assert(num_new > 0);
     bool preempted_self = false;
     while (!kv_.allocate_slots(*r, num_new, no_hit)) {
@@ -205,6 +213,8 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
   while (out->preempted_seq_ids.empty() && !waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < config_.max_num_seqs) {
     Request* r = requests_.at(std::get<1>(*waiting_.begin())).get();
+    // Preempted while a token of it was in flight: it waits for that token (next step).
+    if (r->num_output_placeholders > 0) break;
     assert(r->num_computed_tokens == 0);
     PrefixHit hit = kv_.find_cached_prefix(*r);
     int32_t num_new = r->num_tokens() - hit.num_tokens;
@@ -224,12 +234,16 @@ Status Scheduler::schedule(std::shared_ptr<SchedulerOutput>& result) {
   }
 
   build_output(scheduled, *out);
-  pending_sampled_.clear();
-  for (const int32_t idx : out->sampled_request_indices) {
-    pending_sampled_.push_back(out->seq_ids[idx]);
+  std::vector<int64_t>& sampled = pending_sampled_.emplace_back();
+  sampled.reserve(out->sampled_request_indices.size());
+  for (size_t k = 0; k < out->sampled_request_indices.size(); ++k) {
+    const int64_t seq_id = out->seq_ids[out->sampled_request_indices[k]];
+    sampled.push_back(seq_id);
+    Request& r = *requests_.at(seq_id);
+    ++r.num_output_placeholders;
+    r.last_sampled_index = static_cast<int32_t>(k);
   }
   for (auto& [r, num_new] : scheduled) r->num_computed_tokens += num_new;
-  update_pending_ = true;
   result = std::move(out);
   return Status::Ok();
 }
@@ -271,7 +285,14 @@ void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& sc
     const int32_t start = r.num_computed_tokens;
     const std::vector<int32_t>& table = kv_.block_table(r.seq_id);
     for (int32_t pos = start; pos < start + num_new; ++pos, ++row) {
-      out.input_ids[row] = r.token_ids[pos];
+      if (pos < r.num_tokens()) {
+        out.input_ids[row] = r.token_ids[pos];
+      } else {  // sampled by the previous step, still in flight: the runner fills it in
+        assert(pos == r.num_tokens() && r.num_output_placeholders == 1);
+        out.input_ids[row] = 0;
+        out.placeholder_rows.push_back(row);
+        out.placeholder_src.push_back(r.last_sampled_index);
+      }
       out.positions[row] = pos;
       out.slot_mapping[row] = static_cast<int64_t>(table[pos / bs]) * bs + pos % bs;
     }
@@ -283,7 +304,7 @@ void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& sc
               out.block_tables.begin() + static_cast<std::ptrdiff_t>(k * max_blocks));
     out.max_query_len = std::max(out.max_query_len, num_new);
     out.max_seq_len = std::max(out.max_seq_len, start + num_new);
-    if (start + num_new == r.num_tokens()) {
+    if (start + num_new == r.num_tokens_with_placeholders()) {
       out.logits_indices.push_back(row - 1);
       out.sampled_request_indices.push_back(static_cast<int32_t>(k));
     }
@@ -291,11 +312,11 @@ void Scheduler::build_output(const std::vector<std::pair<Request*, int32_t>>& sc
 }
 
 Status Scheduler::update(std::span<const int64_t> sampled_token_ids, UpdateOutput& out) {
-  if (!update_pending_) {
+  if (pending_sampled_.empty()) {
     return Status::InvalidArgument("update() called without a preceding schedule()");
   }
-  if (sampled_token_ids.size() != pending_sampled_.size()) {
-    return Status::InvalidArgument("update() expects " + str(pending_sampled_.size()) +
+  if (sampled_token_ids.size() != pending_sampled_.front().size()) {
+    return Status::InvalidArgument("update() expects " + str(pending_sampled_.front().size()) +
                                    " sampled tokens (one per logits index), got " +
                                    str(sampled_token_ids.size()));
   }
@@ -304,16 +325,19 @@ Status Scheduler::update(std::span<const int64_t> sampled_token_ids, UpdateOutpu
       return Status::InvalidArgument("sampled token id out of range: " + str(t));
     }
   }
-  update_pending_ = false;
-  out.seq_ids.reserve(pending_sampled_.size());
-  out.token_ids.reserve(pending_sampled_.size());
-  for (size_t k = 0; k < pending_sampled_.size(); ++k) {
-    const auto it = requests_.find(pending_sampled_[k]);
+  const std::vector<int64_t> pending = std::move(pending_sampled_.front());
+  pending_sampled_.pop_front();
+  out.seq_ids.reserve(pending.size());
+  out.token_ids.reserve(pending.size());
+  for (size_t k = 0; k < pending.size(); ++k) {
+    const auto it = requests_.find(pending[k]);
     // Finished (aborted or stopped) between schedule() and update(): drop its token.
     if (it == requests_.end()) continue;
     Request& r = *it->second;
-    // Preempted in the meantime cannot happen (preemption only runs inside schedule()).
-    assert(r.status == RequestStatus::kRunning);
+    // Running, or preempted by a schedule() made since (async scheduling): the token is its
+    // next one either way (a preempted request recomputes it with the rest).
+    assert(r.num_output_placeholders > 0);
+    --r.num_output_placeholders;
     const auto token = static_cast<int32_t>(sampled_token_ids[k]);
     const FinishReason reason = append_token_and_check_stop(r, token, config_.max_model_len);
     out.seq_ids.push_back(r.seq_id);
@@ -325,6 +349,12 @@ Status Scheduler::update(std::span<const int64_t> sampled_token_ids, UpdateOutpu
     }
   }
   return Status::Ok();
+}
+
+bool Scheduler::can_grow(const Request& r) const {
+  if (r.num_output_placeholders == 0) return true;
+  return r.num_output_tokens() + r.num_output_placeholders < r.stop.max_tokens &&
+         r.num_tokens_with_placeholders() < config_.max_model_len;
 }
 
 SchedulerStats Scheduler::stats() const {

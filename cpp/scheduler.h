@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <set>
 #include <string>
@@ -28,6 +29,9 @@ struct SchedulerConfig {
   bool enable_prefix_caching = true;
   bool enable_chunked_prefill = true;
   SchedulingPolicy policy = SchedulingPolicy::kFcfs;
+  // Allow schedule() while the previous step's update() is still pending (one step ahead): the
+  // tokens that step will sample are placeholders (see SchedulerOutput::placeholder_rows).
+  bool async_scheduling = false;
 
   Status validate() const;
 };
@@ -56,6 +60,11 @@ struct SchedulerOutput {
   int32_t max_seq_len = 0;
   // Requests preempted during this step (their blocks are gone; they will be recomputed).
   std::vector<int64_t> preempted_seq_ids;
+  // Async scheduling: token rows whose input id is the token the previous step samples for
+  // their request (input_ids holds 0 there), and that token's index among the previous step's
+  // sampled rows (its logits_indices order). Empty when the previous step was updated first.
+  std::vector<int32_t> placeholder_rows;
+  std::vector<int32_t> placeholder_src;
 
   int32_t num_reqs() const { return static_cast<int32_t>(seq_ids.size()); }
   int32_t num_tokens() const { return static_cast<int32_t>(input_ids.size()); }
@@ -103,10 +112,14 @@ class Scheduler {
   // Like abort but reports `reason` (e.g. kStop for a stop string found by the detokenizer).
   Status finish(const std::string& request_id, FinishReason reason);
 
-  // Builds the next step's batch. Fails if the previous step's update() has not been called.
+  // Builds the next step's batch. Fails if the previous step's update() has not been called
+  // (with async_scheduling: if the two previous steps' updates have not).
   Status schedule(std::shared_ptr<SchedulerOutput>& out);
-  // One sampled token per entry of the last output's logits_indices, in that order.
+  // One sampled token per entry of the oldest un-updated output's logits_indices, in order.
+  // Tokens of requests that finished (or were aborted) since that schedule() are dropped.
   Status update(std::span<const int64_t> sampled_token_ids, UpdateOutput& out);
+  // Steps scheduled whose update() has not come yet (0 or 1; up to 2 with async_scheduling).
+  int32_t num_pending_updates() const { return static_cast<int32_t>(pending_sampled_.size()); }
 
   bool has_unfinished_requests() const { return !requests_.empty(); }
   const Request* find(const std::string& request_id) const;
@@ -136,9 +149,11 @@ class Scheduler {
   int64_t next_seq_id_ = 0;
   uint64_t step_ = 0;
   int64_t num_preemptions_ = 0;
-  // The previous schedule() output's sampled requests, consumed by update().
-  std::vector<int64_t> pending_sampled_;
-  bool update_pending_ = false;
+  // The sampled requests of each scheduled step not yet updated, oldest first.
+  std::deque<std::vector<int64_t>> pending_sampled_;
+  // May `r` be scheduled now? A request with a placeholder that will reach its length limit
+  // when that token lands has nothing left to compute (update() finishes it).
+  bool can_grow(const Request& r) const;
 };
 
 }  // namespace kestrel

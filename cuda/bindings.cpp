@@ -153,4 +153,17 @@ PYBIND11_MODULE(_kernels, m) {
       .KESTREL_FIELD(GgufDequantizeArgs, ggml_type)
       .KESTREL_FIELD(GgufDequantizeArgs, dtype);
   m.def("gguf_dequantize", &gguf_dequantize, nogil, py::arg("args"), py::arg("stream"));
+
+  py::class_<TokenBitmaskArgs>(m, "TokenBitmaskArgs")
+      .def(py::init<>())
+      .KESTREL_FIELD(TokenBitmaskArgs, logits)
+      .KESTREL_FIELD(TokenBitmaskArgs, row_stride)
+      .KESTREL_FIELD(TokenBitmaskArgs, num_logit_rows)
+      .KESTREL_FIELD(TokenBitmaskArgs, vocab)
+      .KESTREL_FIELD(TokenBitmaskArgs, rows)
+      .KESTREL_FIELD(TokenBitmaskArgs, num_rows)
+      .KESTREL_FIELD(TokenBitmaskArgs, bitmask)
+      .KESTREL_FIELD(TokenBitmaskArgs, words)
+      .KESTREL_FIELD(TokenBitmaskArgs, logits_dtype);
+  m.def("apply_token_bitmask", &apply_token_bitmask, nogil, py::arg("args"), py::arg("stream"));
 }

@@ -176,4 +176,22 @@ struct GgufDequantizeArgs {
 };
 int gguf_dequantize(const GgufDequantizeArgs& args, ptr_t stream);
 
+// apply_token_bitmask: in place, for each r < num_rows and v < vocab,
+// logits[rows[r] * row_stride + v] = -inf unless bit (v % 32) of bitmask[r * words + v / 32] is
+// set (v >= 32 * words is never allowed). rows: int64 [num_rows] on the device (rows outside
+// [0, num_logit_rows) are skipped); bitmask: int32 [num_rows, words] contiguous. logits_dtype: 0
+// fp16, 1 bf16, 2 fp32 (only the bit pattern of -inf is written, so any float layout works).
+struct TokenBitmaskArgs {
+  ptr_t logits = 0;
+  int64_t row_stride = 0;  // elements between logit rows (>= vocab)
+  int64_t num_logit_rows = 0;
+  int64_t vocab = 0;
+  ptr_t rows = 0;
+  int64_t num_rows = 0;
+  ptr_t bitmask = 0;
+  int64_t words = 0;
+  int logits_dtype = -1;
+};
+int apply_token_bitmask(const TokenBitmaskArgs& args, ptr_t stream);
+
 }  // namespace kestrel::api

@@ -101,6 +101,11 @@ class EngineConfig:
         choices=_LOAD_FORMATS,
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
+    async_scheduling: bool = setting(
+        False,
+        "overlap scheduling: prepare step N+1 on the host while the device runs step N "
+        "(outputs are the same either way; off by default until measured on a GPU)",
+    )
     generation_config: str = setting(
         "auto",
         "default sampling parameters: auto (the model's generation_config.json), vllm "
@@ -108,6 +113,11 @@ class EngineConfig:
     )
     disable_log_stats: bool = setting(
         False, "no periodic engine log line (throughput, running and waiting requests)"
+    )
+    max_grammar_chars: int = setting(
+        131_072,
+        "largest structured-output constraint, in characters (a JSON schema as compact JSON, "
+        "a regex, the choices, a grammar); larger ones are refused",
     )
 
     def __post_init__(self) -> None:
@@ -130,6 +140,10 @@ class EngineConfig:
             raise _fail("max_num_batched_tokens", self.max_num_batched_tokens, "an int >= 1")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise _fail("generation_config", self.generation_config, "auto, vllm or a folder")
+        if isinstance(self.max_grammar_chars, bool) or not (
+            isinstance(self.max_grammar_chars, int) and 1 <= self.max_grammar_chars <= 1 << 20
+        ):
+            raise _fail("max_grammar_chars", self.max_grammar_chars, "an int in [1, 1048576]")
         if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
             raise _fail("revision", self.revision, "None or a non-empty branch, tag or commit")
 

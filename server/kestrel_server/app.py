@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import kestrel
 from kestrel.engine.async_engine import AsyncLLMEngine
+from kestrel.structured import DEFAULT_MAX_GRAMMAR_CHARS, GrammarLimits
 from kestrel_server.auth import DEFAULT_PUBLIC_PATHS, APIKeyMiddleware
 from kestrel_server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware
 from kestrel_server.chat import create_chat_completion, render_prompt_off_loop, tool_dicts
@@ -27,6 +28,7 @@ from kestrel_server.common import (
     server_state,
 )
 from kestrel_server.completions import create_completion
+from kestrel_server.constraints import ConstraintChecker
 from kestrel_server.errors import APIError, bad_request, install_error_handlers
 from kestrel_server.metrics import CONTENT_TYPE, ServerMetrics
 from kestrel_server.openapi import (
@@ -142,6 +144,9 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
             max_logprobs=settings.max_logprobs,
         ),
         log_requests=settings.log_requests,
+        constraints=ConstraintChecker(
+            GrammarLimits(max_chars=getattr(engine, "max_grammar_chars", DEFAULT_MAX_GRAMMAR_CHARS))
+        ),
     )
 
     @asynccontextmanager
@@ -153,6 +158,7 @@ def build_app(engine: AsyncLLMEngine, args: ServerArgs | Any | None = None) -> F
         finally:
             logger.info("shutting down the engine (%d requests in flight)", engine.num_in_flight)
             await engine.shutdown(drain_timeout_s=settings.drain_timeout_s)
+            state.constraints.shutdown()
 
     app = FastAPI(
         title="Kestrel",

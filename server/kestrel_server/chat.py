@@ -21,9 +21,11 @@ from kestrel_server.chat_output import (
 )
 from kestrel_server.common import (
     ServerState,
+    check_constraint,
     check_context,
     check_logprobs,
     check_request_limits,
+    constraint_field,
     event_stream_response,
     final_outputs,
     log_request,
@@ -229,6 +231,8 @@ async def _create_chat_completion(body: ChatCompletionRequest, state: ServerStat
         engine, body, max_tokens=max_tokens, logprobs=(top_logprobs or 0) if body.logprobs else None
     )
     params = _with_tool_plan(params, plan, body)
+    by_tools = plan.structured_outputs is not None
+    await check_constraint(state, params, "tool_choice" if by_tools else constraint_field(body))
     parsing = OutputParsing(state.reasoning_parser, plan.new_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     log_request(state, request_id, [prompt_ids], [params])

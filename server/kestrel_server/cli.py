@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import kestrel
@@ -193,6 +195,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "its own (for debugging: the HTTP work and the step loop then share one interpreter "
         "lock); only with --api-server-count 1",
     )
+    net.add_argument(
+        "--restart-core-on-failure",
+        action="store_true",
+        help="when the engine core process dies, fail its requests, answer 503 meanwhile and "
+        "start a new core (default: the server exits with code 1 for a supervisor to restart "
+        "it); only with --api-server-count 1",
+    )
     eng = p.add_argument_group(
         "engine", "kestrel.EngineConfig's fields (the keyword arguments of kestrel.LLM)"
     )
@@ -272,9 +281,17 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     _setup_logging(args)
     args.api_key = resolve_api_key(args)
-    if args.api_server_count > 1 and args.engine_in_process:
+    for flag, on in (
+        ("--engine-in-process", args.engine_in_process),
+        ("--restart-core-on-failure", args.restart_core_on_failure),
+    ):
+        if args.api_server_count > 1 and on:
+            print(f"kestrel serve: error: {flag} needs --api-server-count 1", file=sys.stderr)
+            return 2
+    if args.engine_in_process and args.restart_core_on_failure:
         print(
-            "kestrel serve: error: --engine-in-process needs --api-server-count 1",
+            "kestrel serve: error: --restart-core-on-failure needs the engine core process "
+            "(not --engine-in-process)",
             file=sys.stderr,
         )
         return 2
@@ -298,7 +315,10 @@ def run_serve(args: argparse.Namespace) -> int:
             )
         else:
             engine = MPAsyncEngine.launch(
-                config, max_queued_requests=args.max_queued_requests, log_level=args.log_level
+                config,
+                max_queued_requests=args.max_queued_requests,
+                log_level=args.log_level,
+                restart_on_failure=args.restart_core_on_failure,
             )
     except (ValueError, OSError, RuntimeError) as exc:  # bad flags, missing model, fetch failed
         logging.getLogger(__name__).debug("start-up failed", exc_info=exc)
@@ -350,7 +370,7 @@ def _serve(engine, args: argparse.Namespace, sockets: list) -> int:
 def _api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -> None:
     """One of --api-server-count processes: a client of the shared engine core."""
     from kestrel.engine.core_client import MPAsyncEngine
-    from kestrel.engine.llm_engine import load_tokenizer
+    from kestrel.engine.setup import load_tokenizer
     from kestrel.model_source import resolve_model
 
     _setup_logging(args)
@@ -370,6 +390,7 @@ def _run_api_servers(args: argparse.Namespace, sock) -> int:
 
     from kestrel.engine import core_protocol as cp
     from kestrel.engine.core_client import launch_core
+    from kestrel_server.metrics import MULTIPROC_ENV
 
     log = logging.getLogger(__name__)
     try:
@@ -383,6 +404,10 @@ def _run_api_servers(args: argparse.Namespace, sock) -> int:
         print(f"kestrel serve: error: {exc}", file=sys.stderr)
         sock.close()
         return 2
+    # The workers' request metrics go to shared files, so that any worker's /metrics counts all.
+    own_metrics_dir = not os.environ.get(MULTIPROC_ENV)
+    if own_metrics_dir:
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="kestrel-metrics-")
     ctx = multiprocessing.get_context("spawn")
     workers = [
         ctx.Process(
@@ -437,6 +462,8 @@ def _run_api_servers(args: argparse.Namespace, sock) -> int:
             push.close()
             core.stop()
         sock.close()
+        if own_metrics_dir:
+            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
     if received:
         log.info("stopped by %s", signal.Signals(received[0]).name)
     return code

@@ -18,6 +18,8 @@ from starlette.background import BackgroundTask
 from kestrel.engine.async_engine import AsyncLLMEngine, RequestStream
 from kestrel.outputs import RequestOutput
 from kestrel.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
+from kestrel.structured import GrammarLimits
+from kestrel_server.constraints import ConstraintChecker
 from kestrel_server.errors import APIError, bad_request, from_exception
 from kestrel_server.metrics import ServerMetrics
 from kestrel_server.protocol import SamplingRequest, UsageInfo
@@ -78,6 +80,9 @@ class ServerState:
     reasoning_parser: type[ReasoningParser] | None = None  # --reasoning-parser
     fields: FieldPolicy = field(default_factory=FieldPolicy)  # undeclared request fields
     log_requests: bool = False
+    constraints: ConstraintChecker = field(
+        default_factory=lambda: ConstraintChecker(GrammarLimits())
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, name: str | None) -> str:
@@ -181,6 +186,24 @@ def sampling_params(
 def structured_outputs(req: SamplingRequest) -> StructuredOutputsParams | None:
     """The request's output constraint from whichever field set it (400 when more than one
     does, or when response_format json_schema has no schema)."""
+    found = _constraints(req)
+    return found[0][1] if found else None
+
+
+def constraint_field(req: SamplingRequest) -> str | None:
+    """The request field that set its output constraint (None: none did)."""
+    found = _constraints(req)
+    return found[0][0] if found else None
+
+
+async def check_constraint(state: ServerState, params: SamplingParams, param: str | None) -> None:
+    """The constraint of `params` (if any) validated off the event loop: a 400 naming `param`
+    when it cannot be used (see constraints.py)."""
+    if params.structured_outputs is not None:
+        await state.constraints.check(params.structured_outputs, param or "structured_outputs")
+
+
+def _constraints(req: SamplingRequest) -> list[tuple[str, StructuredOutputsParams]]:
     found: list[tuple[str, StructuredOutputsParams]] = []
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
@@ -216,7 +239,7 @@ def structured_outputs(req: SamplingRequest) -> StructuredOutputsParams | None:
         raise bad_request(
             f"at most one output constraint per request; this one sets {names}", found[1][0]
         )
-    return found[0][1] if found else None
+    return found
 
 
 def _constraint(param: str, **fields: Any) -> StructuredOutputsParams:

@@ -20,10 +20,12 @@ from fastapi import Request
 from kestrel.outputs import CompletionOutput, RequestOutput
 from kestrel_server.common import (
     ServerState,
+    check_constraint,
     check_context,
     check_logprobs,
     check_request_limits,
     check_token_ids,
+    constraint_field,
     event_stream_response,
     final_outputs,
     log_request,
@@ -119,6 +121,7 @@ async def _create_completion(body: CompletionRequest, state: ServerState) -> Any
         ).clone(prompt_logprobs=shown.engine_prompt_logprobs)
         for _, ids in prompts
     ]  # fmt: skip
+    await check_constraint(state, params[0], constraint_field(body))  # the same for every prompt
     request_id = f"cmpl-{uuid.uuid4().hex}"
     log_request(state, request_id, [ids for _, ids in prompts], params)
     streams = await submit(engine, request_id, [ids for _, ids in prompts], params)

@@ -6,6 +6,11 @@ time; request histograms and token counters are fed by a RequestTracker per engi
 Times come from the engine's RequestMetrics (wall clock, seconds), except inter-token latency,
 which is the gap between consecutive token-bearing outputs as the server receives them.
 
+With several API server processes (`--api-server-count N`) the request series live in
+prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, which the launcher sets for
+its workers): any worker's /metrics then adds up every worker's request series, and the engine
+series (from the one core) appear once.
+
 Names are vLLM's with the `kestrel:` prefix; docs/metrics.md maps each series to vLLM's and says
 where the two differ. One engine request is one prompt (a completions request with k prompts
 makes k); its n samples count once in the request-level series (success, token histograms,
@@ -14,6 +19,7 @@ latencies) and each in the token counters.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,11 +31,13 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kestrel.outputs import RequestOutput
 
 PREFIX = "kestrel:"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds. Request-level latencies span milliseconds (tiny models) to minutes (long outputs).
@@ -128,7 +136,8 @@ class ServerMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        self.registry.register(_EngineCollector(stats, model_name, cache_config))
+        self._engine_collector = _EngineCollector(stats, model_name, cache_config)
+        self.registry.register(self._engine_collector)
         reg, labels = self.registry, ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -184,7 +193,14 @@ class ServerMetrics:
         return RequestTracker(self)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get(MULTIPROC_ENV)
+        if not shared:
+            return generate_latest(self.registry)
+        # Every API process's request series (files in `shared`), the engine's once.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=shared)
+        registry.register(self._engine_collector)
+        return generate_latest(registry)
 
 
 class RequestTracker:

@@ -225,5 +225,68 @@ TEST(Scheduler, UpdateChecksSampledCount) {
   EXPECT_TRUE(s.update(one, u).ok());
 }
 
+TEST(Scheduler, AsyncSchedulesOneStepAheadOverPlaceholders) {
+  SchedulerConfig c = small_config();
+  c.async_scheduling = true;
+  Scheduler s(c);
+  add(s, "a", {1, 2, 3}, 3);
+  std::shared_ptr<SchedulerOutput> first, second, third;
+  ASSERT_TRUE(s.schedule(first).ok());
+  ASSERT_TRUE(s.schedule(second).ok());  // over the token `first` is still sampling
+  EXPECT_EQ(s.num_pending_updates(), 2);
+  ASSERT_EQ(second->placeholder_rows, std::vector<int32_t>{0});
+  EXPECT_EQ(second->placeholder_src, std::vector<int32_t>{0});
+  EXPECT_EQ(second->positions, std::vector<int32_t>{3});
+  EXPECT_FALSE(s.schedule(third).ok());  // two steps not updated
+  UpdateOutput u;
+  const std::vector<int64_t> one = {9};
+  ASSERT_TRUE(s.update(one, u).ok());  // the oldest step: token 9 at position 3
+  ASSERT_EQ(u.token_ids, std::vector<int32_t>{9});
+  EXPECT_EQ(s.find("a")->num_output_placeholders, 1);
+  ASSERT_TRUE(s.schedule(third).ok());
+  EXPECT_EQ(third->positions, std::vector<int32_t>{4});
+  EXPECT_EQ(third->placeholder_rows, std::vector<int32_t>{0});
+  const std::vector<int64_t> two = {8};
+  ASSERT_TRUE(s.update(two, u).ok());
+  std::shared_ptr<SchedulerOutput> fourth;
+  ASSERT_TRUE(s.schedule(fourth).ok());  // a's third token is in flight and its last
+  EXPECT_EQ(fourth->num_tokens(), 0);
+  const std::vector<int64_t> three = {7};
+  UpdateOutput last;
+  ASSERT_TRUE(s.update(three, last).ok());
+  ASSERT_EQ(last.finish_reasons.size(), 1u);
+  EXPECT_EQ(last.finish_reasons[0], FinishReason::kLength);
+  UpdateOutput empty;
+  ASSERT_TRUE(s.update({}, empty).ok());
+  EXPECT_FALSE(s.has_unfinished_requests());
+  EXPECT_EQ(s.stats().num_free_blocks, 16);
+}
+
+TEST(Scheduler, AsyncDropsTheStepAfterAnEos) {
+  SchedulerConfig c = small_config();
+  c.async_scheduling = true;
+  Scheduler s(c);
+  AddRequestArgs a;
+  a.request_id = "a";
+  a.prompt_token_ids = {1, 2};
+  a.stop.max_tokens = 10;
+  a.stop.eos_token_ids = {5};
+  int64_t seq;
+  ASSERT_TRUE(s.add_request(a, seq).ok());
+  std::shared_ptr<SchedulerOutput> first, second;
+  ASSERT_TRUE(s.schedule(first).ok());
+  ASSERT_TRUE(s.schedule(second).ok());
+  UpdateOutput u;
+  const std::vector<int64_t> eos = {5};
+  ASSERT_TRUE(s.update(eos, u).ok());
+  ASSERT_EQ(u.finish_reasons.size(), 1u);
+  EXPECT_EQ(s.stats().num_free_blocks, 16);  // freed at once, the step ahead still pending
+  const std::vector<int64_t> after = {6};
+  UpdateOutput late;
+  ASSERT_TRUE(s.update(after, late).ok());
+  EXPECT_TRUE(late.token_ids.empty());  // the token computed past the EOS is dropped
+  EXPECT_FALSE(s.has_unfinished_requests());
+}
+
 }  // namespace
 }  // namespace kestrel

@@ -15,7 +15,7 @@ def test_steps_go_through_the_executor_on_picklable_plain_arrays(tiny_model_dir)
     engine = llm.engine
     assert isinstance(engine.executor, UniProcExecutor)
     seen: list[StepInput] = []
-    execute = engine.executor.execute
+    launch = engine.executor.launch
 
     def recording(step, rows, prompt_rows=None, grammar_mask=None):
         assert isinstance(step, StepInput)
@@ -30,15 +30,15 @@ def test_steps_go_through_the_executor_on_picklable_plain_arrays(tiny_model_dir)
         seen.append(copy)
         if prompt_rows is not None:  # what a worker process would receive
             prompt_rows = pickle.loads(pickle.dumps(prompt_rows))
-        return execute(
+        return launch(
             copy, rows, prompt_rows, grammar_mask
         )  # the detached copy runs as well as the views
 
-    engine.executor.execute = recording
+    engine.executor.launch = recording
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    engine.executor.execute = execute
+    engine.executor.launch = launch
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want and len(seen) >= 6
     first = seen[0]

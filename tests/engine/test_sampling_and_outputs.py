@@ -197,17 +197,17 @@ def test_failed_step_aborts_its_requests_and_engine_recovers(llm):
     engine.add_request(
         "boom", prompts_of([9], seed=18)[0], SamplingParams(max_tokens=1, ignore_eos=True)
     )
-    real_execute = engine.runner.execute
+    real_launch = engine.runner.launch
 
-    def failing_execute(*args, **kwargs):
+    def failing_launch(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    engine.runner.execute = failing_execute
+    engine.runner.launch = failing_launch
     try:
         with pytest.raises(RuntimeError, match="injected"):
             engine.step()
     finally:
-        engine.runner.execute = real_execute
+        engine.runner.launch = real_launch
     assert not engine.has_unfinished_requests()
     assert engine.stats()["kv_cache_usage"] == 0.0
     ok = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)

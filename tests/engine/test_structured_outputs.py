@@ -1,5 +1,6 @@
 """Structured outputs in the engine (llguidance): outputs follow the constraint, bad constraints
-are refused when the request is added, and a request waiting for its grammar can be aborted."""
+fail their own request (checked in the compile worker), and a request waiting for its grammar
+can be aborted. Hostile grammars: tests/engine/test_hostile_grammars.py."""
 
 from __future__ import annotations
 
@@ -81,18 +82,27 @@ def test_json_object(llm):
         assert c.text.startswith("{")
 
 
-def test_bad_constraints_are_refused_when_added(llm):
-    engine = llm.engine
-    for constraint in (
-        Constraint(regex="["),
-        Constraint(json={"type": "bogus"}),
-        Constraint(json="{not json"),
-        Constraint(grammar="start: undefined_rule"),
-    ):
-        with pytest.raises(InvalidRequestError) as err:
-            engine.add_request("bad", [4, 5], SamplingParams(structured_outputs=constraint))
-        assert err.value.param == "structured_outputs"
-        assert not engine.has_unfinished_requests()
+BAD_CONSTRAINTS = [
+    (Constraint(regex="["), "regex"),
+    (Constraint(json={"type": "bogus"}), "bogus"),
+    (Constraint(json="{not json"), "not valid JSON"),
+    (Constraint(grammar="start: undefined_rule"), "grammar"),
+    (Constraint(grammar="start: <[999999]>"), "grammar"),  # fails only against the vocabulary
+]
+
+
+def test_bad_constraints_fail_their_request_alone(llm):
+    """Checked in the compile worker, not in add_request: each bad one comes back as its own
+    request's error; the good request of the same batch runs to its end."""
+    ok = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    params = [SamplingParams(max_tokens=5, structured_outputs=c) for c, _ in BAD_CONSTRAINTS]
+    outs = llm.generate([[4, 5]] * len(params) + [[4, 5, 6]], params + [ok], use_tqdm=False)
+    for out, (constraint, words) in zip(outs, BAD_CONSTRAINTS):
+        assert out.error is not None and words in out.error, (constraint, out.error)
+        assert "structured output failed" in out.error
+        assert [c.finish_reason for c in out.outputs] == ["error"]
+    assert outs[-1].error is None and len(outs[-1].outputs[0].token_ids) == 6
+    assert not llm.engine.has_unfinished_requests()
     with pytest.raises(InvalidRequestError, match="exactly one"):
         Constraint(regex="a", choice=["b"])
 

@@ -105,3 +105,14 @@ def test_cpu_inputs_take_the_reference_silently(caplog):
         for call in _fallback_calls().values():
             call()
     assert not caplog.records
+
+
+def test_unverified_kernels_are_opt_in(monkeypatch):
+    """A kernel merged before any GPU ran it stays off unless KESTREL_UNVERIFIED_KERNELS=1."""
+    assert _dispatch.KernelSettings.from_env({"KESTREL_UNVERIFIED_KERNELS": "1"}).unverified_kernels
+    monkeypatch.setattr(_dispatch, "settings", _dispatch.KernelSettings(False, "auto"))
+    for op in _dispatch.UNVERIFIED_OPS:
+        assert not _dispatch.kernel_verified(op)
+    assert _dispatch.kernel_verified("rms_norm")  # verified kernels are unaffected
+    monkeypatch.setattr(_dispatch, "settings", _dispatch.KernelSettings(False, "auto", True))
+    assert all(_dispatch.kernel_verified(op) for op in _dispatch.UNVERIFIED_OPS)

@@ -41,8 +41,10 @@ NON_DEFAULTS: dict[str, Any] = {
     "seed": 9,
     "load_format": "dummy",
     "enforce_eager": True,
+    "async_scheduling": True,
     "generation_config": "vllm",
     "disable_log_stats": True,
+    "max_grammar_chars": 4096,
 }
 # Python < 3.13's BooleanOptionalAction appends this to the help it is given.
 _BOOL_SUFFIX = " (default: %(default)s)"

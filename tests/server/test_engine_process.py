@@ -245,6 +245,16 @@ def test_two_api_servers_share_one_core(tiny_model, tmp_path):
         # compositions may round differently in fp32 on the CPU and flip near-tied tokens).
         assert [r.json()["usage"]["completion_tokens"] for r in responses] == [8] * 16
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        # Whichever API process answers /metrics, it counts the requests of both.
+        for _ in range(6):
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            success = [
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("kestrel:request_success_total{")
+            ]
+            assert sum(success) == 16, metrics
+            assert metrics.count("# TYPE kestrel:num_requests_running gauge") == 1
     finally:
         code = server.stop()
     assert code == 0, server.log()
@@ -280,3 +290,66 @@ def test_killing_the_core_mid_stream_ends_the_stream_and_the_server(tiny_model, 
         assert server.proc.wait(30) == 1, server.log()
     finally:
         server.stop()
+
+
+def test_a_killed_core_is_replaced_with_restart_on_failure(tiny_model):
+    async def main():
+        engine = MPAsyncEngine.launch(
+            _config(tiny_model), log_level="warning", restart_on_failure=True
+        )
+        engine.start()
+        try:
+            stream = await engine.add_request("x", [4] * 8, greedy(240))
+            await stream.__anext__()
+            old_pid = engine._core.pid
+            os.kill(old_pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exited"):
+                async for _ in stream:
+                    pass
+            assert not engine.is_dead  # restarting, not dead: the server keeps running
+            with pytest.raises(EngineDeadError, match="restarting"):
+                engine.check_health()
+            with pytest.raises(EngineDeadError, match="restarting"):
+                await engine.add_request("y", [4] * 8, greedy(5))
+            while True:
+                try:
+                    engine.check_health()
+                    break
+                except EngineDeadError:
+                    await asyncio.sleep(0.1)
+            assert engine.num_core_restarts == 1 and engine._core.pid != old_pid
+            stream = await engine.add_request("z", [4] * 8, greedy(5))
+            outputs = [out async for out in stream]
+            assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 5
+            stats = await engine.call_utility("stats")
+            assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+        finally:
+            await engine.shutdown()
+        assert not engine._core.is_alive()
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT_S))
+
+
+def test_the_server_restarts_its_core_and_serves_again(tiny_model, tmp_path):
+    server = start_server(tiny_model, tmp_path / "server.log", "--restart-core-on-failure")
+    try:
+        body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 8, "ignore_eos": True}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        (core_pid,) = _children(server.proc.pid)
+        os.kill(core_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while httpx.get(server.url + "/health", timeout=10).status_code == 200:
+            assert time.monotonic() - killed_at < 1.0, "/health still 200 a second after"
+            time.sleep(0.05)
+        refused = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert refused.status_code == 503 and "restarting" in refused.json()["error"]["message"]
+        deadline = time.monotonic() + 60
+        while httpx.get(server.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        ok = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+        assert _children(server.proc.pid) != [core_pid]
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()

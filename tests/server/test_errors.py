@@ -39,7 +39,12 @@ BAD_PARAMS = [
     (CHAT, chat(top_k=-2), "top_k"),
     (CHAT, chat(min_p=2), "min_p"),
     (CHAT, chat(n=0), "n"),
+    # max_tokens 0 on chat: a 400 as vLLM's (its SamplingParams refuses max_tokens < 1),
+    # either name, streaming or not; only /v1/completions takes 0 (with echo: score the prompt).
     (CHAT, chat(max_tokens=0), "max_tokens"),
+    (CHAT, chat(max_completion_tokens=0), "max_completion_tokens"),
+    (CHAT, chat(max_tokens=0, stream=True), "max_tokens"),
+    (CHAT, chat(max_completion_tokens=0, max_tokens=5), "max_completion_tokens"),
     (CHAT, chat(max_completion_tokens=-3), "max_completion_tokens"),
     (CHAT, chat(presence_penalty=3), "presence_penalty"),
     (CHAT, chat(frequency_penalty=-2.5), "frequency_penalty"),

@@ -87,8 +87,11 @@ def test_vllm_extras_on_completions(client, extra, ok):
          "response_format"),
         ({"response_format": {"type": "json_schema",
                               "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
-         "structured_outputs"),
-        ({"guided_regex": "["}, "structured_outputs"),
+         "response_format"),
+        ({"guided_regex": "["}, "guided_regex"),
+        ({"guided_json": {"type": "object", "properties": {"a": {"type": "nope"}}}}, "guided_json"),
+        ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         ({"structured_outputs": {"nonsense": 1}}, "structured_outputs.nonsense"),
         ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice"),
@@ -103,3 +106,57 @@ def test_constraints_that_cannot_be_used_are_400s(server, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param, error
+
+
+def test_bad_constraint_is_a_400_with_the_openai_client_streaming_or_not(client):
+    """Checked in the API server before the request goes to the engine: a 400 even when
+    streaming (no stream is started), naming the field that set it."""
+    import openai
+
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=MODEL_NAME, messages=MESSAGES, max_tokens=5, stream=stream,
+                extra_body={"guided_regex": "(unclosed"},
+            )  # fmt: skip
+        assert err.value.status_code == 400 and err.value.param == "guided_regex"
+        assert "regex" in err.value.message
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(
+                model=MODEL_NAME, prompt="x", max_tokens=5, stream=stream,
+                extra_body={"structured_outputs": {"grammar": "start: nowhere"}},
+            )  # fmt: skip
+        assert err.value.param == "structured_outputs"
+
+
+def test_oversized_constraint_is_a_400_naming_the_size_and_the_cap(server):
+    regex = "a" * 131_073  # the default --max-grammar-chars is 131072
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 5, "guided_regex": regex},
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "guided_regex"
+    assert "131073 characters" in error["message"] and "at most 131072" in error["message"]
+
+
+def test_constraint_that_fails_against_the_vocabulary(server):
+    """`<[999999]>` (a token id past the vocabulary) passes the server's check, which has no
+    vocabulary; the engine's compile fails that request alone: a 400 without streaming, an
+    error event once the stream has started; the server goes on serving."""
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 5,
+            "guided_grammar": "start: <[999999]>"}  # fmt: skip
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "constraint cannot be compiled" in r.json()["error"]["message"]
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "constraint cannot be compiled" in json.loads(events[-2])["error"]["message"]
+    ok = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 3}
+    assert httpx.post(server.url + "/v1/chat/completions", json=ok, timeout=30).status_code == 200

@@ -35,3 +35,25 @@ def test_apply_masks_only_the_constrained_rows():
         expected = torch.where(torch.from_numpy(allowed[k]), before[row], float("-inf"))
         assert torch.equal(logits[row], expected)
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+
+
+def test_applier_on_cpu_equals_the_reference_path_and_checks_rows():
+    """The runner's BitmaskApplier (on CPU: the reference op, no staging) equals apply_bitmask;
+    rows out of range or repeated are refused, naming the range."""
+    import pytest
+
+    from kestrel.structured.bitmask import BitmaskApplier
+
+    rng = np.random.default_rng(2)
+    bitmask = rng.integers(-(2**31), 2**31, size=(3, 4), dtype=np.int64).astype(np.int32)
+    mask = GrammarMask(np.array([4, 0, 2]), bitmask)
+    logits = torch.randn(5, 130)  # wider than the bitmask (128 tokens): the rest disallowed
+    expected = logits.clone()
+    apply_bitmask(expected, mask)
+    BitmaskApplier().apply(logits, mask)
+    assert torch.equal(logits, expected)
+    assert torch.isneginf(logits[[4, 0, 2], 128:]).all()
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        BitmaskApplier().apply(logits, GrammarMask(np.array([0, 5, 1]), bitmask))
+    with pytest.raises(ValueError, match="distinct"):
+        apply_bitmask(logits, GrammarMask(np.array([1, 1, 2]), bitmask))

@@ -96,6 +96,7 @@ class AsyncLLMEngine(EngineClientBase):
         self.vocab_size: int = engine.model_config.vocab_size
         self.model_name: str = _model_name(engine)
         self.max_num_seqs: int = engine.config.max_num_seqs
+        self.max_grammar_chars: int = engine.config.max_grammar_chars
         self.max_queued_requests = max_queued_requests
         self._default_params = engine.default_sampling_params()
         self._commands: queue.SimpleQueue[_AddBatch | _Abort | _Stop] = queue.SimpleQueue()

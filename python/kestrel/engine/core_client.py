@@ -23,14 +23,7 @@ import contextlib
 import itertools
 import logging
 import os
-import pickle
-import select
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -40,6 +33,12 @@ import zmq.asyncio
 from kestrel.config import EngineConfig
 from kestrel.engine import core_protocol as cp
 from kestrel.engine.client_base import EngineClientBase
+from kestrel.engine.core_launcher import (
+    CoreProcess,
+    launch_core,
+    new_ipc_address,
+    pid_alive,
+)
 from kestrel.engine.output_processor import RequestOutputProcessor
 from kestrel.engine.request_checks import tokenize_prompt
 from kestrel.engine.request_stream import (
@@ -58,14 +57,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds between two checks that the core process still runs.
 WATCHDOG_INTERVAL_S = 0.5
-# How long the owner waits for the core to stop after Shutdown before killing it.
-CORE_STOP_TIMEOUT_S = 30.0
 _client_ids = itertools.count(1)
-
-
-def new_ipc_address(kind: str) -> str:
-    """A fresh ipc:// endpoint in the temporary directory (unique per call)."""
-    return f"ipc://{Path(tempfile.gettempdir()) / f'kestrel-{kind}-{uuid.uuid4().hex[:12]}'}"
 
 
 class _RefusedWithBatch(RuntimeError):
@@ -86,126 +78,6 @@ def _reply_error(reply: cp.Reply) -> BaseException:
     return RuntimeError(reply.message)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not reaped by its parent yet) is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class CoreProcess:
-    """A started engine core process (`python -m kestrel.engine.core_process`) and what it
-    reported when ready. A plain subprocess, not multiprocessing: nothing of the caller's
-    __main__ is re-imported, and the caller needs no `if __name__ == "__main__"` guard."""
-
-    def __init__(self, config: EngineConfig, max_queued_requests: int | None, log_level: str):
-        self.input_address = new_ipc_address("core")
-        read_fd, write_fd = os.pipe()
-        spec = pickle.dumps(
-            {
-                "config": config,
-                "input_address": self.input_address,
-                "max_queued_requests": max_queued_requests,
-                "ready_fd": write_fd,
-                "log_level": log_level,
-            }
-        )
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "kestrel.engine.core_process"],
-                stdin=subprocess.PIPE,
-                pass_fds=(write_fd,),
-            )
-        finally:
-            os.close(write_fd)
-        assert self.process.stdin is not None
-        self.process.stdin.write(spec)
-        self.process.stdin.close()
-        self._ready_fd = read_fd
-        self.facts: cp.CoreFacts | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def is_alive(self) -> bool:
-        return self.process.poll() is None
-
-    @property
-    def exitcode(self) -> int | None:
-        return self.process.poll()
-
-    def wait_ready(self) -> cp.CoreFacts:
-        """Blocks until the core loaded its model; raises its start-up error otherwise."""
-        chunks: list[bytes] = []
-        try:
-            while True:
-                readable, _, _ = select.select([self._ready_fd], [], [], 0.2)
-                if readable:
-                    chunk = os.read(self._ready_fd, 1 << 16)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                elif not self.is_alive():
-                    break
-        finally:
-            os.close(self._ready_fd)
-        if not chunks:
-            self.process.wait(10)
-            raise RuntimeError(
-                f"the engine core process exited during start-up (code {self.exitcode}); "
-                "see its log above"
-            )
-        kind, payload, type_name = msgspec.msgpack.decode(b"".join(chunks))
-        if kind == "error":
-            self.process.wait(10)
-            if type_name in ("ValueError", "KeyError", "FileNotFoundError", "ConfigError"):
-                raise ValueError(payload)
-            raise RuntimeError(payload)
-        self.facts = msgspec.msgpack.decode(payload, type=cp.CoreFacts)
-        return self.facts
-
-    def stop(self, timeout_s: float = CORE_STOP_TIMEOUT_S) -> None:
-        """After a Shutdown message: waits for the process, then kills it if it lingers."""
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.error("the engine core did not stop within %.0f s: killing it", timeout_s)
-            self.kill()
-
-    def kill(self) -> None:
-        if self.is_alive():
-            self.process.kill()
-            self.process.wait(10)
-
-
-def launch_core(
-    config: EngineConfig, *, max_queued_requests: int | None, log_level: str = "INFO"
-) -> tuple[CoreProcess, Tokenizer | None]:
-    """Starts the core process and loads the tokenizer here meanwhile; returns both once the
-    core is ready. The model is resolved (fetched) here first, so the two processes never
-    fetch it at the same time."""
-    from kestrel.engine.llm_engine import load_tokenizer
-    from kestrel.model_source import resolve_model
-
-    source = resolve_model(config.model, revision=config.revision)
-    core = CoreProcess(config, max_queued_requests, log_level)
-    try:
-        tokenizer = load_tokenizer(config, source)
-        core.wait_ready()
-    except BaseException:
-        core.kill()
-        raise
-    return core, tokenizer
-
-
 class MPAsyncEngine(EngineClientBase):
     """The AsyncLLMEngine interface over an engine core process (see the module docstring)."""
 
@@ -217,7 +89,10 @@ class MPAsyncEngine(EngineClientBase):
         *,
         core: CoreProcess | None = None,
         max_queued_requests: int | None = None,
+        restart: tuple[EngineConfig, str] | None = None,
     ) -> None:
+        """`restart`: (config, log level) to start a new core with when the one owned here
+        dies (`--restart-core-on-failure`); None: a dead core is the end (`is_dead`)."""
         self.tokenizer = tokenizer
         self.max_model_len = facts.max_model_len
         self.vocab_size = facts.vocab_size
@@ -228,6 +103,7 @@ class MPAsyncEngine(EngineClientBase):
         self._stats: dict[str, Any] = dict(facts.stats)
         self._core_pid = facts.pid
         self.cache_config: dict[str, str] = dict(facts.cache_config)
+        self.max_grammar_chars: int = facts.max_grammar_chars
         self._core = core
         self._input_address = input_address
         self._client = os.getpid() * 1000 + next(_client_ids)
@@ -236,6 +112,9 @@ class MPAsyncEngine(EngineClientBase):
         self._num_in_flight = 0
         self._num_seqs_in_flight = 0
         self._dead: BaseException | None = None
+        self._restart = restart
+        self._restarting: asyncio.Task | None = None
+        self.num_core_restarts = 0
         self._closing = False
         self._started = False
         self._stopped = False
@@ -244,6 +123,7 @@ class MPAsyncEngine(EngineClientBase):
         self._call_ids = itertools.count()
         self._ctx: zmq.asyncio.Context | None = None
         self._push: zmq.Socket | None = None
+        self._output_address = ""
         self._pull: zmq.asyncio.Socket | None = None
 
     @classmethod
@@ -253,8 +133,10 @@ class MPAsyncEngine(EngineClientBase):
         *,
         max_queued_requests: int | None = None,
         log_level: str = "INFO",
+        restart_on_failure: bool = False,
     ) -> MPAsyncEngine:
-        """Starts an engine core process for `config` and a client that owns it."""
+        """Starts an engine core process for `config` and a client that owns it; with
+        `restart_on_failure` a core that dies is replaced by a new one (its requests fail)."""
         core, tokenizer = launch_core(
             config, max_queued_requests=max_queued_requests, log_level=log_level
         )
@@ -265,6 +147,7 @@ class MPAsyncEngine(EngineClientBase):
             core.input_address,
             core=core,
             max_queued_requests=max_queued_requests,
+            restart=(config, log_level) if restart_on_failure else None,
         )
 
     @classmethod
@@ -283,7 +166,9 @@ class MPAsyncEngine(EngineClientBase):
 
     @property
     def is_running(self) -> bool:
-        return self._started and not self._stopped and self._dead is None
+        return (
+            self._started and not self._stopped and self._dead is None and self._restarting is None
+        )
 
     @property
     def is_dead(self) -> bool:
@@ -294,6 +179,8 @@ class MPAsyncEngine(EngineClientBase):
             raise EngineDeadError("the server is shutting down")
         if self._dead is not None:
             raise EngineDeadError(f"the engine core has stopped: {self._dead}")
+        if self._restarting is not None:
+            raise EngineDeadError("the engine core failed and is restarting; retry shortly")
         if not self.is_running:
             raise EngineDeadError("the engine client is not running")
 
@@ -305,13 +192,13 @@ class MPAsyncEngine(EngineClientBase):
             raise RuntimeError("the engine is already started")
         self._started = True
         self._ctx = zmq.asyncio.Context()
-        output_address = new_ipc_address("out")
+        self._output_address = new_ipc_address("out")
         self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.bind(output_address)
+        self._pull.bind(self._output_address)
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(self._input_address)
-        self._send(cp.Register(self._client, output_address))
+        self._send(cp.Register(self._client, self._output_address))
         self._tasks = [
             asyncio.create_task(self._read_outputs(), name="kestrel-core-reader"),
             asyncio.create_task(self._watchdog(), name="kestrel-core-watchdog"),
@@ -321,6 +208,10 @@ class MPAsyncEngine(EngineClientBase):
         """Refuses new requests, waits up to `drain_timeout_s` for in-flight ones, fails the
         rest, and stops the core when this client owns it."""
         self._closing = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restarting
         deadline = time.monotonic() + drain_timeout_s
         while self._num_in_flight > 0 and self.is_running and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -513,18 +404,66 @@ class MPAsyncEngine(EngineClientBase):
             self._finish(delta.request_id)
 
     def _mark_dead(self, reason: str) -> None:
-        if self._dead is not None:
+        if self._dead is not None or self._restarting is not None:
             return
         logger.error("the engine core died: %s", reason)
+        error = EngineDeadError(f"the engine failed: {reason}")
+        if self._restart is not None and not self._closing and self._core is not None:
+            self._restarting = asyncio.get_running_loop().create_task(
+                self._restart_core(), name="kestrel-core-restart"
+            )
+            self._fail_all(error)
+            return
         self._dead = RuntimeError(reason)
-        self._fail_all(EngineDeadError(f"the engine failed: {reason}"))
+        self._fail_all(error)
+
+    async def _restart_core(self) -> None:
+        """A new core in place of the dead one (`--restart-core-on-failure`): requests are
+        refused with 503 meanwhile; if it cannot start, the engine is dead."""
+        assert self._restart is not None and self._core is not None and self._ctx is not None
+        config, log_level = self._restart
+        self._core.kill()
+        logger.warning("starting a new engine core")
+        core = None
+        try:
+            core, _ = await asyncio.to_thread(
+                launch_core,
+                config,
+                max_queued_requests=self.max_queued_requests,
+                log_level=log_level,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as the engine's death
+            self._restarting = None
+            self._dead = RuntimeError(f"the engine core died and could not restart: {exc}")
+            logger.error("%s", self._dead)
+            return
+        if self._closing:  # shut down meanwhile
+            core.kill()
+            return
+        assert core.facts is not None
+        if self._push is not None:
+            self._push.close(linger=0)
+        self._core, self._core_pid = core, core.facts.pid
+        self._input_address = core.input_address
+        self._stats = dict(core.facts.stats)
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(self._input_address)
+        self._send(cp.Register(self._client, self._output_address))
+        if all(t.done() for t in self._tasks if t.get_name() == "kestrel-core-watchdog"):
+            self._tasks.append(asyncio.create_task(self._watchdog(), name="kestrel-core-watchdog"))
+        self.num_core_restarts += 1
+        self._restarting = None
+        logger.warning("the new engine core is ready (pid %d)", core.pid)
 
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             if self._stopped:
                 return
-            alive = self._core.is_alive() if self._core is not None else _pid_alive(self._core_pid)
+            alive = self._core.is_alive() if self._core is not None else pid_alive(self._core_pid)
             if not alive:
                 code = self._core.exitcode if self._core is not None else None
                 self._mark_dead(f"the engine core process exited (code {code})")

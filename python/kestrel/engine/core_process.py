@@ -119,6 +119,7 @@ class EngineCore:
             stats=self.stats(),
             pid=os.getpid(),
             cache_config=e.cache_config_info(),
+            max_grammar_chars=e.config.max_grammar_chars,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -233,16 +234,40 @@ class EngineCore:
         """One engine step; its deltas go to the front ends' pending outputs. Raises what the
         engine raises (fatal)."""
         changed, _ = self.engine.step_states()
+        progress_of = self._progress
+        outputs = self._out
         for request_id, state in changed.items():
-            progress = self._progress.get(request_id)
+            progress = progress_of.get(request_id)
             if progress is None:
                 continue
-            delta = self._delta(state, progress)
+            finished = state.finished
+            if len(state.seqs) == 1 and not finished and progress.first_sent:
+                delta = self._decode_delta(state)  # the common case, kept short
+            else:
+                delta = self._delta(state, progress)
             if delta is not None:
-                self._outputs(progress.client).deltas.append(delta)
-            if state.finished:
+                out = outputs.get(progress.client)
+                if out is None:
+                    out = self._outputs(progress.client)
+                out.deltas.append(delta)
+            if finished:
                 self.engine._requests.pop(request_id, None)
                 self._forget(request_id)
+
+    @staticmethod
+    def _decode_delta(state: RequestState) -> cp.RequestDelta | None:
+        """The delta of a one-sample request that is running and already reported once."""
+        seq = state.seqs[0]
+        ids = seq.row.output_token_ids
+        start = seq.num_tokens_reported
+        if start == len(ids) and state.error is None:
+            return None
+        logprobs = None
+        if seq.logprobs is not None:
+            logprobs = [_wire_logprobs(e) for e in seq.logprobs[start:]]
+        seq.num_tokens_reported = len(ids)
+        sample = cp.SampleDelta(seq.index, ids[start:], None, None, logprobs)
+        return cp.RequestDelta(state.request_id, [sample], False, state.error)
 
     def _delta(self, state: RequestState, progress: _Progress) -> cp.RequestDelta | None:
         samples = []

@@ -142,6 +142,7 @@ class CoreFacts(msgspec.Struct):
     stats: dict[str, Any]
     pid: int
     cache_config: dict[str, str] = {}  # KV-cache settings (the cache_config_info metric)
+    max_grammar_chars: int = 131_072  # EngineConfig.max_grammar_chars (the API server checks it)
 
 
 def params_to_wire(params: SamplingParams) -> dict[str, Any]:

@@ -122,10 +122,13 @@ def fail_sampled_rows(
     return failed
 
 
-def abort_step(engine: LLMEngine, out: SchedulerOutput) -> None:
-    """The fatal path: the step produced no tokens. Aborts every request in it first (freeing its
-    blocks), then closes the step; update() drops the placeholder tokens of aborted requests."""
-    for seq_id in out.seq_ids.tolist():
-        if seq_id in engine._seqs:
-            engine.abort_request(engine._seqs[seq_id][0].request_id)
-    engine.scheduler.update(np.zeros(out.num_sampled, dtype=np.int64))
+def abort_steps(engine: LLMEngine, outs: list[SchedulerOutput]) -> None:
+    """The fatal path: steps that will produce no tokens (the one that failed and any launched
+    after it, oldest first). Aborts every request in them first (freeing their blocks), then
+    closes each step; update() drops the placeholder tokens of aborted requests."""
+    for out in outs:
+        for seq_id in out.seq_ids.tolist():
+            if seq_id in engine._seqs:
+                engine.abort_request(engine._seqs[seq_id][0].request_id)
+    for out in outs:
+        engine.scheduler.update(np.zeros(out.num_sampled, dtype=np.int64))

@@ -15,9 +15,11 @@ that drops a sequence from `_seqs` goes through `_drop_seq`, which frees its slo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 
 from kestrel import _core
 from kestrel.config import EngineConfig
-from kestrel.engine.faults import abort_step, fail_request, fail_sampled_rows
+from kestrel.engine.faults import abort_steps, fail_request, fail_sampled_rows
 from kestrel.engine.logprobs import host_logprobs, logprob_entry
 from kestrel.engine.prompt_logprobs import PromptRowPlan, PromptTally, cache_salt
 from kestrel.engine.request_checks import check_request, tokenize_prompt
@@ -35,77 +37,54 @@ from kestrel.engine.request_state import (
     SequenceState,
     child_generator,
 )
+from kestrel.engine.setup import as_id_list, load_tokenizer, resolve_device, sampling_defaults
 from kestrel.engine.step_stats import StepCounters
 from kestrel.engine.structured_requests import StructuredRequests
 from kestrel.executor import Executor, StepInput, UniProcExecutor
 from kestrel.loader import load_model, read_generation_config
 from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
-from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
-from kestrel.model_source import ModelSource, resolve_model
+from kestrel.model_source import resolve_model
 from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import RequestMetrics, RequestOutput
 from kestrel.runner import ModelRunner
 from kestrel.runner.cpu_threads import configure_cpu_threads
 from kestrel.runner.memory import plan_num_kv_blocks
-from kestrel.runner.model_runner import StepResult
+from kestrel.runner.model_runner import StepFuture, StepResult
 from kestrel.sampling_params import SamplingParams
-from kestrel.tokenizer import IncrementalDetokenizer, Tokenizer
+from kestrel.structured.limits import GrammarLimits
+from kestrel.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def sampling_defaults(setting: str, model_generation_config: dict) -> dict:
-    """The generation config the default sampling parameters come from (`--generation-config`):
-    "auto" the model's, "vllm" none (SamplingParams' own defaults), else the
-    generation_config.json in that folder (which must exist). The model's EOS ids are used in
-    every case."""
-    if setting == "auto":
-        return model_generation_config
-    if setting == "vllm":
-        return {}
-    folder = Path(setting).expanduser()
-    if not (folder / "generation_config.json").is_file():
-        raise ValueError(
-            f"generation_config = {setting!r} is invalid; allowed: auto, vllm, or a folder "
-            "holding a generation_config.json"
-        )
-    return read_generation_config(folder)
 
 
 _INT32_MAX = 2**31 - 1
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA GPU is available")
-    return torch.device(name)
+@dataclass
+class _Launched:
+    """A step enqueued on the device whose tokens the engine has not processed yet."""
+
+    out: _core.SchedulerOutput
+    sampled_seq_ids: list[int]
+    slots: list[int]  # the input-batch slot of each sampled row, at launch
+    plan: PromptRowPlan | None
+    future: StepFuture
+    scheduled_at: float
+    ahead: bool  # scheduled while the previous step was in flight
+    slots_stale: bool = False  # a later launch preempted sequences (slots may have moved)
 
 
-def load_tokenizer(
-    config: EngineConfig, source: ModelSource, gguf_file: GGUFFile | None = None
-) -> Tokenizer | None:
-    """The tokenizer of `config` (its `tokenizer` path, else the model's own), without loading
-    the model: a front end process needs only this. None when a model directory has no
-    tokenizer.json (then only token-id prompts are accepted)."""
-    path = Path(config.tokenizer) if config.tokenizer is not None else source.path
-    if path.suffix.lower() == ".gguf":
-        if gguf_file is None or config.tokenizer is not None:
-            gguf_file = GGUFFile(path)
-        return load_gguf_tokenizer(gguf_file)
-    if config.tokenizer is None and not (path / "tokenizer.json").is_file():
-        logger.warning("%s has no tokenizer.json: only token-id prompts are accepted", path)
-        return None
-    return Tokenizer.from_dir(path)
-
-
-def _as_id_list(value: object) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]  # type: ignore[union-attr]
+def _needs_history(params: SamplingParams, matcher) -> bool:
+    """Sampling that reads the sequence's tokens so far on the host (so its next step cannot be
+    scheduled before the last token is back): penalties (counts), min_tokens (the output length
+    decides the ban), a grammar (its matcher advances by each token)."""
+    return (
+        matcher is not None
+        or params.min_tokens > 0
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
 
 
 class LLMEngine:
@@ -114,7 +93,7 @@ class LLMEngine:
         whose front end decodes them itself)."""
         self.config = config
         self._token_texts = token_texts
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
@@ -161,8 +140,12 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.scheduling_policy,
+                async_scheduling=config.async_scheduling,
             )
         )
+        self._async = config.async_scheduling
+        self._inflight: _Launched | None = None  # overlap scheduling: the step on the device
+        self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
         if self.device.type == "cuda" and not config.enforce_eager:
             # Graphs need every op on a kernel: the torch references synchronize with the host.
             if not kernels_available():
@@ -175,7 +158,8 @@ class LLMEngine:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
-        self._structured = StructuredRequests(self.tokenizer, eos)
+        limits = GrammarLimits(max_chars=config.max_grammar_chars)
+        self._structured = StructuredRequests(self.tokenizer, eos, limits)
         self._failed_waiting: dict[str, RequestState] = {}  # reported by the next step
         self._seqs: dict[int, tuple[RequestState, SequenceState]] = {}  # core seq_id -> state
         # Sequences whose prompt logprobs are not all in yet (see engine/prompt_logprobs.py).
@@ -215,7 +199,7 @@ class LLMEngine:
         self.generation_config = gguf_generation_config(gguf_file)
 
     def _eos_ids(self) -> tuple[int, ...]:
-        ids = _as_id_list(self.generation_config.get("eos_token_id"))
+        ids = as_id_list(self.generation_config.get("eos_token_id"))
         ids += list(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
@@ -253,20 +237,21 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time or time.time()),
             stream=stream,
         )
-        grammar = self._structured.grammar_for(params)  # a bad constraint is refused here
+        # Checked and compiled in a worker: a bad one fails this request alone, later.
+        constraint = self._structured.constraint_of(params)
         core_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         state.seqs = [
             self._new_sequence(core_id, index, params, prompt_ids, stream)
             for index, core_id in enumerate(core_ids)
         ]
-        if grammar is None:
+        if constraint is None:
             self._admit(state, priority)
         else:  # waits outside the scheduler until its matcher is compiled
 
             def admit(matcher, error) -> None:
                 self._admit_constrained(state, priority, matcher, error)
 
-            self._structured.submit(request_id, grammar, admit)
+            self._structured.submit(request_id, constraint, admit)
         self._requests[request_id] = state
 
     def _admit(self, state: RequestState, priority: int) -> None:
@@ -293,6 +278,8 @@ class LLMEngine:
                 )
                 added.append(seq.core_id)
                 self._seqs[seq_id] = (state, seq)
+                if _needs_history(params, seq.matcher):
+                    self._history_seqs.add(seq_id)
                 if scored:
                     self._start_scoring(seq_id, state, state.prompt_token_ids, params)
         except (ValueError, KeyError):
@@ -412,6 +399,7 @@ class LLMEngine:
         """Forgets a sequence (absent: nothing to do) and frees its input-batch slot."""
         entry = self._seqs.pop(seq_id, None)
         self._scoring.pop(seq_id, None)
+        self._history_seqs.discard(seq_id)
         if entry is not None:
             self._release_slot(seq_id, entry[1].row)
 
@@ -438,12 +426,18 @@ class LLMEngine:
             slots.append(row.slot)
         return slots
 
-    def _append_tokens(self, upd, slots: list[int]) -> None:
+    def _append_tokens(self, upd, slots: list[int], stale: bool = False) -> None:
         """Tells the runner the tokens update() accepted: those of the sampled rows (`slots`,
-        in order) less the rows whose sequence was aborted since."""
-        if upd.seq_ids.shape[0] != len(slots):  # update() dropped rows: map the rest
-            slots = [self._seqs[s][1].row.slot for s in upd.seq_ids.tolist()]
-        self.executor.append_tokens(slots, upd.token_ids)
+        in order) less the rows whose sequence was aborted since. `stale`: a step launched
+        since preempted some of these rows' sequences (their slots may hold others now)."""
+        tokens = upd.token_ids
+        if stale or upd.seq_ids.shape[0] != len(slots):  # map each row to its slot now
+            now = [self._seqs[s][1].row.slot for s in upd.seq_ids.tolist()]
+            keep = [k for k, slot in enumerate(now) if slot is not None]  # preempted: none
+            if len(keep) != len(now):
+                tokens = tokens[np.asarray(keep, dtype=np.int64)]
+            slots = [now[k] for k in keep]
+        self.executor.append_tokens(slots, tokens)
 
     def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> bool:
         """Ends sample `index` of a request now (a front end found a stop string in its text)
@@ -497,54 +491,112 @@ class LLMEngine:
     def step_states(self) -> tuple[dict[str, RequestState], float]:
         """One scheduler step without building outputs: the states of the requests that changed
         (finished ones are still in `_requests`: the caller collects them, see `_collect`), and
-        the step's time."""
+        the step's time.
+
+        Overlap scheduling (`async_scheduling`): the step launched here runs on the device while
+        the host processes the previous one's tokens; the launched step reads those tokens on
+        the device (placeholder rows) and its own come back with the next call. A step whose
+        sampling needs the tokens on the host first (penalties, min_tokens, grammars: see
+        `_needs_history`) waits for the one in flight instead of overlapping it."""
         self._structured.admit_ready()
-        if self._structured.waiting and not self._seqs:  # only grammars to wait for
-            self._structured.wait_any(0.05)
+        if self._structured.waiting and not self._seqs and self._inflight is None:
+            self._structured.wait_any(0.05)  # only grammars to wait for
             self._structured.admit_ready()
         failed, self._failed_waiting = self._failed_waiting, {}
-        if not self._seqs:  # nothing in the scheduler (yet)
-            return failed, time.time()
+        launched = None
+        if self._seqs and (self._inflight is None or self._can_overlap()):
+            launched = self._launch()
+        done, self._inflight = self._inflight, None
+        if done is None:
+            if launched is None:  # nothing in the scheduler (yet)
+                return failed, time.time()
+            if self._can_overlap():  # its tokens come with the next call
+                self._inflight = launched
+                return failed | self._fail_rows(launched), time.time()
+            done, launched = launched, None
+        self._inflight = launched
+        if done.future.failed_rows and launched is None:
+            failed |= self._fail_rows(done)
+        changed, now = self._finish(done)
+        changed = failed | changed
+        if launched is not None and launched.future.failed_rows:
+            changed |= self._fail_rows(launched)
+        # A step scheduled ahead may be empty (its requests' last tokens were in flight).
+        stalled = done.out.num_tokens == 0 and not done.ahead
+        if stalled and launched is None and self._requests and not changed:
+            raise RuntimeError("scheduler made no progress with requests pending")
+        return changed, now
+
+    def _can_overlap(self) -> bool:
+        return self._async and not self._history_seqs
+
+    def _launch(self) -> _Launched:
+        """Schedules a step and enqueues it on the device (not waiting for it)."""
         out = self.scheduler.schedule()
         scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
         try:
-            for seq_id in out.preempted_seq_ids.tolist():  # they give their slots back
+            preempted = out.preempted_seq_ids.tolist()
+            for seq_id in preempted:  # they give their slots back
                 if seq_id in self._seqs:
                     self._release_slot(seq_id, self._seqs[seq_id][1].row)
+            if preempted and self._inflight is not None:
+                self._inflight.slots_stale = True  # its rows' slots changed hands
             slots = self._sampled_slots(sampled_seq_ids)
-            mask = self._structured.step_mask([self._seqs[s][1].matcher for s in sampled_seq_ids])
+            matchers = [self._seqs[s][1].matcher for s in sampled_seq_ids]
+            mask = None
+            if any(m is not None for m in matchers):
+                mask = functools.partial(self._structured.step_mask, matchers)
             plan = self._plan_prompt_rows(out)
-            result = self.executor.execute(
+            future = self.executor.launch(
                 StepInput.from_scheduler_output(out),
                 slots,
                 plan.rows() if plan else None,
                 grammar_mask=mask,
             )
-            self._store_prompt_rows(plan, result)
         except Exception:
-            abort_step(self, out)  # not attributable to one request: fatal
+            abort_steps(self, [x.out for x in (self._inflight,) if x is not None] + [out])
+            self._inflight = None
             raise
-        # Rows that failed alone fail their requests only (aborted before update()).
-        failed |= fail_sampled_rows(
-            self.scheduler, self._seqs, sampled_seq_ids, result.failed_rows, self._drop_seq
+        ahead = self._inflight is not None
+        return _Launched(out, sampled_seq_ids, slots, plan, future, scheduled_at, ahead)
+
+    def _fail_rows(self, step: _Launched) -> dict[str, RequestState]:
+        """Fails the requests of the rows whose sampling failed alone in `step` (known at
+        launch); called before the next schedule() and after the previous step's update(), so
+        their tokens up to that step are kept and update() drops this step's."""
+        return fail_sampled_rows(
+            self.scheduler,
+            self._seqs,
+            step.sampled_seq_ids,
+            step.future.failed_rows,
+            self._drop_seq,
         )
+
+    def _finish(self, step: _Launched) -> tuple[dict[str, RequestState], float]:
+        """Waits for a launched step's tokens and hands them to the scheduler and the requests."""
+        out, sampled_seq_ids = step.out, step.sampled_seq_ids
+        try:
+            result = step.future.result()
+            self._store_prompt_rows(step.plan, result)
+        except Exception:
+            later = [self._inflight.out] if self._inflight is not None else []
+            abort_steps(self, [out] + later)  # not attributable to one request: fatal
+            self._inflight = None
+            raise
         upd = self.scheduler.update(result.sampled_token_ids)
-        self._append_tokens(upd, slots)
+        self._append_tokens(upd, step.slots, step.slots_stale)
         self._step_counters.record(out.num_tokens, out.num_decodes, len(upd.token_ids))
         now = time.time()
         for seq_id in out.seq_ids.tolist():
             entry = self._seqs.get(seq_id)
             if entry is not None and entry[0].metrics.first_scheduled_time is None:
                 metrics = entry[0].metrics
-                metrics.first_scheduled_time = scheduled_at
+                metrics.first_scheduled_time = step.scheduled_at
                 if self.scheduler.contains(entry[1].core_id):
                     info = self.scheduler.request_info(entry[1].core_id)
                     metrics.num_cached_prompt_tokens = max(0, info["num_cached_prompt_tokens"])
-        changed = failed | self._process_tokens(upd, sampled_seq_ids, result, now)
-        if out.num_tokens == 0 and self._requests and not changed:
-            raise RuntimeError("scheduler made no progress with requests pending")
-        return changed, now
+        return self._process_tokens(upd, sampled_seq_ids, result, now), now
 
     def _process_tokens(
         self, upd, sampled_seq_ids: list[int], result: StepResult, now: float

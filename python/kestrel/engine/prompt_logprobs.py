@@ -38,6 +38,9 @@ class PromptTally:
     prompt_token_ids: list[int]
     k: int  # top-k asked, 0..20 (clamped to the vocabulary)
     num_scored: int = 0  # rows 0..num_scored-1 are in
+    # Rows 0..num_planned-1 are in or in a launched step (overlap scheduling plans the next
+    # step before the previous one's numbers are back).
+    num_planned: int = 0
     logprobs: np.ndarray = field(init=False)
     ranks: np.ndarray = field(init=False)
     top_ids: np.ndarray = field(init=False)
@@ -60,11 +63,11 @@ class PromptTally:
 
     def rows_of_chunk(self, start: int, count: int) -> tuple[int, int]:
         """For a chunk of `count` rows at positions start..: the positions [lo, hi) still to score. Raises when the chunk skips unscored positions."""
-        lo = max(start, self.num_scored)
+        lo = max(start, self.num_planned)
         hi = min(start + count, self.num_rows)
-        if lo < hi and start > self.num_scored:
+        if lo < hi and start > self.num_planned:
             raise RuntimeError(
-                f"prompt logprobs: positions {self.num_scored}..{start - 1} were never computed "
+                f"prompt logprobs: positions {self.num_planned}..{start - 1} were never computed "
                 "(a prefix-cache hit on a request that asks prompt logprobs)"
             )
         return lo, max(lo, hi)
@@ -118,6 +121,7 @@ class PromptRowPlan:
         lo, hi = tally.rows_of_chunk(start, count)
         if lo == hi:
             return
+        tally.num_planned = hi
         self._chunks.append(_Chunk(tally, lo, hi, self._num))
         self._rows.append(np.arange(first_row + lo - start, first_row + hi - start))
         self._targets.append(np.asarray(tally.prompt_token_ids[lo + 1 : hi + 1], dtype=np.int64))

@@ -1,10 +1,12 @@
 """The engine's side of structured outputs: requests waiting for their grammar, the step's
 bitmask for the constrained rows, and advancing each sequence's matcher by its tokens.
 
-A constrained request is checked when it is added (`check`: a bad schema is a 400), then waits
-outside the scheduler while its matcher compiles in a worker thread; `ready()` hands the
-compiled ones to the engine at the start of a step, which admits them. The step loop never
-blocks on a compile unless nothing else can run (`wait_any`, bounded).
+A constrained request waits outside the scheduler while its constraint is checked and compiled
+in a worker thread (`GrammarBackend.compile_async`: the size cap, the grammar text and the
+compile under `GrammarLimits`; nothing of it runs on the engine's thread, so a huge or
+pathological grammar delays only its own request); `admit_ready` hands the compiled ones (and
+the failures, which fail their request alone) to the engine at the start of a step. The step
+loop never blocks on a compile unless nothing else can run (`wait_any`, bounded).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kestrel.errors import InvalidRequestError
-from kestrel.structured import GrammarBackend, GrammarMask, Matcher, check
+from kestrel.structured import GrammarBackend, GrammarLimits, GrammarMask, Matcher
 
 if TYPE_CHECKING:
-    from kestrel.sampling_params import SamplingParams
+    from kestrel.sampling_params import SamplingParams, StructuredOutputsParams
     from kestrel.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -34,35 +36,41 @@ class _Waiting:
 
 
 class StructuredRequests:
-    def __init__(self, tokenizer: Tokenizer | None, eos_token_id: int | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        eos_token_id: int | None,
+        limits: GrammarLimits | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._eos = eos_token_id
+        self._limits = limits or GrammarLimits()
         self._backend: GrammarBackend | None = None
         self.waiting: dict[str, _Waiting] = {}
 
-    def grammar_for(self, params: SamplingParams) -> str | None:
-        """The checked grammar of a constrained request (None when unconstrained); raises
-        InvalidRequestError naming structured_outputs when it cannot be used."""
+    def constraint_of(self, params: SamplingParams) -> StructuredOutputsParams | None:
+        """The request's constraint (None when unconstrained), not yet checked: that is the
+        compile worker's job. InvalidRequestError when the model has no tokenizer."""
         if params.structured_outputs is None:
             return None
         if self._tokenizer is None:
             raise InvalidRequestError(
                 "structured_outputs", "structured outputs need the model's tokenizer; it has none"
             )
-        return check(params.structured_outputs)
+        return params.structured_outputs
 
     def submit(
         self,
         request_id: str,
-        grammar: str,
+        constraint: StructuredOutputsParams,
         admit: Callable[[Matcher | None, BaseException | None], None],
     ) -> None:
-        """Compiles in the background; `admit(matcher, None)` or `admit(None, error)` is called
-        from `admit_ready` on the engine's thread once it is done."""
+        """Checks and compiles in the background; `admit(matcher, None)` or
+        `admit(None, error)` is called from `admit_ready` on the engine's thread once done."""
         if self._backend is None:
             assert self._tokenizer is not None
-            self._backend = GrammarBackend(self._tokenizer, self._eos)
-        self.waiting[request_id] = _Waiting(self._backend.compile_async(grammar), admit)
+            self._backend = GrammarBackend(self._tokenizer, self._eos, self._limits)
+        self.waiting[request_id] = _Waiting(self._backend.compile_async(constraint), admit)
 
     def cancel(self, request_id: str) -> None:
         waiting = self.waiting.pop(request_id, None)

@@ -8,7 +8,7 @@ reads either. `copy()` detaches it from the scheduler's buffers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,10 @@ class StepInput:
     max_query_len: int
     max_seq_len: int
     max_blocks_per_seq: int
+    # Async scheduling: rows whose token is the one the previous step samples for their request
+    # (input_ids holds 0 there) and that token's row among the previous step's sampled rows.
+    placeholder_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    placeholder_src: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
     @property
     def num_reqs(self) -> int:

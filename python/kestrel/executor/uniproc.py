@@ -1,7 +1,8 @@
 """The single-process executor: the engine's one door to the model runner(s).
 
-`LLMEngine.step` hands each step to `executor.execute(step_input, slots)` and gets the sampled
-tokens back; it never calls the runner directly for a step. Sampling state lives in the runner's
+`LLMEngine.step` hands each step to `executor.launch(step_input, slots)` and gets a future of
+the sampled tokens back (`execute` = launch and wait); it never calls the runner directly for a
+step. Sampling state lives in the runner's
 persistent input batch, one slot per running sequence; the engine keeps it current through
 `add_sequence` (a sequence's first sampled step, or its first after a preemption),
 `remove_sequence` (finished, aborted, failed or preempted) and `append_tokens` (once per step,
@@ -19,13 +20,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Sequence
+    from collections.abc import Callable, Hashable, Sequence
 
     import numpy as np
     import torch
 
     from kestrel.executor.step_input import StepInput
-    from kestrel.runner.model_runner import ModelRunner, StepResult
+    from kestrel.runner.model_runner import ModelRunner, StepFuture, StepResult
     from kestrel.runner.prompt_logprobs import PromptLogprobRows
     from kestrel.sampling_params import SamplingParams
     from kestrel.structured import GrammarMask
@@ -53,6 +54,14 @@ class Executor(Protocol):
         prompt_rows: PromptLogprobRows | None = None,
         grammar_mask: GrammarMask | None = None,
     ) -> StepResult: ...
+
+    def launch(
+        self,
+        step: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+        grammar_mask: GrammarMask | Callable[[], GrammarMask | None] | None = None,
+    ) -> StepFuture: ...
 
 
 class UniProcExecutor:
@@ -89,3 +98,13 @@ class UniProcExecutor:
         grammar_mask: GrammarMask | None = None,
     ) -> StepResult:
         return self.runner.execute(step, slots, prompt_rows, grammar_mask)
+
+    def launch(
+        self,
+        step: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+        grammar_mask: GrammarMask | Callable[[], GrammarMask | None] | None = None,
+    ) -> StepFuture:
+        """Enqueues the step and returns at once; `result()` waits for its tokens."""
+        return self.runner.launch(step, slots, prompt_rows, grammar_mask)

@@ -9,6 +9,7 @@ from kestrel.ops.attention import (
     paged_decode_attention,
     paged_prefill_attention,
 )
+from kestrel.ops.bitmask import apply_token_bitmask, apply_token_bitmask_reference
 from kestrel.ops.norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_reference,
@@ -27,6 +28,8 @@ __all__ = [
     "AttentionMetadata",
     "KernelError",
     "apply_rotary",
+    "apply_token_bitmask",
+    "apply_token_bitmask_reference",
     "compute_cos_sin_cache",
     "fused_add_rms_norm",
     "fused_add_rms_norm_reference",

@@ -36,18 +36,28 @@ DISABLE_ENV = "KESTREL_DISABLE_KERNELS"
 PREFILL_KERNEL_ENV = "KESTREL_PREFILL_KERNEL"
 
 
+# Kernels merged before any GPU ran them (written and compiled on a machine without one): they
+# run only with KESTREL_UNVERIFIED_KERNELS=1 (their CUDA tests set it) until a device run has
+# passed their tests and measured them, which takes them off this list. Until then their ops
+# take the torch reference on CUDA too.
+UNVERIFIED_ENV = "KESTREL_UNVERIFIED_KERNELS"
+UNVERIFIED_OPS: frozenset[str] = frozenset({"apply_token_bitmask"})
+
+
 @dataclass(frozen=True)
 class KernelSettings:
     """The kernels' environment switches, read once (see the module docstring)."""
 
     disable_kernels: bool  # KESTREL_DISABLE_KERNELS == "1"
     prefill_kernel: str  # KESTREL_PREFILL_KERNEL, default "auto"
+    unverified_kernels: bool = False  # KESTREL_UNVERIFIED_KERNELS == "1"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> KernelSettings:
         return cls(
             disable_kernels=environ.get(DISABLE_ENV) == "1",
             prefill_kernel=environ.get(PREFILL_KERNEL_ENV, "auto"),
+            unverified_kernels=environ.get(UNVERIFIED_ENV) == "1",
         )
 
 
@@ -81,6 +91,12 @@ class KernelError(RuntimeError):
 def kernels_available() -> bool:
     """True when kestrel._kernels is importable and not disabled by the settings."""
     return kernels is not None and not settings.disable_kernels
+
+
+def kernel_verified(op: str) -> bool:
+    """False for an op whose kernel has not run on a GPU yet, unless KESTREL_UNVERIFIED_KERNELS
+    asks for it (see UNVERIFIED_OPS)."""
+    return op not in UNVERIFIED_OPS or settings.unverified_kernels
 
 
 def use_kernels(x: torch.Tensor) -> bool:

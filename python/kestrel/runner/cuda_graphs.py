@@ -99,11 +99,12 @@ class DecodeGraphs:
             and out.max_blocks_per_seq <= self.max_blocks
         )
 
-    def run(self, out: StepInput, stage) -> torch.Tensor:
-        """Replays the smallest graph that holds the batch; returns logits [n, vocab]."""
+    def run(self, out: StepInput, input_ids: torch.Tensor, stage) -> torch.Tensor:
+        """Replays the smallest graph that holds the batch (`input_ids`: its token ids, on the
+        device); returns logits [n, vocab]."""
         n = out.num_reqs
         bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(stage(out.input_ids, torch.int64), non_blocking=True)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(stage(out.positions, torch.int64), non_blocking=True)
         if bs > n:
             self.positions[n:bs].fill_(0)

@@ -22,7 +22,6 @@ again, so their streams move on by one draw.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,11 +33,12 @@ from kestrel.runner.cuda_graphs import DecodeGraphs
 from kestrel.runner.input_batch import InputBatch
 from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut, score_prompt_rows
 from kestrel.runner.staging import HostStager
+from kestrel.runner.step_future import StepFuture, StepResult
 from kestrel.sample import Sampler, SamplerOutput
-from kestrel.structured.bitmask import GrammarMask, apply_bitmask
+from kestrel.structured.bitmask import BitmaskApplier, GrammarMask
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Sequence
+    from collections.abc import Callable, Hashable, Sequence
 
     from kestrel.executor.step_input import StepInput
     from kestrel.model_config import ModelConfig
@@ -46,16 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class StepResult:
-    sampled_token_ids: np.ndarray  # [S] int64, host; a placeholder 0 at each failed row
-    sampler_output: SamplerOutput | None  # device tensors (logprobs), None when S == 0
-    # Row index -> the exception that sampling that row alone raised. The engine must fail those
-    # rows' requests (abort them before update(), which then drops their placeholder tokens).
-    failed_rows: dict[int, BaseException] = field(default_factory=dict)
-    # The scored prompt rows of the step (see runner/prompt_logprobs.py), None when none asked.
-    prompt_logprobs: PromptLogprobsOut | None = None
+__all__ = ["ModelRunner", "StepFuture", "StepResult", "kv_block_bytes"]
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -96,7 +87,9 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.input_batch = InputBatch(max_num_seqs, self.vocab_size, device)
         self.stager = HostStager(device)
+        self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
+        self._last_sampled: torch.Tensor | None = None  # the last launched step's sampled ids
         self.attention = PagedAttentionBackend(
             num_q_heads=model_config.num_attention_heads,
             num_kv_heads=model_config.num_key_value_heads,
@@ -207,7 +200,6 @@ class ModelRunner:
         """The step's metadata, staged to the device and planned (validated once)."""
         return self.attention.metadata_for(out, self.stager.to_device)
 
-    @torch.inference_mode()
     def execute(
         self,
         out: StepInput,
@@ -215,26 +207,43 @@ class ModelRunner:
         prompt_rows: PromptLogprobRows | None = None,
         grammar_mask: GrammarMask | None = None,
     ) -> StepResult:
-        """Runs the step; `slots[i]` is the input-batch slot of the i-th sampled row (in
-        `out.logits_indices` order). `prompt_rows`: prefill rows whose prompt logprobs are
-        asked for (scored from the same forward pass). `grammar_mask`: the structured-output
-        bitmasks of the constrained rows, applied to the logits before sampling (so every
-        sampling path, the argmax fast path and the row-by-row retry included, sees the
-        masked logits)."""
+        """`launch` and wait for its result."""
+        return self.launch(out, slots, prompt_rows, grammar_mask).result()
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        out: StepInput,
+        slots: Sequence[int],
+        prompt_rows: PromptLogprobRows | None = None,
+        grammar_mask: GrammarMask | Callable[[], GrammarMask | None] | None = None,
+    ) -> StepFuture:
+        """Enqueues the step on the device and returns without waiting for it (see
+        runner/step_future.py); `slots[i]` is the input-batch slot of the i-th sampled row (in
+        `out.logits_indices` order). `out.placeholder_rows` take their token ids from the
+        previous launch's sampled rows `out.placeholder_src`, on the device. `prompt_rows`:
+        prefill rows whose prompt logprobs are asked for (scored from the same forward pass).
+        `grammar_mask`: the structured-output bitmasks of the constrained rows (or a callable
+        making them, called once the forward pass is enqueued, so the host fills them while the
+        device runs), applied to the logits before sampling (so every sampling path, the argmax
+        fast path and the row-by-row retry included, sees the masked logits)."""
         if len(slots) != out.num_sampled:
             raise ValueError(f"{len(slots)} sampled slots for {out.num_sampled} logits indices")
         if out.num_tokens == 0:
-            return StepResult(np.zeros(0, dtype=np.int64), None)
+            return self._remember(StepFuture.empty(self.device))
         if prompt_rows is not None and prompt_rows.num_rows == 0:
             prompt_rows = None
         # An exception here is fatal: it is no one row's fault.
         logits, prompt_out = self._logits(out, prompt_rows)
         if logits is None:
-            return StepResult(np.zeros(0, dtype=np.int64), None, prompt_logprobs=prompt_out)
+            return self._remember(StepFuture.empty(self.device, prompt_out))
+        if callable(grammar_mask):
+            grammar_mask = grammar_mask()
         if grammar_mask is not None:
-            apply_bitmask(logits, grammar_mask)
+            self.bitmask.apply(logits, grammar_mask)
         try:
-            result = self._sample(logits, slots)
+            sampled, sampler_output = self._sample(logits, slots)
+            future = StepFuture(sampled, sampler_output, None, prompt_out)
         except Exception as exc:
             # Lazy import: kestrel.engine imports this module.
             from kestrel.engine.faults import is_device_failure
@@ -244,8 +253,30 @@ class ModelRunner:
             result = self._sample_each_row(logits, slots)
             if result is None:  # every row failed on its own: not attributable
                 raise
-        result.prompt_logprobs = prompt_out
-        return result
+            tokens = torch.from_numpy(result.sampled_token_ids).to(self.device)
+            future = StepFuture(tokens, result.sampler_output, result.failed_rows, prompt_out)
+        return self._remember(future)
+
+    def _remember(self, future: StepFuture) -> StepFuture:
+        self._last_sampled = future.sampled_on_device  # the next step's placeholder source
+        return future
+
+    def _input_ids(self, out: StepInput) -> torch.Tensor:
+        """The step's token ids on the device, placeholder rows filled from the previous step's
+        sampled ids (there, without a round trip through the host)."""
+        ids = self.stager.to_device(out.input_ids, torch.int64)
+        rows = out.placeholder_rows
+        if rows.shape[0]:
+            prev = self._last_sampled
+            src = out.placeholder_src
+            if prev is None or int(src.max()) >= prev.shape[0]:
+                raise RuntimeError(
+                    f"placeholder rows read sampled row {int(src.max())} of a previous step that "
+                    f"sampled {0 if prev is None else prev.shape[0]}"
+                )
+            dst = self.stager.to_device(rows, torch.int64)
+            ids.index_copy_(0, dst, prev.index_select(0, self.stager.to_device(src, torch.int64)))
+        return ids
 
     def _logits(
         self, out: StepInput, prompt_rows: PromptLogprobRows | None
@@ -253,23 +284,27 @@ class ModelRunner:
         """The forward pass: logits [S, vocab] fp32 of the sampled rows (None when S == 0) and
         the scored prompt rows. Steps that score prompt rows run eagerly (prefills)."""
         self.stager.begin_step()
+        input_ids = self._input_ids(out)
         if (
             prompt_rows is None
             and self.graphs is not None
             and out.num_sampled == out.num_reqs
             and self.graphs.can_run(out)
         ):
-            return self.graphs.run(out, self.stager.to_device), None  # [S, vocab] fp32
-        return self._forward_eager(out, prompt_rows)
+            return self.graphs.run(out, input_ids, self.stager.to_device), None  # [S, vocab]
+        return self._forward_eager(out, input_ids, prompt_rows)
 
-    def _sample(self, logits: torch.Tensor, slots: Sequence[int]) -> StepResult:
-        """The sampling stage: one token per row of `logits` (row i: the sequence in slots[i]).
-        Never modifies `logits` (the row-by-row retry reads them again)."""
+    def _sample(
+        self, logits: torch.Tensor, slots: Sequence[int]
+    ) -> tuple[torch.Tensor, SamplerOutput | None]:
+        """The sampling stage: one token per row of `logits` (row i: the sequence in slots[i]),
+        on the device, and the logprob tensors when a row asks for them. Never modifies `logits`
+        (the row-by-row retry reads them again)."""
         if self.input_batch.all_plain_greedy(slots):  # fast path: no per-row tensors to gather
-            return StepResult(logits.argmax(dim=-1).cpu().numpy(), None)
+            return logits.argmax(dim=-1), None
         batch = self.input_batch.gather(slots, self.stager.to_device)
         sampled = self.sampler(logits, batch)
-        return StepResult(sampled.sampled_token_ids.cpu().numpy(), sampled)
+        return sampled.sampled_token_ids, (sampled if sampled.logprobs is not None else None)
 
     def _sample_each_row(self, logits: torch.Tensor, slots: Sequence[int]) -> StepResult | None:
         """After the batch failed to sample: each row alone. Rows that still raise (not a device
@@ -281,7 +316,7 @@ class ModelRunner:
         failed: dict[int, BaseException] = {}
         for i, slot in enumerate(slots):
             try:
-                tokens[i] = self._sample(logits[i : i + 1], [slot]).sampled_token_ids[0]
+                tokens[i] = int(self._sample(logits[i : i + 1], [slot])[0][0])
             except Exception as exc:
                 if is_device_failure(exc):
                     raise
@@ -301,12 +336,11 @@ class ModelRunner:
         return StepResult(tokens, sampler_output, failed)
 
     def _forward_eager(
-        self, out: StepInput, prompt_rows: PromptLogprobRows | None
+        self, out: StepInput, input_ids: torch.Tensor, prompt_rows: PromptLogprobRows | None
     ) -> tuple[torch.Tensor | None, PromptLogprobsOut | None]:
         """Logits [S, vocab] fp32 of the sampled rows (None when no row is sampled), and the
         prompt logprobs of `prompt_rows`."""
         stage = self.stager.to_device
-        input_ids = stage(out.input_ids, torch.int64)
         positions = stage(out.positions, torch.int64)
         metadata = self.build_attention_metadata(out)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]

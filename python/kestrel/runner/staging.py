@@ -1,9 +1,11 @@
 """Host -> device staging of the scheduler's numpy arrays through pinned buffers.
 
 On CUDA every array is copied into a slice of a persistent page-locked buffer and sent with a
-non-blocking copy, so a step issues its uploads without waiting. A buffer slice is reused only
-in the next step, after that step's single synchronization (reading the sampled ids), so no copy
-is still in flight when it is overwritten. On CPU the numpy arrays are wrapped, not copied.
+non-blocking copy, so a step issues its uploads without waiting. There are two sets of buffers,
+used by alternate steps: with overlap scheduling step N + 1 is staged while step N (whose copies
+may not have run yet) is in flight, and a set is reused only by step N + 2, once the engine has
+waited for step N's results (which come after its copies on the stream). On CPU the numpy
+arrays are wrapped, not copied.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ _CAPACITY_ELEMS = 1 << 20  # per dtype, grown on demand
 class HostStager:
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: dict[torch.dtype, torch.Tensor] = {}
+        self._sets: tuple[dict[torch.dtype, torch.Tensor], ...] = ({}, {})
+        self._parity = 0
+        self._pinned = self._sets[0]
         self._offsets: dict[torch.dtype, int] = {}
 
     def begin_step(self) -> None:
-        """Start filling the buffers from the beginning again (previous copies are done)."""
-        for dtype in self._offsets:
-            self._offsets[dtype] = 0
+        """Start filling the other set of buffers from its beginning (its copies, made two
+        steps ago, are done)."""
+        self._parity ^= 1
+        self._pinned = self._sets[self._parity]
+        self._offsets = {}
 
     def to_device(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         src = torch.from_numpy(array)

@@ -5,14 +5,16 @@ docs/performance.md: xgrammar's mask is about 3x cheaper per token, llguidance c
 schema 20-50x faster and installs with nothing else, where xgrammar pulls in triton (1 GB) and
 transformers); the backend sits behind this module, so another can be added.
 
-Life of a constrained request (see `LLMEngine`): `check` validates the constraint when the
-request is added (a grammar that cannot compile is an InvalidRequestError naming
-`structured_outputs`, i.e. an HTTP 400); `compile_async` builds the matcher in a worker thread
-(the first use also builds the backend's view of the vocabulary, seconds for a 150k
-vocabulary), and the request waits outside the scheduler until it is ready, so the step loop
-never waits on a grammar. Per step, `Matcher.fill_bitmask` writes the allowed-token bitmask
-of the next token (one bit per token id, int32 words) and `accept` advances it by the sampled
-token; `rollback` undoes tokens (for speculative decoding).
+Life of a constrained request (see `LLMEngine`): the API server `check`s the constraint before
+it sends the request (in a `GrammarThreads` worker, off its event loop: a bad one is a 400
+naming the request field); the engine only looks at its kind when the request is added and
+`compile_async` does all the work in a worker thread (size cap, grammar text, compile under
+`GrammarLimits`; the first use also builds the backend's view of the vocabulary, seconds for a
+150k vocabulary). The request waits outside the scheduler until its matcher is ready, so the
+step loop never waits on a grammar; one that fails fails that request alone. Per step,
+`Matcher.fill_bitmask` writes the allowed-token bitmask of the next token (one bit per token
+id, int32 words) and `accept` advances it by the sampled token; `rollback` undoes tokens (for
+speculative decoding).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import json
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kestrel.errors import InvalidRequestError
+from kestrel.structured.limits import GrammarLimits, check_size
+from kestrel.structured.threads import GrammarThreads
 
 if TYPE_CHECKING:
     from kestrel.sampling_params import StructuredOutputsParams
@@ -51,8 +55,12 @@ def _gbnf_to_lark(text: str) -> str:
     return gbnf_to_lark(text)
 
 
-def grammar_text(constraint: StructuredOutputsParams) -> str:
-    """The llguidance grammar of a constraint (not yet checked)."""
+def grammar_text(
+    constraint: StructuredOutputsParams, limits: GrammarLimits, param: str = PARAM
+) -> str:
+    """The llguidance grammar of a constraint (not yet checked); InvalidRequestError naming
+    `param` when it is too large or malformed."""
+    check_size(constraint, limits, param)
     llg = _llguidance().LLMatcher
     kind = constraint.kind
     if kind == "json":
@@ -62,14 +70,14 @@ def grammar_text(constraint: StructuredOutputsParams) -> str:
                 schema = json.loads(schema)
             except json.JSONDecodeError as exc:
                 raise InvalidRequestError(
-                    PARAM, f"the JSON schema is not valid JSON: {exc}"
+                    param, f"the JSON schema is not valid JSON: {exc}"
                 ) from exc
         if not isinstance(schema, dict):
-            raise InvalidRequestError(PARAM, "the JSON schema must be a JSON object")
+            raise InvalidRequestError(param, "the JSON schema must be a JSON object")
         try:
             return llg.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         except ValueError as exc:
-            raise InvalidRequestError(PARAM, f"the JSON schema cannot be used: {exc}") from exc
+            raise InvalidRequestError(param, f"the JSON schema cannot be used: {exc}") from exc
     if kind == "json_object":
         return llg.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
     if kind == "regex":
@@ -83,16 +91,21 @@ def grammar_text(constraint: StructuredOutputsParams) -> str:
         try:
             text = _gbnf_to_lark(text)
         except Exception as exc:
-            raise InvalidRequestError(PARAM, f"the grammar cannot be used: {exc}") from exc
+            raise InvalidRequestError(param, f"the grammar cannot be used: {exc}") from exc
     return llg.grammar_from_lark(text)
 
 
-def check(constraint: StructuredOutputsParams) -> str:
-    """The constraint's grammar, validated; InvalidRequestError naming the problem if not."""
-    grammar = grammar_text(constraint)
-    error = _llguidance().LLMatcher.validate_grammar(grammar)
+def check(
+    constraint: StructuredOutputsParams, limits: GrammarLimits | None = None, param: str = PARAM
+) -> str:
+    """The constraint's grammar, validated (without a vocabulary) under `limits`;
+    InvalidRequestError naming `param` and the problem if it cannot be used. Run it on a
+    `GrammarThreads` thread: a deep grammar overflows a default-sized stack."""
+    limits = limits or GrammarLimits()
+    grammar = grammar_text(constraint, limits, param)
+    error = _llguidance().LLMatcher.validate_grammar(grammar, limits=limits.parser_limits())
     if error and not error.startswith("WARNING"):
-        raise InvalidRequestError(PARAM, f"the {constraint.kind} constraint cannot be compiled: "
+        raise InvalidRequestError(param, f"the {constraint.kind} constraint cannot be compiled: "
                                   f"{error.strip()[:500]}")  # fmt: skip
     return grammar
 
@@ -126,12 +139,15 @@ class Matcher:
 
 
 class GrammarBackend:
-    """One per engine: the vocabulary view (built once, lazily) and a compile thread pool."""
+    """One per engine: the vocabulary view (built once, lazily) and the compile threads."""
 
-    def __init__(self, tokenizer: Tokenizer, eos_token_id: int | None) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, eos_token_id: int | None, limits: GrammarLimits | None = None
+    ) -> None:
         self._tokenizer = tokenizer
         self._eos = eos_token_id
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kestrel-grammar")
+        self.limits = limits or GrammarLimits()
+        self._pool = GrammarThreads(2, self.limits.stack_bytes, "kestrel-grammar")
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
         self._executor: Any = None  # llguidance's parallel mask executor, made on first use
@@ -162,17 +178,20 @@ class GrammarBackend:
         pairs = [(m._m, k) for k, m in enumerate(matchers)]
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, row_bytes, len(pairs))
 
-    def compile_async(self, grammar: str) -> Future[Matcher]:
-        """A matcher for a checked grammar, built in a worker thread."""
-        return self._pool.submit(self._compile, grammar)
+    def compile_async(self, constraint: StructuredOutputsParams) -> Future[Matcher]:
+        """A matcher for a constraint, built in a worker thread (everything from the size
+        check on happens there); the future raises InvalidRequestError if it cannot be used."""
+        return self._pool.submit(self._compile, constraint)
 
-    def _compile(self, grammar: str) -> Matcher:
+    def _compile(self, constraint: StructuredOutputsParams) -> Matcher:
+        grammar = grammar_text(constraint, self.limits)
         vocab = self._vocab()
-        matcher = _llguidance().LLMatcher(vocab, grammar, log_level=0)
+        llg = _llguidance()
+        matcher = llg.LLMatcher(vocab, grammar, log_level=0, limits=self.limits.parser_limits())
         if matcher.is_error():
-            raise InvalidRequestError(PARAM, f"the constraint cannot be compiled: "
-                                      f"{matcher.get_error()[:500]}")  # fmt: skip
+            raise InvalidRequestError(PARAM, f"the {constraint.kind} constraint cannot be "
+                                      f"compiled: {matcher.get_error().strip()[:500]}")  # fmt: skip
         return Matcher(matcher, (vocab.vocab_size + 31) // 32)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()

@@ -8,6 +8,12 @@ Text is produced with a prefix/read-offset window over the token ids (`tokenizer
   strip) the same as in the middle of a text.
 - New text that ends in U+FFFD may be a character whose remaining bytes are in tokens not yet
   generated, so it is held until a later token completes it (or the request finishes).
+- Byte-fallback vocabularies (SentencePiece: `<0xE4>` tokens) decode a run of byte tokens as
+  one group, and one byte more can turn a valid character into one U+FFFD per byte (`中` +
+  `<0xB8>` decodes as four U+FFFD). So new text is held while the last token is a byte token,
+  until a token that is not a byte ends the run (or the request finishes), and a prompt that
+  ends in a byte token gives no context (its bytes would join the output's). Held text never
+  goes out, so the deltas always add up to `tokenizer.decode(output ids)`.
 
 Stop strings are searched in the output text. The match that ENDS first wins (ties: the one that
 starts first), which is what a character-by-character stream would see, so the result does not
@@ -60,11 +66,17 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stop = list(dict.fromkeys(stop))
         self._include_stop = include_stop_str_in_output
+        self._byte_ids = tokenizer.byte_fallback_ids()  # empty unless byte fallback
+        # Special tokens the decode drops: a run of byte tokens goes on across them.
+        self._skipped: frozenset[int] = frozenset()
+        if self._byte_ids and skip_special_tokens:
+            added = tokenizer.backend.get_added_tokens_decoder()
+            self._skipped = frozenset(i for i, t in added.items() if t.special)
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         context_text = self._decode(context)
-        if context_text.endswith(_REPLACEMENT_CHAR):
-            # The prompt ends inside a character: its bytes cannot join output bytes, so decode
-            # the output on its own.
+        if context_text.endswith(_REPLACEMENT_CHAR) or self._in_byte_run(context):
+            # The prompt ends inside a character or a run of byte tokens: its bytes cannot join
+            # output bytes, so decode the output on its own.
             context, context_text = [], ""
         self._ids = context  # context tokens, then every output token
         self._prefix_offset = 0
@@ -119,6 +131,8 @@ class IncrementalDetokenizer:
         """Text of ids[read_offset:] that is complete (all of it when `force`)."""
         if len(self._ids) == self._read_offset:
             return ""
+        if not force and self._in_byte_run(self._ids):
+            return ""  # a run of byte tokens: its text is known once the run ends
         text = self._decode(self._ids[self._prefix_offset :])
         if len(text) <= len(self._prefix_text):
             return ""  # e.g. only skipped special tokens so far
@@ -129,6 +143,15 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         return new_text
+
+    def _in_byte_run(self, ids: list[int]) -> bool:
+        """True when the last token of `ids` that the decode keeps is a byte token."""
+        if not self._byte_ids:
+            return False
+        for token in reversed(ids):
+            if token not in self._skipped:
+                return token in self._byte_ids
+        return False
 
     def _find_stop(self, old_len: int) -> str | None:
         """Find the first-ending stop string match that ends after `old_len` and cut the output

@@ -12,6 +12,7 @@ files, so `encode`/`decode`/`apply_chat_template` give the same ids and text:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class Tokenizer:
         elif chat_template is not None:
             self._default_chat_template = chat_template
         self._compiled_templates: dict[str, Any] = {}
+        self._byte_fallback_ids: frozenset[int] | None = None  # computed on first use
 
     def backend_json(self) -> str:
         """The `tokenizers` backend serialized (tokenizer.json), e.g. for a grammar engine."""
@@ -193,6 +195,21 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of the byte tokens `<0x00>`..`<0xFF>` when the decoder has a ByteFallback step
+        (SentencePiece-style vocabularies), else empty. A run of them decodes as one group:
+        valid UTF-8 becomes its characters, anything else one U+FFFD per byte, so the text
+        of a run is only known once a token that is not a byte ends it."""
+        if self._byte_fallback_ids is None:
+            backend_decoder = self._backend.decoder  # its state is its JSON (small)
+            decoder = json.loads(backend_decoder.__getstate__()) if backend_decoder else {}
+            is_sequence = decoder.get("type") == "Sequence"
+            steps = decoder.get("decoders") or [] if is_sequence else [decoder]
+            found = any(isinstance(s, dict) and s.get("type") == "ByteFallback" for s in steps)
+            ids = (self._backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if found else ()
+            self._byte_fallback_ids = frozenset(i for i in ids if i is not None)
+        return self._byte_fallback_ids
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
