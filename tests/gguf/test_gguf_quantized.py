@@ -67,9 +67,14 @@ def test_engine_greedy_tokens_match_the_dequantized_file(mixed_gguf, monkeypatch
     assert len(set(kept[0])) > 1
 
 
-def test_keep_quantized_choice():
+def test_keep_quantized_choice(monkeypatch):
+    from kestrel.loader import gguf_quantized
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(gguf_quantized, "gguf_kernels_usable", lambda: True)
     assert not keep_quantized(cpu, {}) and keep_quantized(cuda, {})
+    monkeypatch.setattr(gguf_quantized, "gguf_kernels_usable", lambda: False)  # e.g. unverified
+    assert not keep_quantized(cuda, {})
     assert keep_quantized(cpu, {KEEP_QUANTIZED_ENV: "1"})
     assert not keep_quantized(cuda, {KEEP_QUANTIZED_ENV: "0"})
     with pytest.raises(ValueError, match="KESTREL_GGUF_QUANTIZED='yes'; expected one of"):

@@ -11,10 +11,20 @@ from kestrel import LLM, SamplingParams
 from kestrel.layers.gguf_linear import GGUFLinearMethod
 from kestrel.loader.gguf_loader import load_gguf_model
 from kestrel.loader.gguf_quantized import KEEP_QUANTIZED_ENV
+from kestrel.ops import _dispatch
 from kestrel.testing.tiny_models import make_tiny_model
 from tests.gguf.fixtures import MIXED_TINY, mixed_qtype_for, prefill_logits, write_gguf_from_hf
+from tests.kernels.helpers import kernel_spy, set_kernel_env
 
 pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _allow_unverified(monkeypatch):
+    """The GGUF kernels are off by default until a GPU run verifies them
+    (_dispatch.UNVERIFIED_OPS): these tests are that run."""
+    set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, "1")
+
 
 PROMPT = [5, 77, 300, 12, 9, 401, 250, 3, 64, 128, 17]
 
@@ -32,8 +42,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kept_model_is_as_accurate_as_the_dequantized_one(mixed_gguf, dtype, monkeypatch):
-    from tests.kernels.helpers import kernel_spy
-
     spy = next(kernel_spy(monkeypatch))
     kept, config = load_gguf_model(mixed_gguf, dtype, "cuda", keep_quantized_blocks=True)
     plain, _ = load_gguf_model(mixed_gguf, dtype, "cuda", keep_quantized_blocks=False)

@@ -19,9 +19,17 @@ from kestrel.layers.gguf_linear import GGUFLinearMethod
 from kestrel.ops import _dispatch
 from kestrel.ops import gguf as gguf_ops
 from kestrel.testing.gguf_blocks import random_blocks
-from tests.kernels.helpers import DTYPES, TOLERANCE, rel_err
+from tests.kernels.helpers import DTYPES, TOLERANCE, rel_err, set_kernel_env
 
 pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _allow_unverified(monkeypatch):
+    """The GGUF kernels are off by default until a GPU run verifies them
+    (_dispatch.UNVERIFIED_OPS): these tests are that run."""
+    set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, "1")
+
 
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # (N, blocks per row): one row and one block, odd sizes, a 7B-like row (Q4_K: K = 3584).

@@ -98,7 +98,9 @@ class GGUFLinearMethod(LinearMethodBase):
         weight.weight_loader = functools.partial(self._load_weight, layer)
         layer.register_parameter("weight", weight)
         layer.gguf_segments = segments
-        layer.gguf_use_kernels = _dispatch.kernels_for(device, params_dtype)
+        layer.gguf_use_kernels = (
+            _dispatch.kernels_for(device, params_dtype) and gguf_ops.gguf_kernels_usable()
+        )
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class GGUFLinearMethod(LinearMethodBase):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if layer.gguf_use_kernels and x.is_cuda:
-            if _dispatch.dtype_code(x.dtype) is not None and _dispatch.kernels_available():
+            if _dispatch.dtype_code(x.dtype) is not None and gguf_ops.gguf_kernels_usable():
                 out = self._apply_kernels(layer, x2, bias)
                 return out.reshape(*lead, out.shape[-1])
             _dispatch.reference_fallback("gguf_linear", f"x {x.dtype}")

@@ -6,9 +6,11 @@ with kernels (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K; the parts may differ, e.g. Q4_K q/k 
 Every other tensor is dequantized to the run dtype as before; the embeddings and the LM head
 always are.
 
-By default the blocks are kept on CUDA devices only (where the kernels run);
-`KESTREL_GGUF_QUANTIZED=1` keeps them on any device (CPU runs the torch reference: tests), `0`
-never.
+By default the blocks are kept on CUDA devices only, and only where the GGUF kernels can run
+(built, and verified on a GPU or allowed by KESTREL_UNVERIFIED_KERNELS=1: `_dispatch.
+UNVERIFIED_OPS`), so an unverified build dequantizes as before; `KESTREL_GGUF_QUANTIZED=1`
+keeps them on any device (where the kernels cannot run, the torch reference dequantizes them
+on every call: tests), `0` never.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from kestrel.layers.gguf_linear import GGUFLinearMethod, gguf_weight_bytes
 from kestrel.layers.linear import LinearMethodBase
 from kestrel.models.weights import map_checkpoint_name
-from kestrel.ops.gguf import KERNEL_TYPES
+from kestrel.ops.gguf import KERNEL_TYPES, gguf_kernels_usable
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ def keep_quantized(device: torch.device, environ: Mapping[str, str] = os.environ
     value = environ.get(KEEP_QUANTIZED_ENV, "auto")
     if value not in _KEEP_CHOICES:
         raise ValueError(f"{KEEP_QUANTIZED_ENV}={value!r}; expected one of {_KEEP_CHOICES}")
-    return value == "1" or (value == "auto" and device.type == "cuda")
+    if value == "1":
+        return True
+    return value == "auto" and device.type == "cuda" and gguf_kernels_usable()
 
 
 @dataclass

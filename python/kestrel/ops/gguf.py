@@ -153,6 +153,13 @@ def gguf_matmul_reference(
 # ---- CUDA kernels ---------------------------------------------------------------------------
 
 
+def gguf_kernels_usable() -> bool:
+    """The GGUF kernels are built, not disabled, and verified on a GPU (or allowed unverified:
+    _dispatch.UNVERIFIED_OPS); a layer that keeps GGUF blocks runs them only then."""
+    ops = ("gguf_gemv", "gguf_dequantize")
+    return _dispatch.kernels_available() and all(_dispatch.kernel_verified(op) for op in ops)
+
+
 def _check_kernel_inputs(op: str, blocks: torch.Tensor, qtype: GGMLQuantizationType) -> int:
     k = _check_blocks(op, blocks, qtype)
     if not blocks.is_cuda or _dispatch.kernels is None:
