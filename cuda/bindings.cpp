@@ -127,6 +127,33 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("paged_prefill_attention", &paged_prefill_attention, nogil, py::arg("args"),
         py::arg("stream"));
 
+  py::class_<GgufGemvArgs>(m, "GgufGemvArgs")
+      .def(py::init<>())
+      .KESTREL_FIELD(GgufGemvArgs, out)
+      .KESTREL_FIELD(GgufGemvArgs, ldo)
+      .KESTREL_FIELD(GgufGemvArgs, x)
+      .KESTREL_FIELD(GgufGemvArgs, ldx)
+      .KESTREL_FIELD(GgufGemvArgs, weight)
+      .KESTREL_FIELD(GgufGemvArgs, row_bytes)
+      .KESTREL_FIELD(GgufGemvArgs, m)
+      .KESTREL_FIELD(GgufGemvArgs, n)
+      .KESTREL_FIELD(GgufGemvArgs, k)
+      .KESTREL_FIELD(GgufGemvArgs, ggml_type)
+      .KESTREL_FIELD(GgufGemvArgs, dtype);
+  m.def("gguf_gemv", &gguf_gemv, nogil, py::arg("args"), py::arg("stream"));
+
+  py::class_<GgufDequantizeArgs>(m, "GgufDequantizeArgs")
+      .def(py::init<>())
+      .KESTREL_FIELD(GgufDequantizeArgs, out)
+      .KESTREL_FIELD(GgufDequantizeArgs, ldo)
+      .KESTREL_FIELD(GgufDequantizeArgs, weight)
+      .KESTREL_FIELD(GgufDequantizeArgs, row_bytes)
+      .KESTREL_FIELD(GgufDequantizeArgs, n)
+      .KESTREL_FIELD(GgufDequantizeArgs, k)
+      .KESTREL_FIELD(GgufDequantizeArgs, ggml_type)
+      .KESTREL_FIELD(GgufDequantizeArgs, dtype);
+  m.def("gguf_dequantize", &gguf_dequantize, nogil, py::arg("args"), py::arg("stream"));
+
   py::class_<TokenBitmaskArgs>(m, "TokenBitmaskArgs")
       .def(py::init<>())
       .KESTREL_FIELD(TokenBitmaskArgs, logits)

@@ -143,6 +143,39 @@ struct PrefillAttentionArgs {
 };
 int paged_prefill_attention(const PrefillAttentionArgs& args, ptr_t stream);
 
+// GGUF block-quantized weights W [n, k]: raw GGUF blocks of GGML type `ggml_type` (Q4_0 = 2,
+// Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14), row i at weight + i * row_bytes, with
+// row_bytes = k / block_elems * block_bytes and weight 16-byte aligned.
+// gguf_gemv: out [m, n] (row stride ldo) = x [m, k] (row stride ldx, 16-byte aligned rows) @
+// W^T for m = 1..8, fp32 accumulation, in dtype.
+struct GgufGemvArgs {
+  ptr_t out = 0;
+  int64_t ldo = 0;
+  ptr_t x = 0;
+  int64_t ldx = 0;
+  ptr_t weight = 0;
+  int64_t row_bytes = 0;
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int ggml_type = -1;
+  int dtype = -1;
+};
+int gguf_gemv(const GgufGemvArgs& args, ptr_t stream);
+
+// gguf_dequantize: out [n, k] (row stride ldo, a multiple of 8; 16-byte aligned) = W in dtype.
+struct GgufDequantizeArgs {
+  ptr_t out = 0;
+  int64_t ldo = 0;
+  ptr_t weight = 0;
+  int64_t row_bytes = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int ggml_type = -1;
+  int dtype = -1;
+};
+int gguf_dequantize(const GgufDequantizeArgs& args, ptr_t stream);
+
 // apply_token_bitmask: in place, for each r < num_rows and v < vocab,
 // logits[rows[r] * row_stride + v] = -inf unless bit (v % 32) of bitmask[r * words + v / 32] is
 // set (v >= 32 * words is never allowed). rows: int64 [num_rows] on the device (rows outside

@@ -9,6 +9,8 @@ two rotary halves interleaved row by row), optional quantization of the 2-D weig
 from __future__ import annotations
 
 import json
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from kestrel.ops import AttentionMetadata
+from kestrel.testing.gguf_blocks import random_blocks
 
 _HF_TO_GGUF_BLOCK = {
     "input_layernorm": "attn_norm",
@@ -37,6 +40,26 @@ _HF_TO_GGUF_GLOBAL = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+
+
+_Q = gguf.GGMLQuantizationType
+_RANDOM_BLOCK_TYPES = frozenset({_Q.Q4_K, _Q.Q5_K, _Q.Q6_K})  # gguf cannot quantize these
+
+
+# A tiny model whose linears can be K-quants (every input size a multiple of 256).
+MIXED_TINY = {"hidden_size": 256, "intermediate_size": 512, "num_heads": 4, "num_kv_heads": 2}
+
+
+def mixed_qtype_for(name: str) -> gguf.GGMLQuantizationType:
+    """Q4_K and Q8_0 linears (q/k Q4_K with a Q8_0 v: mixed parts); layer 1's v is Q5_0, which
+    has no kernel, so that layer's q/k/v is dequantized; embeddings and head F32."""
+    if not name.startswith("model.layers."):
+        return _Q.F32
+    if name == "model.layers.1.self_attn.v_proj.weight":
+        return _Q.Q5_0
+    if ".v_proj." in name or ".down_proj." in name:
+        return _Q.Q8_0
+    return _Q.Q4_K
 
 
 def gguf_name(hf_name: str) -> str:
@@ -68,10 +91,13 @@ def write_gguf_from_hf(
     rope_freqs: np.ndarray | None = None,
     with_tokenizer: bool = True,
     permute: bool = True,
+    qtype_for: Callable[[str], gguf.GGMLQuantizationType] | None = None,
 ) -> Path:
     """Write the tiny HF model in `hf_dir` as a GGUF of architecture `arch` (llama, qwen2,
-    qwen3). 2-D weights are stored as `qtype`; norms and biases stay F32. `permute=False`
-    leaves llama Q/K rows in HF order (a wrong file, for tests)."""
+    qwen3). 2-D weights are stored as `qtype`, or as `qtype_for(hf_name)` when given (types
+    `gguf` cannot quantize, the K-quants, get random valid blocks: other weights than the HF
+    model's); norms and biases stay F32. `permute=False` leaves llama Q/K rows in HF order (a
+    wrong file, for tests)."""
     config = json.loads((hf_dir / "config.json").read_text())
     tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -91,7 +117,8 @@ def write_gguf_from_hf(
     rope = config.get("rope_parameters") or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(0 if qtype == gguf.GGMLQuantizationType.F32 else 7)
+    unquantized = qtype == gguf.GGMLQuantizationType.F32 and qtype_for is None
+    writer.add_file_type(0 if unquantized else 7)
     if with_tokenizer:
         _add_byte_level_tokenizer(writer, hf_dir, config["vocab_size"])
     for name, tensor in tensors.items():
@@ -102,8 +129,14 @@ def write_gguf_from_hf(
             array = llama_cpp_permute(array, heads)
         elif permute and arch == "llama" and ".k_proj." in name:
             array = llama_cpp_permute(array, kv_heads)
-        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        tensor_qtype = qtype_for(name) if qtype_for is not None and array.ndim == 2 else qtype
+        if array.ndim == 2 and tensor_qtype in _RANDOM_BLOCK_TYPES:
+            rng = np.random.default_rng(zlib.crc32(name.encode()))
+            blocks = random_blocks(tensor_qtype, *array.shape, rng, centered=True)
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=tensor_qtype)
+        elif array.ndim == 2 and tensor_qtype != gguf.GGMLQuantizationType.F32:
+            blocks = gguf.quants.quantize(array, tensor_qtype)
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=tensor_qtype)
         else:
             writer.add_tensor(gguf_name(name), array)
     if rope_freqs is not None:
@@ -165,23 +198,28 @@ def _finish(writer: gguf.GGUFWriter) -> None:
 
 @torch.inference_mode()
 def prefill_logits(model: torch.nn.Module, config, token_ids: list[int]) -> torch.Tensor:
-    """Logits [len(token_ids), vocab] of one sequence fed in one step (contiguous KV blocks)."""
+    """Logits [len(token_ids), vocab] of one sequence fed in one step (contiguous KV blocks), on
+    the model's device."""
     n = len(token_ids)
     block_size = 16
     num_blocks = -(-n // block_size)
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
+    dtype, device = first.dtype, first.device
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
     kv_caches = [
-        (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
         for _ in range(config.num_hidden_layers)
     ]
     qsl = torch.tensor([0, n], dtype=torch.int32)
     lens = torch.tensor([n], dtype=torch.int32)
     metadata = AttentionMetadata(
-        slot_mapping=torch.arange(n, dtype=torch.int64),
-        query_start_loc=qsl,
-        seq_lens=lens,
-        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
+        query_start_loc=qsl.to(device),
+        seq_lens=lens.to(device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
         num_decodes=0,
         num_decode_tokens=0,
         max_query_len=n,
@@ -189,5 +227,6 @@ def prefill_logits(model: torch.nn.Module, config, token_ids: list[int]) -> torc
         query_start_loc_cpu=qsl.clone(),
         seq_lens_cpu=lens.clone(),
     )
-    hidden = model(torch.tensor(token_ids), torch.arange(n), kv_caches, metadata)
+    ids = torch.tensor(token_ids, device=device)
+    hidden = model(ids, torch.arange(n, device=device), kv_caches, metadata)
     return model.compute_logits(hidden)

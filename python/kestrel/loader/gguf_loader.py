@@ -26,6 +26,12 @@ from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
 from kestrel.loader.gguf_dequant import dequantize_to_torch
+from kestrel.loader.gguf_quantized import (
+    gguf_quant_config,
+    keep_quantized,
+    log_weight_memory,
+    raw_gguf_blocks,
+)
 from kestrel.loader.gguf_reader_fast import FastGGUFReader
 from kestrel.loader.gguf_tensor_data import (  # gguf_tensor_bytes: re-exported for callers
     gguf_tensor_bytes,  # noqa: F401 (raw GGML blocks of one tensor on the device)
@@ -307,11 +313,14 @@ def iter_gguf_weights(
     device: torch.device | str = "cpu",
     *,
     stager: DeviceStager | None = None,
+    raw: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor in `dtype` on `device`) one tensor at a time, in file order.
+    """Yield (HF name, tensor in `dtype` on `device`) one tensor at a time, in file order; the
+    GGUF tensors named in `raw` come as their raw blocks, uint8 [rows, row_bytes] on the CPU
+    (layers that keep them quantized: loader/gguf_quantized.py).
 
-    Each tensor's raw bytes go from the memory-mapped file to the device and are converted or
-    dequantized there (`gguf_tensor_data.gguf_tensor_to_device`). `stager`: the load's stager
+    Each other tensor's raw bytes go from the memory-mapped file to the device and are converted
+    or dequantized there (`gguf_tensor_data.gguf_tensor_to_device`). `stager`: the load's stager
     (its pinned buffers and byte progress, e.g. shared with `gguf_tensor_bytes` calls); by
     default one is made, with a progress bar over all the file's tensors.
     """
@@ -331,7 +340,11 @@ def iter_gguf_weights(
                     logger.warning("ignoring GGUF tensor %s (no model parameter)", tensor.name)
                 stager.report(int(tensor.n_bytes))
                 continue
-            weight = gguf_tensor_to_device(tensor, dtype, stager)
+            if tensor.name in raw:
+                weight = raw_gguf_blocks(tensor.data)  # rows permute as whole rows below
+                stager.report(int(tensor.n_bytes))
+            else:
+                weight = gguf_tensor_to_device(tensor, dtype, stager)
             if unpermute and ".self_attn.q_proj." in name:
                 weight = unpermute_rotary_rows(weight, config.num_attention_heads)
             elif unpermute and ".self_attn.k_proj." in name:
@@ -347,12 +360,15 @@ def load_gguf_model(
     dummy: bool = False,
     seed: int = 0,
     quantization: str | None = None,
+    keep_quantized_blocks: bool | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a GGUF file describes and fill its weights (dequantized to the dtype;
     `dummy`: random weights of the same shapes, deterministic in `seed`). quantization="fp8"
     quantizes the dequantized linear weights to FP8 (kestrel.layers.fp8).
 
-    Returns (model in eval mode on `device`, its ModelConfig).
+    Linear layers whose tensors are in a type with GGUF kernels keep the raw blocks when
+    `keep_quantized_blocks` (None: on CUDA, or as KESTREL_GGUF_QUANTIZED says; see
+    loader.gguf_quantized). Returns (model in eval mode on `device`, its ModelConfig).
     """
     timer = LoadTimer()
     f = as_gguf_file(source)
@@ -360,14 +376,21 @@ def load_gguf_model(
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, config, device)
     quant_config = fp8_config_for(config.hf_config, quantization)  # the metadata declares none
-    model = get_model_class(config.architecture)(
-        config, torch_dtype, device, quant_config=quant_config
-    )
+    model_class = get_model_class(config.architecture)
+    if keep_quantized_blocks is None:
+        keep_quantized_blocks = quant_config is None and keep_quantized(device)
+    if keep_quantized_blocks and quant_config is None and not dummy:
+        tensors = [(hf_tensor_name(t.name), t.name, int(t.tensor_type)) for t in f.reader.tensors]
+        quant_config = gguf_quant_config(tensors, model_class.packed_modules_mapping)
+    model = model_class(config, torch_dtype, device, quant_config=quant_config)
     if dummy:
         init_dummy_weights(model, seed=seed)
     else:
         try:
-            model.load_weights(iter_gguf_weights(f, config, torch_dtype, device))
+            raw: frozenset[str] = frozenset()
+            if quant_config is not None and hasattr(quant_config, "raw_tensor_names"):
+                raw = quant_config.raw_tensor_names()
+            model.load_weights(iter_gguf_weights(f, config, torch_dtype, device, raw=raw))
         except ValueError as exc:
             raise type(exc)(f"{f.path}: {exc}") from exc  # keeps UnsupportedTensorTypeError
     process_weights_after_loading(model)  # quant methods finish (repack) their weights
@@ -383,4 +406,5 @@ def load_gguf_model(
     )
     if not dummy:
         timer.finish(model, f.path, device, sum(int(t.n_bytes) for t in f.reader.tensors))
+    log_weight_memory(model, device)
     return model, config

@@ -267,6 +267,8 @@ class DecoderForCausalLM(nn.Module):
         tp_group: TensorParallelGroup = SINGLE_RANK,
         quant_config: Fp8Config | None = None,
     ) -> None:
+        """`quant_config`: the quant method of each linear layer (None: all unquantized);
+        embeddings, norms and the LM head are never quantized here."""
         super().__init__()
         self.config = config
         self.tp_group = tp_group
