@@ -16,7 +16,7 @@ python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_overlap_scheduling
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/gpu tests/engine tests/structured 2>&1 | tee $OUT/cuda_tests.log | tail -2
 fi
 python3 benchmarks/sync_points.py 2>&1 | grep -v "it/s\]" | tail -30 | tee $OUT/sync.log
-for m in qwen2.5-7b qwen2.5-0.5b; do for b in ${BATCHES:-1 64}; do for a in async-scheduling no-async-scheduling; do
+for m in qwen2.5-7b qwen2.5-0.5b; do for b in ${BATCHES-1 64}; do for a in async-scheduling no-async-scheduling; do
   echo "== latency $m b$b --$a"
   python3 benchmarks/latency.py --model $m --batch-size $b --output-len 128 --$a --json $OUT/lat_${m}_b${b}_$a.json 2>&1 | grep -v "it/s\]" | tail -1
 done; done; done
