@@ -153,3 +153,24 @@ def test_speculation_is_off_with_async_scheduling(tiny_model_dir, caplog):
         )
     assert llm.engine._speculator is None
     assert "speculative decoding is off with async scheduling" in caplog.text
+
+
+def test_the_runner_history_follows_every_accepted_token(engines):
+    """Accepted drafts give a sequence several tokens in one step: the runner's input-batch
+    history (what penalties would read) must hold each of them, in order, for batches past the
+    scalar append path too."""
+    engine = engines["spec"].engine
+    prompts = repetitive_prompts([16, 24, 20, 28, 12, 18], seed=5)
+    ids = [f"h{next(_serial)}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, greedy(30, ignore_eos=True))
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        batch = engine.runner.input_batch
+        for state, seq in list(engine._seqs.values()):
+            if seq.row.slot is not None:
+                assert batch.output_token_ids(seq.row.slot) == seq.row.output_token_ids
+                checked += 1
+    assert checked > 0
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0

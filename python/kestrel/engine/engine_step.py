@@ -91,6 +91,20 @@ class EngineStep:
             if len(keep) != len(now):
                 tokens = tokens[np.asarray(keep, dtype=np.int64)]
             slots = [now[k] for k in keep]
+        if self._speculator is not None and len(set(slots)) != len(slots):
+            # Several tokens of one sequence (accepted drafts): appended in rounds of unique
+            # slots, each sequence's tokens in order.
+            rounds: dict[int, tuple[list[int], list[int]]] = {}
+            seen: dict[int, int] = {}
+            for slot, token in zip(slots, np.asarray(tokens).tolist()):
+                k = seen.get(slot, 0)
+                seen[slot] = k + 1
+                rounds.setdefault(k, ([], []))
+                rounds[k][0].append(slot)
+                rounds[k][1].append(token)
+            for k in sorted(rounds):
+                self.executor.append_tokens(rounds[k][0], np.asarray(rounds[k][1], np.int32))
+            return
         self.executor.append_tokens(slots, tokens)
 
     # ---- the step -------------------------------------------------------------------------
