@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import kestrel
@@ -303,7 +301,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if sock is None:
         return 2
     if args.api_server_count > 1:
-        return _run_api_servers(args, sock)
+        from kestrel_server.multi_server import run_api_servers
+
+        return run_api_servers(args, sock)
     from kestrel.engine.async_engine import AsyncLLMEngine
     from kestrel.engine.core_client import MPAsyncEngine
 
@@ -365,108 +365,6 @@ def _serve(engine, args: argparse.Namespace, sockets: list) -> int:
     if server.engine_died:
         return 1
     return 0 if server.started else 1
-
-
-def _api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -> None:
-    """One of --api-server-count processes: a client of the shared engine core."""
-    from kestrel.engine.core_client import MPAsyncEngine
-    from kestrel.engine.setup import load_tokenizer
-    from kestrel.model_source import resolve_model
-
-    _setup_logging(args)
-    config = engine_config(args)
-    tokenizer = load_tokenizer(config, resolve_model(config.model, revision=config.revision))
-    engine = MPAsyncEngine.connect(
-        facts, tokenizer, input_address, max_queued_requests=args.max_queued_requests
-    )
-    sys.exit(_serve(engine, args, sockets=[sock]))
-
-
-def _run_api_servers(args: argparse.Namespace, sock) -> int:
-    """--api-server-count N > 1: the engine core, then N API server processes on one listening
-    socket (`sock`, bound before the core started; shared). SIGINT/SIGTERM are passed on to the API servers, which drain;
-    the core stops after them. Exit code 1 when the engine died."""
-    import multiprocessing
-
-    from kestrel.engine import core_protocol as cp
-    from kestrel.engine.core_client import launch_core
-    from kestrel_server.metrics import MULTIPROC_ENV
-
-    log = logging.getLogger(__name__)
-    try:
-        config = engine_config(args)
-        core, _ = launch_core(
-            config, max_queued_requests=args.max_queued_requests, log_level=args.log_level
-        )
-        sock.set_inheritable(True)
-    except (ValueError, OSError, RuntimeError) as exc:
-        log.debug("start-up failed", exc_info=exc)
-        print(f"kestrel serve: error: {exc}", file=sys.stderr)
-        sock.close()
-        return 2
-    # The workers' request metrics go to shared files, so that any worker's /metrics counts all.
-    own_metrics_dir = not os.environ.get(MULTIPROC_ENV)
-    if own_metrics_dir:
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="kestrel-metrics-")
-    ctx = multiprocessing.get_context("spawn")
-    workers = [
-        ctx.Process(
-            target=_api_server_main,
-            args=(args, core.facts, core.input_address, sock),
-            name=f"kestrel-api-{i}",
-        )
-        for i in range(args.api_server_count)
-    ]
-    received: list[int] = []
-
-    def forward(signum, frame) -> None:
-        received.append(signum)
-        for w in workers:
-            if w.pid is not None and w.is_alive():
-                os.kill(w.pid, signal.SIGTERM)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    for w in workers:
-        w.start()
-    log.info(
-        "%d API servers on http://%s:%d in front of one engine core (pid %d)",
-        len(workers), args.host, args.port, core.pid,
-    )  # fmt: skip
-    code = 0
-    try:
-        while any(w.is_alive() for w in workers):
-            for w in workers:
-                w.join(0.2)
-                if w.exitcode not in (None, 0) and not received:
-                    # One API server failed (the engine died, or a crash): stop the rest.
-                    code = 1
-                    forward(signal.SIGTERM, None)
-            if not core.is_alive() and not received:
-                code = 1
-                forward(signal.SIGTERM, None)
-    finally:
-        for w in workers:
-            w.join(CORE_STOP_GRACE_S)
-            if w.is_alive():
-                w.kill()
-            if w.exitcode not in (0, None):
-                code = 1 if not received or w.exitcode == 1 else code
-        if core.is_alive():
-            import zmq
-
-            push = zmq.Context.instance().socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 1000)
-            push.connect(core.input_address)
-            push.send(cp.request_encoder.encode(cp.Shutdown()))
-            push.close()
-            core.stop()
-        sock.close()
-        if own_metrics_dir:
-            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
-    if received:
-        log.info("stopped by %s", signal.Signals(received[0]).name)
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
