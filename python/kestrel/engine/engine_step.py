@@ -159,7 +159,7 @@ class EngineStep:
     def _launch(self) -> Launched:
         """Schedules a step and enqueues it on the device (not waiting for it)."""
         if self._speculator is not None:
-            self._speculator.propose(self.scheduler, self._spec_candidates())
+            self._speculator.propose(self.scheduler, self._spec_candidates(), len(self._seqs))
         out = self.scheduler.schedule()
         scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()

@@ -3,7 +3,11 @@
 Only `method: "ngram"` (prompt lookup, no draft model) is built; other methods are refused with
 the list of those that exist. Keys: `num_speculative_tokens` (k, drafts per step, 1..64),
 `prompt_lookup_max` / `prompt_lookup_min` (the longest / shortest n-gram matched; default 5
-and 1)."""
+and 1). Never a slowdown: `disable_by_batch_size` (vLLM's key; default 32, null: never) skips
+speculation for a step with more sequences than that in the engine, and `min_acceptance_rate`
+(default 0.1, 0 disables) stops drafting for a sequence whose recent acceptance (accepted /
+proposed draft tokens, a moving average) fell below it, probing it again every
+`PROBE_INTERVAL` steps."""
 
 from __future__ import annotations
 
@@ -13,7 +17,16 @@ from typing import Any
 
 METHODS = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 64
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+_KEYS = (
+    "method",
+    "num_speculative_tokens",
+    "prompt_lookup_max",
+    "prompt_lookup_min",
+    "disable_by_batch_size",
+    "min_acceptance_rate",
+)
+DEFAULT_DISABLE_BY_BATCH_SIZE = 32
+DEFAULT_MIN_ACCEPTANCE_RATE = 0.1
 
 
 class SpeculativeConfigError(ValueError):
@@ -26,6 +39,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 1
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+    min_acceptance_rate: float = DEFAULT_MIN_ACCEPTANCE_RATE
 
     @classmethod
     def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
@@ -54,7 +69,16 @@ class SpeculativeConfig:
         k = _int(value, "num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
         hi = _int(value, "prompt_lookup_max", 5, 1, 1024)
         lo = _int(value, "prompt_lookup_min", 1, 1, hi)
-        return cls(method, k, hi, lo)
+        batch: int | None = None
+        if value.get("disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE) is not None:
+            batch = _int(value, "disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE, 1, 1 << 20)
+        rate = value.get("min_acceptance_rate", DEFAULT_MIN_ACCEPTANCE_RATE)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise SpeculativeConfigError(
+                f"speculative_config min_acceptance_rate = {rate!r} is invalid; allowed: a "
+                "number in [0, 1]"
+            )
+        return cls(method, k, hi, lo, batch, float(rate))
 
 
 def _int(value: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int:

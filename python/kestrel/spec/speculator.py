@@ -22,6 +22,12 @@ from kestrel.spec.ngram import NgramProposer
 
 logger = logging.getLogger(__name__)
 
+# A sequence whose acceptance fell below min_acceptance_rate drafts again once in this many
+# steps, so that the estimate follows a text that became predictable.
+PROBE_INTERVAL = 16
+# Weight of the newest step in a sequence's moving acceptance rate.
+_RATE_WEIGHT = 0.5
+
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig) -> None:
@@ -30,12 +36,32 @@ class Speculator:
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
         )
         self.counters = SpecCounters()
+        self.rates: dict[int, float] = {}  # seq_id -> moving acceptance rate of its drafts
+        self.num_skipped_steps = 0  # steps not speculated because the batch was large
+        self._step = 0
 
     def propose(
-        self, scheduler: Any, candidates: Iterable[tuple[int, Sequence[int], Sequence[int]]]
+        self,
+        scheduler: Any,
+        candidates: Iterable[tuple[int, Sequence[int], Sequence[int]]],
+        num_seqs: int = 0,
     ) -> None:
-        """`candidates`: (seq_id, prompt ids, output ids) of sequences that may speculate."""
+        """`candidates`: (seq_id, prompt ids, output ids) of sequences that may speculate;
+        `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size)."""
+        self._step += 1
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_seqs > limit:
+            self.num_skipped_steps += 1
+            return
+        floor = self.config.min_acceptance_rate
+        probing = self._step % PROBE_INTERVAL == 0
+        live: dict[int, float] = {}
         for seq_id, prompt, output in candidates:
+            rate = self.rates.get(seq_id)
+            if rate is not None:
+                live[seq_id] = rate
+                if rate < floor and not probing:
+                    continue  # its drafts have been rejected lately
             if not output:  # still in prefill (its first token is not sampled yet)
                 continue
             tokens = np.concatenate(
@@ -48,6 +74,7 @@ class Speculator:
                 scheduler.set_draft_tokens(seq_id, drafts)
             except ValueError:  # not in decode this step (recomputing after a preemption)
                 continue
+        self.rates = live  # finished sequences drop out
 
     def accept(self, out: Any, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """update()'s arguments for a step: the sampled tokens as they are (no drafts), or the
@@ -56,7 +83,20 @@ class Speculator:
             return sampled, None
         tokens, counts = verify_greedy(out, sampled)
         self.counters.record(out, counts)
+        self.record_rates(out, counts)
         return tokens, counts
 
+    def record_rates(self, out: Any, counts: np.ndarray) -> None:
+        """Each drafted sequence's moving acceptance rate, from this step's accepted counts."""
+        drafts = out.num_draft_tokens
+        first_rows = out.sampled_query_start_loc[:-1]
+        seq_ids = out.seq_ids[out.sampled_request_indices[first_rows]]
+        for j in np.flatnonzero(drafts).tolist():
+            seq_id = int(seq_ids[j])
+            accepted = (int(counts[j]) - 1) / int(drafts[j])
+            old = self.rates.get(seq_id)
+            new = accepted if old is None else (1 - _RATE_WEIGHT) * old + _RATE_WEIGHT * accepted
+            self.rates[seq_id] = new
+
     def as_stats(self) -> dict[str, Any]:
-        return self.counters.as_stats()
+        return {**self.counters.as_stats(), "spec_decode_num_skipped_steps": self.num_skipped_steps}
