@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 import kestrel
 from kestrel.config import ConfigError, EngineConfig
-from kestrel.config_args import add_dataclass_arguments, dataclass_from_namespace, flag_name
+from kestrel.config_args import add_dataclass_arguments, flag_name
 
 # The server's own defaults live in ServerArgs. Importing it costs `kestrel --help` nothing
 # today: the kestrel_server package (__init__) imports the app before any of its modules.
@@ -28,6 +27,11 @@ from kestrel_server.serve_flags import (
     not_built_yet,
     resolve_model_flag,
 )
+from kestrel_server.serve_http import (
+    engine_config,
+    serve_http,
+    setup_logging,
+)
 from kestrel_server.tool_parsers import TOOL_PARSERS
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -35,8 +39,6 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Default drain window: seconds in-flight requests may run on after SIGINT/SIGTERM.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
-# Seconds an API server may take to exit after the engine died or the others stopped.
-CORE_STOP_GRACE_S = 60.0
 # Request limits' defaults (as vLLM's: VLLM_MAX_N_SEQUENCES, VLLM_MAX_COMPLETION_PROMPTS).
 _SERVER_DEFAULTS = ServerArgs()
 
@@ -224,12 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """EngineConfig from the parsed flags (MODEL and the engine group; --dtype aliases are
-    resolved while parsing); raises ConfigError naming a bad value."""
-    return dataclass_from_namespace(EngineConfig, args)
-
-
 def _engine_flag(field: str) -> str:
     """The command-line spelling of EngineConfig field `field`."""
     return "MODEL" if field == "model" else flag_name(field)
@@ -270,14 +266,8 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("KESTREL_API_KEY") or None
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def run_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args)
+    setup_logging(args)
     args.api_key = resolve_api_key(args)
     for flag, on in (
         ("--engine-in-process", args.engine_in_process),
@@ -327,44 +317,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if not args.served_model_name and args.model is None:
         logging.getLogger(__name__).info("serving the default model as %r", engine.model_name)
-    return _serve(engine, args, sockets=[sock])
-
-
-def _serve(engine, args: argparse.Namespace, sockets: list) -> int:
-    """Runs the HTTP server over `engine` on the bound `sockets` until a signal or the
-    engine's death."""
-    import uvicorn
-
-    from kestrel_server.app import build_app
-    from kestrel_server.shutdown import DrainingServer
-
-    app = build_app(engine, ServerArgs.from_namespace(args))
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.uvicorn_log_level or args.log_level,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_certfile=args.ssl_certfile,
-    )
-    server = DrainingServer(config, engine, drain_s=args.shutdown_timeout)
-    # uvicorn handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (up to
-    # --shutdown-timeout, then they end with an error), then the app's lifespan shuts the
-    # engine down. Afterwards uvicorn
-    # re-raises the signal into the handlers it found; these make that a clean exit (code 0)
-    # instead of a KeyboardInterrupt traceback or death by SIGTERM.
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-    scheme = "https" if args.ssl_certfile else "http"
-    port = sockets[0].getsockname()[1]
-    logging.getLogger(__name__).info("serving on %s://%s:%d", scheme, args.host, port)
-    server.run(sockets=sockets)
-    if received:
-        logging.getLogger(__name__).info("stopped by %s", signal.Signals(received[0]).name)
-    if server.engine_died:
-        return 1
-    return 0 if server.started else 1
+    return serve_http(engine, args, sockets=[sock])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,10 @@ import signal
 import sys
 import tempfile
 
-from kestrel_server.cli import CORE_STOP_GRACE_S, _serve, _setup_logging, engine_config
+from kestrel_server.serve_http import engine_config, serve_http, setup_logging
+
+# Seconds an API server may take to exit after the engine died or the others stopped.
+CORE_STOP_GRACE_S = 60.0
 
 
 def api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -> None:
@@ -20,13 +23,13 @@ def api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -
     from kestrel.engine.setup import load_tokenizer
     from kestrel.model_source import resolve_model
 
-    _setup_logging(args)
+    setup_logging(args)
     config = engine_config(args)
     tokenizer = load_tokenizer(config, resolve_model(config.model, revision=config.revision))
     engine = MPAsyncEngine.connect(
         facts, tokenizer, input_address, max_queued_requests=args.max_queued_requests
     )
-    sys.exit(_serve(engine, args, sockets=[sock]))
+    sys.exit(serve_http(engine, args, sockets=[sock]))
 
 
 def run_api_servers(args: argparse.Namespace, sock) -> int:

@@ -67,9 +67,9 @@ def test_slow_grammar_does_not_delay_an_unconstrained_request(llm):
     slow_s, slow_out = done["slow"]
     assert add_s < 0.25, f"add_request took {add_s:.3f} s"
     assert len(plain_out.outputs[0].token_ids) == 12
-    # The compile (>= 1 s on any machine this runs on) is still going when the plain one ends
-    # (generous: on a 2-core machine the compile thread takes a core from torch's threads).
-    assert slow_s > 1.0, f"the slow grammar compiled in {slow_s:.2f} s: not slow enough to test"
+    # The compile is still going when the plain one ends (generous: on a 2-core machine the
+    # compile thread takes a core from torch's threads; on an idle one it takes ~0.9 s).
+    assert slow_s > 0.2, f"the slow grammar compiled in {slow_s:.2f} s: not slow enough to test"
     assert plain_s < 0.75 * slow_s, (plain_s, slow_s)
     assert slow_out.error is None and re.fullmatch(r"a{1,4}", slow_out.outputs[0].text)
 
