@@ -1,4 +1,4 @@
-"""The torch GGML dequantizers (loader/gguf_dequant_torch.py) against the `gguf` package's
+"""The torch GGML dequantizers (ops/ggml_dequant.py) against the `gguf` package's
 `gguf.quants.dequantize`, on tensors written to GGUF files with the `gguf` package and read
 back through the loader's staged copy (`gguf_tensor_bytes`): bit-exact in float32, and equal to
 the reference rounded to bf16 / fp16. Blocks are random bytes with finite fp16 scales (every bit
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from kestrel.loader import gguf_dequant_torch
-from kestrel.loader.gguf_dequant_torch import TORCH_TYPES, dequantize_raw
 from kestrel.loader.gguf_loader import GGUFFile
 from kestrel.loader.gguf_tensor_data import gguf_tensor_bytes, gguf_tensor_to_device
 from kestrel.loader.staging import DeviceStager
+from kestrel.ops import ggml_dequant
+from kestrel.ops.ggml_dequant import TORCH_TYPES, dequantize_raw
 from tests.gguf.fixtures import write_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -84,7 +84,7 @@ def _reference(t, dtype: torch.dtype) -> torch.Tensor:
 def test_matches_gguf_package(tmp_path, monkeypatch, device, qtype):
     # Chunks of 5 blocks: not a whole number of rows, and a partial last chunk.
     block_elems = gguf.GGML_QUANT_SIZES[qtype][0]
-    monkeypatch.setattr(gguf_dequant_torch, "_CHUNK_ELEMS", 5 * block_elems)
+    monkeypatch.setattr(ggml_dequant, "_CHUNK_ELEMS", 5 * block_elems)
     path = write_gguf(tmp_path / "t.gguf", "llama", {}, _tensors(qtype))
     f = GGUFFile(path)
     checked = 0

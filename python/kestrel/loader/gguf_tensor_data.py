@@ -14,8 +14,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf.gguf_reader import ReaderTensor
 
 from kestrel.loader.gguf_dequant import check_tensor_type, dequantize_to_torch
-from kestrel.loader.gguf_dequant_torch import FLOAT_TYPES, TORCH_TYPES, dequantize_raw
 from kestrel.loader.staging import DeviceStager, file_bytes, normalize_device
+from kestrel.ops.ggml_dequant import FLOAT_TYPES, TORCH_TYPES, dequantize_raw
 
 
 def gguf_value_shape(tensor: ReaderTensor) -> tuple[int, ...]:
@@ -75,7 +75,7 @@ def gguf_tensor_to_device(
     """The tensor's values in `dtype` on the stager's device, shape `gguf_value_shape`.
 
     F32/F16/BF16 and the Q*_0/1 and K formats are copied raw and converted / dequantized on
-    the device (`gguf_dequant_torch`); the other formats (IQ*, TQ*, MXFP4), and on a CPU
+    the device (`ops/ggml_dequant.py`); the other formats (IQ*, TQ*, MXFP4), and on a CPU
     device all block formats, are dequantized on the CPU by the `gguf` package's numpy. On CPU the result may be a read-only view of
     the file mapping: the loaders copy it into the parameters and never write to it.
     """

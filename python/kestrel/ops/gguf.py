@@ -16,6 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kestrel.ops import _dispatch
+from kestrel.ops.ggml_dequant import dequantize_raw
 
 Q = GGMLQuantizationType
 
@@ -43,73 +44,7 @@ def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
     return k // elems * nbytes
 
 
-# ---- torch reference ------------------------------------------------------------------------
-
-
-def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The fp16 at byte `offset` of every block, as float32 [num_blocks, 1]."""
-    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """qs [nb, G, L] uint8 -> [nb, G, 2, L]: low nibbles, then high nibbles."""
-    return torch.stack([qs & 0xF, qs >> 4], dim=2)
-
-
-def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 six-bit scales and mins of Q4_K / Q5_K blocks from their 12 packed bytes."""
-    s = s.to(torch.int32)
-    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    scale = torch.cat([d & 63, (md & 0xF) | ((d >> 2) & 0x30)], dim=1)
-    mins = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
-    return scale.float(), mins.float()  # [nb, 8] each
-
-
-def _dequant_q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:34].contiguous().view(torch.int8).float() * _f16(b, 0)
-
-
-def _dequant_q4_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 2:18].reshape(-1, 1, 16)).reshape(-1, 32).to(torch.int32) - 8
-    return _f16(b, 0) * q.float()
-
-
-def _dequant_k4(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Q4_K / Q5_K: q [nb, 8, 32] (sub-block values) -> (d * scale) * q - dmin * min."""
-    scale, mins = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b, 0) * scale).unsqueeze(-1)  # [nb, 8, 1]
-    dm = (_f16(b, 2) * mins).unsqueeze(-1)
-    return (d * q.float() - dm).reshape(-1, 256)
-
-
-def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
-    return _dequant_k4(b, _nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 8, 32))
-
-
-def _dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
-    low = _nibbles(b[:, 48:176].reshape(-1, 4, 32)).reshape(-1, 8, 32)
-    shifts = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
-    high = (b[:, 16:48].unsqueeze(1) >> shifts) & 1  # bit j of qh for sub-block j
-    return _dequant_k4(b, low | (high << 4))
-
-
-def _dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
-    low = _nibbles(b[:, 0:128].reshape(-1, 2, 64)).reshape(-1, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
-    high = ((b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 8, 32)
-    q = (low | (high << 4)).to(torch.int32) - 32  # [nb, 8, 32]
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()  # [nb, 16]
-    d = (_f16(b, 208) * scales).unsqueeze(-1)  # [nb, 16, 1]
-    return (d * q.reshape(-1, 16, 16).float()).reshape(-1, 256)
-
-
-_DEQUANT = {
-    Q.Q8_0: _dequant_q8_0,
-    Q.Q4_0: _dequant_q4_0,
-    Q.Q4_K: _dequant_q4_k,
-    Q.Q5_K: _dequant_q5_k,
-    Q.Q6_K: _dequant_q6_k,
-}
+# ---- torch reference (the dequantizers of ops/ggml_dequant.py, then an fp32 matmul) ----------
 
 
 def _check_blocks(op: str, blocks: torch.Tensor, qtype: GGMLQuantizationType) -> int:
@@ -133,11 +68,8 @@ def dequantize_reference(
 ) -> torch.Tensor:
     """Raw blocks uint8 [N, row_bytes] (any device) -> W [N, K] in `dtype` (computed in fp32,
     rounded once)."""
-    k = _check_blocks("dequantize_reference", blocks, qtype)
-    n = blocks.shape[0]
-    nbytes = block_size(qtype)[1]
-    flat = blocks.reshape(-1, nbytes)  # [N * blocks_per_row, block_bytes]
-    return _DEQUANT[qtype](flat).reshape(n, k).to(dtype)
+    _check_blocks("dequantize_reference", blocks, qtype)  # a kernel type, whole blocks
+    return dequantize_raw(blocks, qtype, dtype)  # the loader's dequantizers (ops/ggml_dequant)
 
 
 def gguf_matmul_reference(
