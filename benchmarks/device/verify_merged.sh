@@ -17,14 +17,14 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . > $OUT/build.log 2
 echo "build $(( $(date +%s) - t0 )) s"
 case "${PART:-1}" in
 1)
-  python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee $OUT/cuda_tests.log | tail -8
-  python3 -m pytest -q -p no:cacheprovider tests/engine/test_overlap_scheduling.py tests/engine/test_spec_decode.py tests/engine/test_greedy_parity.py 2>&1 | tee $OUT/engine_gpu.log | tail -3
+  python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests 2>&1 | tee $OUT/cuda_tests.log | tail -8
+  python3 -m pytest -q -p no:cacheprovider tests/engine/test_overlap_scheduling.py tests/engine/test_spec_decode.py 2>&1 | tee $OUT/engine_gpu.log | tail -3
   ;;
 2)
   python3 benchmarks/sync_points.py 2>&1 | grep -v "it/s\]" | tail -30 | tee $OUT/sync.log
-  for m in qwen2.5-7b qwen2.5-0.5b; do for b in 1 64; do for a in async-scheduling no-async-scheduling; do
-    echo "== latency $m b$b --$a"
-    python3 benchmarks/latency.py --model $m --batch-size $b --output-len 128 --$a --json $OUT/lat_${m}_b${b}_$a.json 2>&1 | grep -v "it/s\]" | tail -1
+  for m in qwen2.5-7b qwen2.5-0.5b; do for b in 1 64; do for a in --async-scheduling ""; do
+    echo "== latency $m b$b ${a:-sync}"
+    python3 benchmarks/latency.py --model $m --batch-size $b --output-len 128 $a --json $OUT/lat_${m}_b${b}${a:-_sync}.json 2>&1 | grep -v "it/s\]" | tail -1
   done; done; done
   KESTREL_UNVERIFIED_KERNELS=1 python3 benchmarks/structured_overhead.py --tokenizer .peers/ggml-vocab-qwen2.gguf --device cuda --batch 1 64 --json $OUT/structured.json 2>&1 | tail -3
   ;;

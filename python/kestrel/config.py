@@ -117,9 +117,9 @@ class EngineConfig:
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
     async_scheduling: bool = setting(
-        False,
+        True,
         "overlap scheduling: prepare step N+1 on the host while the device runs step N "
-        "(outputs are the same either way; off by default until measured on a GPU)",
+        "(outputs are the same either way; --no-async-scheduling turns it off)",
     )
     speculative_config: str | None = setting(
         None,

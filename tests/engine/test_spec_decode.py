@@ -142,17 +142,19 @@ def test_a_dict_becomes_json_text():
     assert c.speculative_config == '{"method": "ngram", "num_speculative_tokens": 3}'
 
 
-def test_speculation_is_off_with_async_scheduling(tiny_model_dir, caplog):
-    with caplog.at_level(logging.WARNING):
+def test_speculation_turns_overlap_scheduling_off(tiny_model_dir, caplog):
+    """Overlap scheduling is on by default; asking for speculation runs synchronous steps."""
+    with caplog.at_level(logging.INFO):
         llm = LLM(
             tiny_model_dir(ARCH),
             block_size=4,
             num_kv_blocks=NUM_BLOCKS,
-            async_scheduling=True,
             speculative_config=SPEC,
         )
-    assert llm.engine._speculator is None
-    assert "speculative decoding is off with async scheduling" in caplog.text
+    assert llm.engine._speculator is not None and not llm.engine._async
+    assert "overlap scheduling is off: speculative decoding" in caplog.text
+    plain = LLM(tiny_model_dir(ARCH), block_size=4, num_kv_blocks=NUM_BLOCKS)
+    assert plain.engine._async and plain.engine._speculator is None
 
 
 def test_the_runner_history_follows_every_accepted_token(engines):

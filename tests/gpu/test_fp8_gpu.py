@@ -65,8 +65,17 @@ def test_quantization_on_the_gpu_matches_the_cpu():
     q_cpu, s_cpu = quantize_rows(x)
     q_gpu, s_gpu = quantize_rows(x.cuda())
     assert torch.allclose(s_gpu.cpu(), s_cpu, rtol=1e-6, atol=0)
-    differ = (q_gpu.cpu().view(torch.uint8) != q_cpu.view(torch.uint8)).float().mean().item()
-    assert differ < 1e-3  # only values on a rounding boundary may land on the other side
+    _assert_same_quantization(q_gpu.cpu(), q_cpu)
+
+
+def _assert_same_quantization(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two e4m3 quantizations of one matrix: codes equal except values on a rounding boundary
+    (the CPU and GPU casts from float32 to e4m3 disagree next to a rounding boundary), which land on the adjacent
+    code (same sign, magnitude one step away: the byte differs by 1)."""
+    ca, cb = a.view(torch.uint8).int(), b.view(torch.uint8).int()
+    differ = ca != cb
+    assert differ.float().mean().item() < 5e-3
+    assert ((ca - cb).abs()[differ] == 1).all()
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -84,8 +93,7 @@ def test_fp8_layer_close_to_bf16_and_exactly_its_dequantized_matmul(bias):
     assert layer.weight.dtype == FP8_DTYPE and layer.weight.device.type == "cuda"
     # The weight quantized on the GPU is the CPU's quantization of the same bf16 weight.
     q_cpu, s_cpu = quantize_rows(w.to(torch.bfloat16))
-    same = layer.weight.cpu().view(torch.uint8) == q_cpu.view(torch.uint8)
-    assert same.float().mean().item() > 0.999
+    _assert_same_quantization(layer.weight.cpu(), q_cpu)
     assert torch.allclose(layer.weight_scale.cpu().reshape(-1), s_cpu.reshape(-1), rtol=1e-6)
     out = layer(x)
     assert out.dtype == torch.bfloat16

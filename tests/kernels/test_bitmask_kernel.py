@@ -6,14 +6,13 @@ path of the model runner (BitmaskApplier: pinned buffer, one copy, one kernel)."
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from kestrel.ops import _dispatch, apply_token_bitmask, apply_token_bitmask_reference
 from kestrel.structured.bitmask import BitmaskApplier, GrammarMask, apply_bitmask
+from tests.kernels.helpers import set_kernel_env
 
 pytestmark = pytest.mark.cuda
 
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.cuda
 def _allow_unverified(monkeypatch):
     """The kernel is off by default until a GPU run verifies it (_dispatch.UNVERIFIED_OPS):
     these tests are that run."""
-    settings = dataclasses.replace(_dispatch.settings, unverified_kernels=True)
-    monkeypatch.setattr(_dispatch, "settings", settings)
+    # Through the environment: the spy fixture re-reads the settings from it.
+    set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, "1")
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -74,7 +74,9 @@ def test_plan_rejects_bad_metadata_and_a_foreign_cache():
 
 def test_an_engine_step_validates_once_whatever_the_layer_count(tmp_path, monkeypatch):
     path = make_tiny_model(tmp_path / "qwen2", "qwen2")
-    llm = LLM(str(path), num_kv_blocks=64)
+    # Synchronous steps: every scheduler step is one forward pass (with overlap scheduling the
+    # last schedule() call finds nothing to run).
+    llm = LLM(str(path), num_kv_blocks=64, async_scheduling=False)
     layers = llm.engine.model_config.num_hidden_layers
     assert layers > 1
     calls = []

@@ -42,7 +42,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "load_format": "dummy",
     "quantization": "fp8",
     "enforce_eager": True,
-    "async_scheduling": True,
+    "async_scheduling": False,
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 3}',
     "generation_config": "vllm",
     "disable_log_stats": True,

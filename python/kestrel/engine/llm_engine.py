@@ -111,6 +111,10 @@ class LLMEngine(EngineStep):
         self.executor: Executor = UniProcExecutor(self.runner)  # every step goes through it
         num_blocks = plan_num_kv_blocks(config, self.runner, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
+        # A drafted step is never scheduled one step ahead: speculation runs synchronous steps.
+        async_scheduling = config.async_scheduling and config.speculative_config is None
+        if config.async_scheduling and not async_scheduling:
+            logger.info("overlap scheduling is off: speculative decoding runs synchronous steps")
         self.scheduler = _core.Scheduler(
             _core.SchedulerConfig(
                 num_blocks=num_blocks,
@@ -121,21 +125,15 @@ class LLMEngine(EngineStep):
                 enable_prefix_caching=config.enable_prefix_caching,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.scheduling_policy,
-                async_scheduling=config.async_scheduling,
+                async_scheduling=async_scheduling,
             )
         )
-        self._async = config.async_scheduling
+        self._async = async_scheduling
         self._speculator: Speculator | None = None
         if config.speculative_config is not None:
-            if self._async:
-                logger.warning(
-                    "speculative decoding is off with async scheduling (a drafted step is never "
-                    "scheduled one step ahead); running without speculation"
-                )
-            else:
-                spec = SpeculativeConfig.parse(config.speculative_config)
-                self._speculator = Speculator(spec)
-                logger.info("speculative decoding: %s", spec)
+            spec = SpeculativeConfig.parse(config.speculative_config)
+            self._speculator = Speculator(spec)
+            logger.info("speculative decoding: %s", spec)
         self._inflight: Launched | None = None  # overlap scheduling: the step on the device
         self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
         if self.device.type == "cuda" and not config.enforce_eager:
