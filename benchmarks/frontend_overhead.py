@@ -43,7 +43,7 @@ def _tokenizer(path: str):
 
 
 async def _run(args: argparse.Namespace) -> dict:
-    from kestrel_server.completions import _CompletionEvents
+    from kestrel_server.completions import _CompletionEvents, _Shown
 
     tokenizer = _tokenizer(args.tokenizer)
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 32_000
@@ -79,21 +79,33 @@ async def _run(args: argparse.Namespace) -> dict:
             for i, rid in enumerate(ids)
         ]
         frames.append(cp.output_encoder.encode(cp.CoreOutputs(deltas=deltas)))
-    events = [_CompletionEvents(None, rid, "bench", 1, None, [""]) for rid in ids]  # type: ignore[arg-type]
+    shown = _Shown(vllm_k=None, echo_k=None, score_only=False)
+    events = [_CompletionEvents(None, rid, "bench", 1, None, [""], shown) for rid in ids]  # type: ignore[arg-type]
     fold_s = sse_s = 0.0
     chunks = 0
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     for frame in frames:
         t0 = time.perf_counter()
         engine._on_outputs(cp.output_decoder.decode(frame))
         outputs = [await s.__anext__() for s in streams]
         t1 = time.perf_counter()
         for ev, out in zip(events, outputs):
-            choices = [c for c in (ev._choice(0, o) for o in out.outputs) if c is not None]
+            choices = [c for c in (ev._choice(0, out, o) for o in out.outputs) if c is not None]
             if choices:
                 ev._chunk(choices)
                 chunks += 1
         sse_s += time.perf_counter() - t1
         fold_s += t1 - t0
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     n = args.steps * args.num_requests
     return {
         "commit": commit(),
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--stop", nargs="*", default=None, help="stop strings (held back, searched)")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="cProfile the timed loop")
     args = p.parse_args(argv)
     result = asyncio.run(_run(args))
     for k, v in result.items():
