@@ -42,10 +42,14 @@ _RECORD = (
 )
 TASKS = [
     f"Summarise the following text in a few sentences, reusing its wording:\n\n{_TEXT}",
-    "Rewrite this Python code with every function argument named `args` renamed to "
-    f"`options`. Output the whole code, unchanged otherwise.\n\n```python\n{_CODE}\n```",
-    "Extract the order number, date, customer name, email, phone, part, quantity, unit "
-    f"price, address and delivery type from this record as JSON:\n\n{_RECORD}",
+    (
+        "Rewrite this Python code with every function argument named `args` renamed to "
+        f"`options`. Output the whole code, unchanged otherwise.\n\n```python\n{_CODE}\n```"
+    ),
+    (
+        "Extract the order number, date, customer name, email, phone, part, quantity, unit "
+        f"price, address and delivery type from this record as JSON:\n\n{_RECORD}"
+    ),
     f"Repeat the following text exactly, then give it a title:\n\n{_TEXT}",
 ]
 
