@@ -36,7 +36,7 @@ def setting(
 ) -> Any:
     """A dataclass field with its documentation: metadata "help" (one line, shown by --help),
     for a closed set of values "choices" (checked in __post_init__ and by argparse), and
-    optionally "short", a one-letter spelling of its flag (vLLM's, e.g. "-q")."""
+    optionally "short", a short spelling of its flag (vLLM's, e.g. "-q", "-tp")."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
@@ -83,6 +83,12 @@ class EngineConfig:
         0.9, "fraction of GPU memory the engine may use (weights, activations, KV cache)"
     )
     max_num_seqs: int = setting(256, "most sequences in one batch")
+    tensor_parallel_size: int = setting(
+        1,
+        "tensor-parallel ranks (-tp): one process per rank, one GPU each on CUDA (NCCL), "
+        "gloo on CPU; attention heads and MLP columns are split across them",
+        short="-tp",
+    )
     max_num_batched_tokens: int | None = setting(
         None, "most tokens in one engine step (default: max(8192, --max-num-seqs))"
     )
@@ -156,6 +162,9 @@ class EngineConfig:
             raise _fail("gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
         if self.max_num_seqs < 1:
             raise _fail("max_num_seqs", self.max_num_seqs, "an int >= 1")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
+            raise _fail("tensor_parallel_size", tp, "an int in [1, 64]")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(8192, self.max_num_seqs)
         if self.max_num_batched_tokens < 1:

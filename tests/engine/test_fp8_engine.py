@@ -28,7 +28,7 @@ def test_quantization_fp8_on_cpu_is_refused(tiny_dir, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("weights were loaded before the device check")
 
-    monkeypatch.setattr("kestrel.engine.llm_engine.load_model", never)
+    monkeypatch.setattr("kestrel.engine.llm_engine.load_engine_model", never)
     message = _refused(tiny_dir, quantization="fp8")
     assert "device is cpu" in message and "compute capability 8.9" in message
 

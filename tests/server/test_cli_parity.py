@@ -39,7 +39,6 @@ def test_vllm_flags_parse(argv):
 
 
 NOT_BUILT = [
-    (["-tp", "2"], "tensor parallelism"),
     (["--pipeline-parallel-size", "2"], "pipeline parallelism"),
     (["--kv-cache-dtype", "fp8"], "KV cache in another dtype"),
 ]
@@ -53,6 +52,14 @@ def test_flag_of_a_feature_not_built_yet_exits_2_naming_it(argv, feature, capsys
     err = capsys.readouterr().err
     assert feature in err and "not built yet" in err, err
     assert "unrecognized" not in err
+
+
+@pytest.mark.parametrize("argv", [["-tp", "2"], ["--tensor-parallel-size", "2"]])
+def test_tensor_parallel_size_reaches_the_engine_config(argv):
+    from kestrel_server.cli import engine_config
+
+    assert engine_config(parse_args(["serve", "m", *argv])).tensor_parallel_size == 2
+    assert engine_config(parse_args(["serve", "m"])).tensor_parallel_size == 1
 
 
 @pytest.mark.parametrize("argv", [["--quantization", "fp8"], ["-q", "fp8"]])

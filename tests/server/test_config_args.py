@@ -34,6 +34,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "kv_cache_memory_gib": 0.5,
     "gpu_memory_utilization": 0.5,
     "max_num_seqs": 3,
+    "tensor_parallel_size": 2,
     "max_num_batched_tokens": 64,
     "enable_prefix_caching": False,
     "enable_chunked_prefill": False,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from pathlib import Path
+import weakref
 
 import numpy as np
 import torch
@@ -33,22 +33,22 @@ from kestrel.engine.request_state import (
 )
 from kestrel.engine.setup import (
     as_id_list,
+    build_executor,
     check_quantization_device,
-    load_tokenizer,
+    load_engine_model,
     resolve_device,
     sampling_defaults,
 )
 from kestrel.engine.step_stats import StepCounters
 from kestrel.engine.structured_requests import StructuredRequests
-from kestrel.executor import Executor, UniProcExecutor
-from kestrel.loader import load_model, read_generation_config
-from kestrel.loader.gguf_loader import GGUFFile, gguf_generation_config, load_gguf_model
+from kestrel.executor import Executor
+from kestrel.executor.multiproc import start_tensor_parallel, stop_tensor_parallel
+from kestrel.layers.parallel import SINGLE_RANK
 from kestrel.model_source import resolve_model
 from kestrel.ops._dispatch import kernels_available
 from kestrel.outputs import RequestMetrics
 from kestrel.runner import ModelRunner
 from kestrel.runner.cpu_threads import configure_cpu_threads
-from kestrel.runner.memory import plan_num_kv_blocks
 from kestrel.runner.model_runner import StepResult
 from kestrel.sampling_params import SamplingParams
 from kestrel.spec.config import SpeculativeConfig
@@ -73,20 +73,17 @@ class LLMEngine(EngineStep):
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
         check_quantization_device(config, self.model_source, self.device)
-        if self.model_source.is_gguf:
-            self._load_gguf(self.model_source.path)
-        else:
-            model_dir = self.model_source.path
-            self.model, self.model_config = load_model(
-                model_dir,
-                config.dtype,
-                self.device,
-                config.load_format,
-                seed=config.seed,
-                quantization=config.quantization,
-            )
-            self.tokenizer = load_tokenizer(config, self.model_source)
-            self.generation_config = read_generation_config(model_dir)
+        self._tp_world = None  # tensor parallelism: rank 0 here, workers for the other ranks
+        if config.tensor_parallel_size > 1:
+            self._tp_world = start_tensor_parallel(config, str(self.model_source.path), self.device)
+        self._tp_group = self._tp_world.group if self._tp_world is not None else SINGLE_RANK
+        try:
+            loaded = load_engine_model(config, self.model_source, self.device, self._tp_group)
+            self.model, self.model_config, self.tokenizer, self.generation_config = loaded
+        except BaseException:
+            if self._tp_world is not None:
+                stop_tensor_parallel(self._tp_world)
+            raise
         self.dtype = next(self.model.parameters()).dtype
         self.eos_token_ids = self._eos_ids()
         self._sampling_defaults = sampling_defaults(
@@ -108,13 +105,19 @@ class LLMEngine(EngineStep):
             seed=config.seed,
             max_num_seqs=config.max_num_seqs,
         )
-        self.executor: Executor = UniProcExecutor(self.runner)  # every step goes through it
-        num_blocks = plan_num_kv_blocks(config, self.runner, self.max_model_len)
-        self.runner.allocate_kv_cache(num_blocks)
+        # Every step goes through the executor; it allocates the KV cache (every rank's).
+        self.executor: Executor
+        self.executor, num_blocks = build_executor(
+            config, self.runner, self._tp_world, self.max_model_len
+        )
+        if self._tp_world is not None:
+            weakref.finalize(self, self.executor.shutdown)  # type: ignore[attr-defined]
         # A drafted step is never scheduled one step ahead: speculation runs synchronous steps.
         async_scheduling = config.async_scheduling and config.speculative_config is None
+        async_scheduling = async_scheduling and self._tp_world is None
         if config.async_scheduling and not async_scheduling:
-            logger.info("overlap scheduling is off: speculative decoding runs synchronous steps")
+            why = "speculative decoding" if self._tp_world is None else "tensor parallelism"
+            logger.info("overlap scheduling is off: %s runs synchronous steps", why)
         self.scheduler = _core.Scheduler(
             _core.SchedulerConfig(
                 num_blocks=num_blocks,
@@ -136,7 +139,9 @@ class LLMEngine(EngineStep):
             logger.info("speculative decoding: %s", spec)
         self._inflight: Launched | None = None  # overlap scheduling: the step on the device
         self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self._tp_world is not None:
+            logger.info("tensor parallelism runs without CUDA graphs (not captured with NCCL yet)")
+        elif self.device.type == "cuda" and not config.enforce_eager:
             # Graphs need every op on a kernel: the torch references synchronize with the host.
             if not kernels_available():
                 logger.warning("CUDA kernels not built: running without CUDA graphs")
@@ -170,24 +175,11 @@ class LLMEngine(EngineStep):
 
     # ---- set-up ---------------------------------------------------------------------------
 
-    def _load_gguf(self, path: Path) -> None:
-        """Model, tokenizer and generation defaults from one GGUF file (parsed once)."""
-        if self.config.load_format not in ("auto", "gguf", "dummy"):
-            raise ValueError(
-                f"load_format={self.config.load_format!r} cannot read the GGUF file {path}; "
-                "use auto, gguf or dummy"
-            )
-        gguf_file = GGUFFile(path)
-        self.model, self.model_config = load_gguf_model(
-            gguf_file,
-            self.config.dtype,
-            self.device,
-            dummy=self.config.load_format == "dummy",
-            seed=self.config.seed,
-            quantization=self.config.quantization,
-        )
-        self.tokenizer = load_tokenizer(self.config, self.model_source, gguf_file)
-        self.generation_config = gguf_generation_config(gguf_file)
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (if any); the engine is unusable afterwards."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = as_id_list(self.generation_config.get("eos_token_id"))

@@ -15,6 +15,7 @@ from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader import read_generation_config, read_model_config
 from kestrel.loader.gguf_loader import GGUFFile
 from kestrel.loader.gguf_tokenizer import load_gguf_tokenizer
+from kestrel.model_config import ModelConfig
 from kestrel.model_source import ModelSource
 from kestrel.tokenizer import Tokenizer
 
@@ -84,3 +85,72 @@ def as_id_list(value: object) -> list[int]:
     if isinstance(value, int):
         return [value]
     return [int(v) for v in value]  # type: ignore[union-attr]
+
+
+def build_executor(config: EngineConfig, runner, tp_world, max_model_len: int):
+    """The engine's executor over its rank-0 `runner` (a MultiProcExecutor when `tp_world`
+    holds tensor-parallel workers: their shards checked against rank 0's model, the KV cache
+    sized as the minimum over the ranks) with the KV cache allocated; returns (executor,
+    num_blocks)."""
+    from kestrel.executor import UniProcExecutor
+    from kestrel.runner.memory import plan_num_kv_blocks
+
+    if tp_world is None:
+        num_blocks = plan_num_kv_blocks(config, runner, max_model_len)
+        runner.allocate_kv_cache(num_blocks)
+        return UniProcExecutor(runner), num_blocks
+    from kestrel.executor.multiproc import MultiProcExecutor
+
+    executor = MultiProcExecutor(runner, tp_world)
+    try:
+        executor.check_workers(runner.model_config)
+        num_blocks = executor.plan_num_kv_blocks(config, max_model_len)
+        executor.allocate_kv_cache(num_blocks)
+    except BaseException:
+        executor.shutdown()
+        raise
+    return executor, num_blocks
+
+
+def load_engine_model(
+    config: EngineConfig, source: ModelSource, device: torch.device, tp_group
+) -> tuple[torch.nn.Module, ModelConfig, Tokenizer | None, dict]:
+    """This rank's model (its shard under tensor parallelism, `tp_group`), its config, the
+    tokenizer and the generation defaults (a GGUF file is parsed once for all of them)."""
+    from kestrel.loader import load_model
+    from kestrel.loader.gguf_loader import gguf_generation_config, load_gguf_model
+
+    if not source.is_gguf:
+        model, model_config = load_model(
+            source.path,
+            config.dtype,
+            device,
+            config.load_format,
+            seed=config.seed,
+            quantization=config.quantization,
+            tp_group=tp_group,
+        )
+        return (
+            model,
+            model_config,
+            load_tokenizer(config, source),
+            read_generation_config(source.path),
+        )
+    path = source.path
+    if config.load_format not in ("auto", "gguf", "dummy"):
+        raise ValueError(
+            f"load_format={config.load_format!r} cannot read the GGUF file {path}; "
+            "use auto, gguf or dummy"
+        )
+    gguf_file = GGUFFile(path)
+    model, model_config = load_gguf_model(
+        gguf_file,
+        config.dtype,
+        device,
+        dummy=config.load_format == "dummy",
+        seed=config.seed,
+        quantization=config.quantization,
+        tp_group=tp_group,
+    )
+    tokenizer = load_tokenizer(config, source, gguf_file)
+    return model, model_config, tokenizer, gguf_generation_config(gguf_file)

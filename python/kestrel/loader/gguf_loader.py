@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kestrel.layers.linear import process_weights_after_loading
+from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
 from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
@@ -361,6 +362,7 @@ def load_gguf_model(
     seed: int = 0,
     quantization: str | None = None,
     keep_quantized_blocks: bool | None = None,
+    tp_group: TensorParallelGroup = SINGLE_RANK,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a GGUF file describes and fill its weights (dequantized to the dtype;
     `dummy`: random weights of the same shapes, deterministic in `seed`). quantization="fp8"
@@ -368,7 +370,8 @@ def load_gguf_model(
 
     Linear layers whose tensors are in a type with GGUF kernels keep the raw blocks when
     `keep_quantized_blocks` (None: on CUDA, or as KESTREL_GGUF_QUANTIZED says; see
-    loader.gguf_quantized). Returns (model in eval mode on `device`, its ModelConfig).
+    loader.gguf_quantized; never for a tensor-parallel shard, `tp_group` of size > 1). Returns
+    (model in eval mode on `device`, its ModelConfig).
     """
     timer = LoadTimer()
     f = as_gguf_file(source)
@@ -379,10 +382,11 @@ def load_gguf_model(
     model_class = get_model_class(config.architecture)
     if keep_quantized_blocks is None:
         keep_quantized_blocks = quant_config is None and keep_quantized(device)
+    keep_quantized_blocks = keep_quantized_blocks and tp_group.size == 1
     if keep_quantized_blocks and quant_config is None and not dummy:
         tensors = [(hf_tensor_name(t.name), t.name, int(t.tensor_type)) for t in f.reader.tensors]
         quant_config = gguf_quant_config(tensors, model_class.packed_modules_mapping)
-    model = model_class(config, torch_dtype, device, quant_config=quant_config)
+    model = model_class(config, torch_dtype, device, quant_config=quant_config, tp_group=tp_group)
     if dummy:
         init_dummy_weights(model, seed=seed)
     else:

@@ -10,6 +10,7 @@ from torch import nn
 
 from kestrel.config import ConfigError
 from kestrel.layers.linear import process_weights_after_loading
+from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
 from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
@@ -38,6 +39,7 @@ def load_model(
     *,
     seed: int = 0,
     quantization: str | None = None,
+    tp_group: TensorParallelGroup = SINGLE_RANK,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model of a Hugging Face directory (or a `.gguf` file) and fill its weights.
 
@@ -46,8 +48,10 @@ def load_model(
     config (config.json or the GGUF metadata) and fills random weights (deterministic in
     `seed`). quantization: None, "fp8" (FP8 linear layers: a BF16/FP16 checkpoint quantized
     at load) or "gguf" (nothing here); an FP8 checkpoint (its config.json's
-    `quantization_config`) loads as FP8 either way (kestrel.layers.quant_config). Returns
-    (model in eval mode on `device`, its ModelConfig).
+    `quantization_config`) loads as FP8 either way (kestrel.layers.quant_config). `tp_group`:
+    this rank's shard of a tensor-parallel model (the weight loaders take its slices; dummy
+    weights are random per rank, so they differ from the unsharded model's). Returns (model in
+    eval mode on `device`, its ModelConfig).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r} is not supported; supported: {LOAD_FORMATS}")
@@ -58,7 +62,13 @@ def load_model(
             raise ValueError(f"load_format='safetensors' cannot read the GGUF file {model_dir}")
         dummy = load_format == "dummy"
         return load_gguf_model(
-            model_dir, dtype, device, dummy=dummy, seed=seed, quantization=quantization
+            model_dir,
+            dtype,
+            device,
+            dummy=dummy,
+            seed=seed,
+            quantization=quantization,
+            tp_group=tp_group,
         )
     device = torch.device(device)
     config = read_model_config(model_dir)
@@ -70,7 +80,7 @@ def load_model(
         quant_config = fp8_config_for(config.hf_config, quantization)
     except ConfigError as exc:
         raise ConfigError(exc.field, f"{model_dir / 'config.json'}: {exc}") from exc
-    model = model_class(config, torch_dtype, device, quant_config=quant_config)
+    model = model_class(config, torch_dtype, device, quant_config=quant_config, tp_group=tp_group)
     if files is None:
         init_dummy_weights(model, seed=seed)
     else:

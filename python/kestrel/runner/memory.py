@@ -26,7 +26,9 @@ _GRAPH_RESERVE_BYTES = 1 << 29  # decode graphs' private pool (measured well und
 def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: int) -> int:
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    per_block = kv_block_bytes(runner.model_config, cfg.block_size, runner.dtype)
+    per_block = kv_block_bytes(
+        runner.model_config, cfg.block_size, runner.dtype, runner.num_kv_heads
+    )
     if runner.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(runner.device)
         used = total - free  # weights and anything else already on the card

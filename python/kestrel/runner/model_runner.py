@@ -49,11 +49,24 @@ logger = logging.getLogger(__name__)
 __all__ = ["ModelRunner", "StepFuture", "StepResult", "kv_block_bytes"]
 
 
-def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block across all layers (keys and values)."""
+def kv_block_bytes(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+) -> int:
+    """Bytes of one KV block across all layers (keys and values); `num_kv_heads`: this rank's
+    (default: the model's)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    per_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * elem
+    heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    per_layer = 2 * block_size * heads * config.head_dim * elem
     return per_layer * config.num_hidden_layers
+
+
+def rank_heads(model: torch.nn.Module, config: ModelConfig) -> tuple[int, int]:
+    """(query heads, KV heads) of this tensor-parallel rank's shard of `model` (the whole
+    model's at size 1; KV heads are replicated when the ranks outnumber them)."""
+    attn = model.model.layers[0].self_attn if hasattr(model, "model") else None
+    if attn is None or not hasattr(attn, "num_kv_heads"):
+        return config.num_attention_heads, config.num_key_value_heads
+    return attn.num_heads, attn.num_kv_heads
 
 
 class ModelRunner:
@@ -85,14 +98,15 @@ class ModelRunner:
         generator.manual_seed(seed)
         self.sampler = Sampler(generator)
         self.vocab_size = model_config.vocab_size
+        self.num_q_heads, self.num_kv_heads = rank_heads(model, model_config)
         self.input_batch = InputBatch(max_num_seqs, self.vocab_size, device)
         self.stager = HostStager(device)
         self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last launched step's sampled ids
         self.attention = PagedAttentionBackend(
-            num_q_heads=model_config.num_attention_heads,
-            num_kv_heads=model_config.num_key_value_heads,
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=model_config.head_dim,
             block_size=block_size,
             dtype=dtype,
@@ -123,7 +137,7 @@ class ModelRunner:
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
         mc = self.model_config
-        return (num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        return (num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One (key_cache, value_cache) per layer, [num_blocks, block_size, num_kv_heads,
