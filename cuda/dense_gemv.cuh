@@ -12,14 +12,17 @@
 //   the tensor cores idle along at any M here, and the cost does not depend on M.
 // - One block per 16-row tile of W; its kWarps warps split K into contiguous ranges and their
 //   fp32 tiles are summed through shared memory (no workspace, no atomics, deterministic).
+//   kWarps is kWideWarps = 16 when there are few tiles (N < kWideBelowRows: the 7B qkv / o / down
+//   shapes), so that enough loads are in flight to cover the HBM latency, else 8.
 // - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of weight rows g and g + 8 and 16 bytes
 //   (32 for fp8) of activation row g at the same k, so each load instruction reads 8 rows x
 //   64 contiguous bytes. The reduction over k does not care which k sits in which mma slot, so
 //   the loaded registers are the A / B fragments as they are (see the fragment layouts in
 //   mma.cuh); only A and B must agree, and they do by construction.
-// - kUnroll steps of weight loads are issued before any is used (8 x 16 bytes in flight per
-//   lane), through the non-coherent path without L1 allocation (streamed once); activations
-//   go through __ldg and stay in L1/L2 for all the blocks.
+// - Weight loads go in batches of kUnroll steps (8 x 16 bytes per lane), software pipelined:
+//   batch i + 1 is issued before batch i is consumed, so 8 to 16 loads per lane are in flight;
+//   through the non-coherent path without L1 allocation (streamed once). Activations go
+//   through __ldg and stay in L1/L2 for all the blocks.
 // - fp8 -> T by bit moves: e4m3 s.eeee.mmm becomes T's sign, exponent and top mantissa bits,
 //   then one multiply by 2^(bias(T) - 7) fixes the exponent bias; exact for every finite e4m3
 //   value, subnormals included (T keeps subnormals; the multiply is exact, a power of two).
@@ -31,11 +34,15 @@
 
 namespace kestrel::dense_gemv {
 
-constexpr int kWeightFp8 = 2;  // weight dtype code of float8 e4m3 (0, 1: the DTypeCode of T)
-constexpr int kMaxRows = 8;    // activation rows (the mma's N)
-constexpr int kTileRows = 16;  // weight rows per block (the mma's M)
-constexpr int kWarps = 8;      // warps per block, each a contiguous K range
-constexpr int kUnroll = 4;     // K steps whose weight loads are in flight together
+constexpr int kWeightFp8 = 2;    // weight dtype code of float8 e4m3 (0, 1: the DTypeCode of T)
+constexpr int kMaxRows = 8;      // activation rows (the mma's N)
+constexpr int kTileRows = 16;    // weight rows per block (the mma's M)
+constexpr int kNarrowWarps = 8;  // warps per block, each a contiguous K range (large N)
+constexpr int kWideWarps = 16;   // warps per block below kWideBelowRows rows
+// kNarrowWarps per 16 rows fill an H200 (132 SMs x 32 resident warps at <= 64 registers) from
+// 528 tiles (8448 rows) up; fewer tiles get 16 warps each.
+constexpr int64_t kWideBelowRows = 8448;
+constexpr int kUnroll = 4;  // K steps whose weight loads are in flight together
 
 struct Params {
   void* out;           // [M, N] of T, row stride ldo
@@ -95,7 +102,7 @@ struct Step {
   static constexpr int kWeightBytes = kFp8 ? 1 : 2;
 };
 
-template <typename T, bool kFp8>
+template <typename T, bool kFp8, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p) {
   using S = Step<T, kFp8>;
   __shared__ float partial[kWarps][kTileRows][kMaxRows];
@@ -114,53 +121,70 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
   const int steps = (p.k + S::kWarpElems - 1) / S::kWarpElems;
   const int s_begin = static_cast<int>(static_cast<int64_t>(steps) * warp / kWarps);
   const int s_end = static_cast<int>(static_cast<int64_t>(steps) * (warp + 1) / kWarps);
-  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  float c[2][4] = {};  // two accumulators (even / odd steps): shorter mma dependency chains
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
-  for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
+  // kUnroll steps of weight chunks, loaded together. A chunk past this warp's range or past K
+  // re-reads the row's first chunk (no branches) and its activations are zeroed, so it adds
+  // nothing (weights are finite).
+  struct Batch {
     uint4 a[kUnroll], b[kUnroll];
+    int off[kUnroll];
+    bool ok[kUnroll];
+  };
+  auto issue = [&](int s0, Batch& q) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int e = (s0 + u) * S::kWarpElems + t * S::kElems;  // this lane's first k
-      const bool ok = s0 + u < s_end && e < p.k;               // k % kElems == 0: whole chunks only
-      a[u] = ok ? load_stream(wa + static_cast<int64_t>(e) * S::kWeightBytes) : zero;
-      b[u] = ok ? load_stream(wb + static_cast<int64_t>(e) * S::kWeightBytes) : zero;
+      const bool in = s0 + u < s_end && e < p.k;               // k % kElems == 0: whole chunks only
+      q.ok[u] = has_x && in;
+      q.off[u] = in ? e : 0;
+      q.a[u] = load_stream(wa + static_cast<int64_t>(q.off[u]) * S::kWeightBytes);
+      q.b[u] = load_stream(wb + static_cast<int64_t>(q.off[u]) * S::kWeightBytes);
     }
+  };
+  auto consume = [&](const Batch& q) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int e = (s0 + u) * S::kWarpElems + t * S::kElems;
-      const bool ok = has_x && s0 + u < s_end && e < p.k;
       uint4 xv[S::kElems / 8];
 #pragma unroll
       for (int h = 0; h < S::kElems / 8; ++h) {
-        xv[h] = ok ? __ldg(reinterpret_cast<const uint4*>(xr + e + 8 * h)) : zero;
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(xr + q.off[u] + 8 * h));
+        xv[h] = q.ok[u] ? v : zero;
       }
       const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);  // S::kElems / 2 words
-      if constexpr (kFp8) {
-        const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a[u]);
-        const uint32_t* bw = reinterpret_cast<const uint32_t*>(&b[u]);
+      const uint32_t* aw = reinterpret_cast<const uint32_t*>(&q.a[u]);
+      const uint32_t* bw = reinterpret_cast<const uint32_t*>(&q.b[u]);
 #pragma unroll
-        for (int j = 0; j < S::kMmas; ++j) {  // word j of the 16 codes = k 4j .. 4j + 3
+      for (int j = 0; j < S::kMmas; ++j) {
+        if constexpr (kFp8) {  // word j of the 16 codes = k 4j .. 4j + 3
           const uint32_t frag[4] = {widen_fp8<T>(aw[j], 0), widen_fp8<T>(bw[j], 0),
                                     widen_fp8<T>(aw[j], 1), widen_fp8<T>(bw[j], 1)};
-          mma::mma_16816<T>(c, frag, xw[2 * j], xw[2 * j + 1]);
-        }
-      } else {
-        const uint32_t* aw = reinterpret_cast<const uint32_t*>(&a[u]);
-        const uint32_t* bw = reinterpret_cast<const uint32_t*>(&b[u]);
-#pragma unroll
-        for (int j = 0; j < S::kMmas; ++j) {  // words 2j, 2j + 1 = k 4j .. 4j + 3
+          mma::mma_16816<T>(c[u & 1], frag, xw[2 * j], xw[2 * j + 1]);
+        } else {  // words 2j, 2j + 1 = k 4j .. 4j + 3
           const uint32_t frag[4] = {aw[2 * j], bw[2 * j], aw[2 * j + 1], bw[2 * j + 1]};
-          mma::mma_16816<T>(c, frag, xw[2 * j], xw[2 * j + 1]);
+          mma::mma_16816<T>(c[u & 1], frag, xw[2 * j], xw[2 * j + 1]);
         }
       }
     }
+  };
+  // Software pipelined: the next batch is in flight while this one is consumed (the loads
+  // cannot sink into their uses: those are in the next iteration).
+  Batch cur;
+  if (s_begin < s_end) issue(s_begin, cur);
+  for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
+    Batch next;
+    if (s0 + kUnroll < s_end) issue(s0 + kUnroll, next);  // warp-uniform
+    consume(cur);
+    cur = next;
   }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) c[0][i] += c[1][i];
   // c0, c1: (row g, columns 2t, 2t + 1); c2, c3: (row g + 8, same columns).
-  partial[warp][g][2 * t] = c[0];
-  partial[warp][g][2 * t + 1] = c[1];
-  partial[warp][g + 8][2 * t] = c[2];
-  partial[warp][g + 8][2 * t + 1] = c[3];
+  partial[warp][g][2 * t] = c[0][0];
+  partial[warp][g][2 * t + 1] = c[0][1];
+  partial[warp][g + 8][2 * t] = c[0][2];
+  partial[warp][g + 8][2 * t + 1] = c[0][3];
   __syncthreads();
   if (threadIdx.x >= kTileRows * kMaxRows) return;
   const int r = threadIdx.x / kMaxRows, m = threadIdx.x % kMaxRows;
@@ -179,7 +203,12 @@ template <typename T, bool kFp8>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
   const int64_t blocks = ceil_div(p.n, kTileRows);
   if (blocks >= (1LL << 31)) return cudaErrorInvalidValue;
-  dense_gemv_kernel<T, kFp8><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(p);
+  const auto grid = static_cast<unsigned>(blocks);
+  if (p.n < kWideBelowRows) {
+    dense_gemv_kernel<T, kFp8, kWideWarps><<<grid, kWideWarps * 32, 0, stream>>>(p);
+  } else {
+    dense_gemv_kernel<T, kFp8, kNarrowWarps><<<grid, kNarrowWarps * 32, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

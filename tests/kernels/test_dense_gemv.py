@@ -59,8 +59,10 @@ def _ref32(x, weight, scale, bias) -> torch.Tensor:
 
 
 # (N, K): one tile row and one chunk, odd sizes, K not a multiple of a warp step (32 / 64), and
-# Qwen2.5 shapes (0.5B o_proj, 7B qkv / down).
-SHAPES = [(1, 16), (7, 48), (129, 208), (1001, 1040), (896, 896), (4608, 3584), (3584, 18944)]
+# Qwen2.5 shapes (0.5B o_proj, 7B qkv / down); N >= 8448 takes the 8-warp blocks (fewer rows:
+# 16 warps per block, dense_gemv.cuh kWideBelowRows).
+SHAPES = [(1, 16), (7, 48), (129, 208), (1001, 1040), (896, 896), (4608, 3584), (3584, 18944),
+          (8459, 208)]  # fmt: skip
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["w16", "fp8"])
