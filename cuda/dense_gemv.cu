@@ -20,6 +20,9 @@ int dense_gemv(const DenseGemvArgs& a, ptr_t stream) {
   if (a.ldx < 0 || a.ldo < 0 || (a.m > 1 && (a.ldx < a.k || a.ldo < a.n))) {
     return cudaErrorInvalidValue;
   }
+  if (a.warps != 0 && a.warps != dense_gemv::kNarrowWarps && a.warps != dense_gemv::kWideWarps) {
+    return cudaErrorInvalidValue;
+  }
   if (a.n == 0) return cudaSuccess;
   dense_gemv::Params p{};
   p.out = reinterpret_cast<void*>(a.out);
@@ -36,7 +39,8 @@ int dense_gemv(const DenseGemvArgs& a, ptr_t stream) {
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_dtype(a.dtype, [&](auto dtag) {
     using T = typename decltype(dtag)::type;
-    return fp8 ? dense_gemv::launch<T, true>(p, s) : dense_gemv::launch<T, false>(p, s);
+    const int w = static_cast<int>(a.warps);
+    return fp8 ? dense_gemv::launch<T, true>(p, w, s) : dense_gemv::launch<T, false>(p, w, s);
   });
 }
 

@@ -12,8 +12,7 @@
 //   the tensor cores idle along at any M here, and the cost does not depend on M.
 // - One block per 16-row tile of W; its kWarps warps split K into contiguous ranges and their
 //   fp32 tiles are summed through shared memory (no workspace, no atomics, deterministic).
-//   kWarps is kWideWarps = 16 when there are few tiles (N < kWideBelowRows: the 7B qkv / o / down
-//   shapes), so that enough loads are in flight to cover the HBM latency, else 8.
+//   kWarps is 16 when there are few tiles (N < kWideBelowRows), else 8.
 // - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of weight rows g and g + 8 and 16 bytes
 //   (32 for fp8) of activation row g at the same k, so each load instruction reads 8 rows x
 //   64 contiguous bytes. The reduction over k does not care which k sits in which mma slot, so
@@ -39,8 +38,10 @@ constexpr int kMaxRows = 8;      // activation rows (the mma's N)
 constexpr int kTileRows = 16;    // weight rows per block (the mma's M)
 constexpr int kNarrowWarps = 8;  // warps per block, each a contiguous K range (large N)
 constexpr int kWideWarps = 16;   // warps per block below kWideBelowRows rows
-// kNarrowWarps per 16 rows fill an H200 (132 SMs x 32 resident warps at <= 64 registers) from
-// 528 tiles (8448 rows) up; fewer tiles get 16 warps each.
+// At 112-128 registers an SM holds 16 warps: two 8-warp blocks or one 16-warp block. Below
+// 528 tiles (8448 rows: the 7B qkv / o / down shapes, every 0.5B one but gate_up) 16 warps
+// per tile halve each warp's K range, so more of the few tiles' loads are in flight at once.
+// A guess to be settled by bench_kernels.py --only gemv (which times both).
 constexpr int64_t kWideBelowRows = 8448;
 constexpr int kUnroll = 4;  // K steps whose weight loads are in flight together
 
@@ -199,15 +200,19 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
 }
 
 // The caller validated the sizes and alignment (dense_gemv.cu).
+// warps: kNarrowWarps, kWideWarps, or 0 to choose by N (kWideBelowRows).
 template <typename T, bool kFp8>
-cudaError_t launch(const Params& p, cudaStream_t stream) {
+cudaError_t launch(const Params& p, int warps, cudaStream_t stream) {
   const int64_t blocks = ceil_div(p.n, kTileRows);
   if (blocks >= (1LL << 31)) return cudaErrorInvalidValue;
   const auto grid = static_cast<unsigned>(blocks);
-  if (p.n < kWideBelowRows) {
+  if (warps == 0) warps = p.n < kWideBelowRows ? kWideWarps : kNarrowWarps;
+  if (warps == kWideWarps) {
     dense_gemv_kernel<T, kFp8, kWideWarps><<<grid, kWideWarps * 32, 0, stream>>>(p);
-  } else {
+  } else if (warps == kNarrowWarps) {
     dense_gemv_kernel<T, kFp8, kNarrowWarps><<<grid, kNarrowWarps * 32, 0, stream>>>(p);
+  } else {
+    return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

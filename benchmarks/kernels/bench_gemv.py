@@ -47,6 +47,17 @@ def _time(fns: list[Callable[[], object]]) -> float:
     return time_graph(fns, max(8, len(fns)))
 
 
+def _gemv_times(call: Callable[[tuple, int], object], weights: list[tuple]) -> tuple[float, str]:
+    """Seconds per call with the kernel's own choice of warps per block, and a note with the
+    time of each forced choice (8, 16: which one kWideBelowRows should pick)."""
+    t = _time([lambda w=w: call(w, 0) for w in weights])
+    forced = {
+        warps: _time([lambda w=w, warps=warps: call(w, warps) for w in weights])
+        for warps in (8, 16)
+    }
+    return t, " ".join(f"{warps}w {s * 1e6:.1f} us" for warps, s in forced.items())
+
+
 def _case(row, bw: float, model: str, name: str, m: int) -> None:
     n, k = SHAPES[model][name]
     case = f"{model} {name} M={m} N={n} K={k}"
@@ -56,21 +67,25 @@ def _case(row, bw: float, model: str, name: str, m: int) -> None:
 
     dense = _copies(lambda: _bf16_weight(n, k), 2 * n * k)
     t_cublas = _time([lambda w=w: F.linear(x, w[0]) for w in dense])
-    t_gemv = _time([lambda w=w: gemv_ops.dense_gemv(x, w[0], out=out) for w in dense])
+    t_gemv, by_warps = _gemv_times(
+        lambda w, warps: gemv_ops.dense_gemv(x, w[0], out=out, warps=warps), dense
+    )
     moved = 2 * n * k + io
-    note = f"cuBLAS {moved / t_cublas / 1e9:.0f} GB/s ({100 * moved / t_cublas / bw:.0f}%)"
-    row("dense_gemv bf16", case, t_gemv, moved, "GB/s", bw, t_cublas, note)
+    note = f"cuBLAS {moved / t_cublas / 1e9:.0f} GB/s ({100 * moved / t_cublas / bw:.0f}%); "
+    row("dense_gemv bf16", case, t_gemv, moved, "GB/s", bw, t_cublas, note + by_warps)
     del dense
 
     fp8 = _copies(lambda: _fp8_weight(n, k), n * k)
-    t_fp8 = _time([lambda w=w: gemv_ops.dense_gemv(x, w[0], w[1].view(-1), out=out) for w in fp8])
+    t_fp8, by_warps = _gemv_times(
+        lambda w, warps: gemv_ops.dense_gemv(x, w[0], w[1].view(-1), out=out, warps=warps), fp8
+    )
     x_q, x_scale = quantize_rows(x)
     t_mm = _time([lambda w=w: fp8_matmul(x_q, x_scale, w[0], w[1], DT) for w in fp8])
     t_layer = _time([lambda w=w: fp8_matmul(*quantize_rows(x), w[0], w[1], DT) for w in fp8])
     moved = n * k + 4 * n + io
     note = (
         f"baseline: quantize+_scaled_mm; _scaled_mm alone {t_mm * 1e6:.1f} us "
-        f"({moved / t_mm / 1e9:.0f} GB/s); vs cuBLAS bf16 {t_cublas / t_fp8:.2f}x"
+        f"({moved / t_mm / 1e9:.0f} GB/s); vs cuBLAS bf16 {t_cublas / t_fp8:.2f}x; {by_warps}"
     )
     row("dense_gemv fp8", case, t_fp8, moved, "GB/s", bw, t_layer, note)
 

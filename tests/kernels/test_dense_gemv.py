@@ -82,6 +82,18 @@ def test_rows_1_to_8_against_the_reference(fp8, n, k, dtype, gen, spy, poison):
     assert spy.calls["dense_gemv"] == gemv_ops.MAX_ROWS
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["w16", "fp8"])
+@pytest.mark.parametrize("warps", [8, 16])
+def test_both_block_sizes(fp8, warps, gen, spy, poison):
+    """Blocks of 8 or 16 warps (the kernel picks by N; forced here on both sides of 8448)."""
+    for n, k in ((129, 208), (8459, 1040)):
+        weight, scale = _weights(n, k, torch.bfloat16, fp8, gen)
+        x = torch.randn(5, k, generator=gen, device="cuda").to(torch.bfloat16)
+        out = gemv_ops.dense_gemv(x, weight, scale, warps=warps)
+        _check(out, _ref32(x, weight, scale, None), torch.bfloat16, f"warps={warps} N={n}")
+    assert spy.calls["dense_gemv"] == 2
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_16_bit_weight_with_a_scale(dtype, gen, spy):
     weight, _ = _weights(37, 72, dtype, False, gen)

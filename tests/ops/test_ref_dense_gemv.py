@@ -73,6 +73,8 @@ def test_scale_bias_and_device_are_checked():
         gemv_ops.dense_gemv(x, w, torch.ones(16, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="bias must be contiguous torch.bfloat16 with 16"):
         gemv_ops.dense_gemv(x, w, torch.ones(16), torch.ones(15, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"warps must be one of \(0, 8, 16\); got 4"):
+        gemv_ops.dense_gemv(x, w, torch.ones(16), warps=4)
     with pytest.raises(ValueError, match="needs the CUDA kernels and CUDA tensors; got cpu"):
         gemv_ops.dense_gemv(x, w, torch.ones(16))
 

@@ -27,6 +27,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 OP_FP8 = "dense_gemv_fp8"
 OP_BF16 = "dense_gemv_bf16"  # 16-bit weights, fp16 or bf16
 _WEIGHT_FP8_CODE = 2  # kestrel._kernels.DTYPE_FLOAT8_E4M3
+WARPS = (0, 8, 16)  # warps per block: 0 = the kernel's choice by N (dense_gemv.cuh)
 
 
 def k_multiple(weight_dtype: torch.dtype) -> int:
@@ -150,11 +151,15 @@ def dense_gemv(
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    warps: int = 0,
 ) -> torch.Tensor:
     """The CUDA kernel: x [M, K] (M = 1..8) -> out [M, N] = (x @ weight^T) * scale + bias in
     x's dtype. `out` may be a column slice of a wider [M, *] tensor. No host synchronization
-    and no allocation besides `out` when it is not given: CUDA-graph capturable."""
+    and no allocation besides `out` when it is not given: CUDA-graph capturable. `warps`: warps
+    per 16-row block, 8 or 16, or 0 to let the kernel choose by N (for benchmarks)."""
     _check(x, weight, scale, bias, out)
+    if warps not in WARPS:
+        raise ValueError(f"dense_gemv: warps must be one of {WARPS}; got {warps}")
     tensors = {"x": x, "weight": weight}
     tensors.update({name: t for name, t in (("scale", scale), ("bias", bias), ("out", out))
                     if t is not None})  # fmt: skip
@@ -171,7 +176,7 @@ def dense_gemv(
         x=x.data_ptr(), ldx=x.stride(0), weight=weight.data_ptr(), ldw=weight.stride(0),
         scale=0 if scale is None else scale.data_ptr(),
         bias=0 if bias is None else bias.data_ptr(),
-        m=m, n=n, k=x.shape[1], weight_dtype=weight_code, dtype=code,
+        m=m, n=n, k=x.shape[1], warps=warps, weight_dtype=weight_code, dtype=code,
     )  # fmt: skip
     with _dispatch.on_device(x.device):
         status = _dispatch.kernels.dense_gemv(args, _dispatch.stream_handle(x.device))
