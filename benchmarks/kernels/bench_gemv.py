@@ -22,9 +22,16 @@ from kestrel.ops import dense_gemv as gemv_ops
 
 DT = torch.bfloat16
 ROTATE_BYTES = 256 << 20
-# (N, K) of the fused q/k/v, o_proj, fused gate/up and down_proj.
+# (N, K) of the fused q/k/v, o_proj, fused gate/up and down_proj; the 7B LM head (1.09 GB in
+# bf16, read every decode step; layers/embedding.py runs F.linear on it) for information.
 SHAPES = {
-    "7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)},
+    "7b": {
+        "qkv": (4608, 3584),
+        "o": (3584, 3584),
+        "gate_up": (37888, 3584),
+        "down": (3584, 18944),
+        "lm_head": (152064, 3584),
+    },
     "0.5b": {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864)},
 }
 ROWS = (1, 2, 4, 8)
