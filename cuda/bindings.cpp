@@ -169,6 +169,7 @@ PYBIND11_MODULE(_kernels, m) {
       .KESTREL_FIELD(DenseGemvArgs, n)
       .KESTREL_FIELD(DenseGemvArgs, k)
       .KESTREL_FIELD(DenseGemvArgs, warps)
+      .KESTREL_FIELD(DenseGemvArgs, fp8_widen)
       .KESTREL_FIELD(DenseGemvArgs, weight_dtype)
       .KESTREL_FIELD(DenseGemvArgs, dtype);
   m.def("dense_gemv", &dense_gemv, nogil, py::arg("args"), py::arg("stream"));

@@ -23,6 +23,7 @@ int dense_gemv(const DenseGemvArgs& a, ptr_t stream) {
   if (a.warps != 0 && a.warps != dense_gemv::kNarrowWarps && a.warps != dense_gemv::kWideWarps) {
     return cudaErrorInvalidValue;
   }
+  if (a.fp8_widen != 0 && a.fp8_widen != 1) return cudaErrorInvalidValue;
   if (a.n == 0) return cudaSuccess;
   dense_gemv::Params p{};
   p.out = reinterpret_cast<void*>(a.out);
@@ -39,8 +40,11 @@ int dense_gemv(const DenseGemvArgs& a, ptr_t stream) {
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   return dispatch_dtype(a.dtype, [&](auto dtag) {
     using T = typename decltype(dtag)::type;
+    using dense_gemv::WeightKind;
     const int w = static_cast<int>(a.warps);
-    return fp8 ? dense_gemv::launch<T, true>(p, w, s) : dense_gemv::launch<T, false>(p, w, s);
+    if (!fp8) return dense_gemv::launch<T, WeightKind::k16Bit>(p, w, s);
+    return a.fp8_widen == 1 ? dense_gemv::launch<T, WeightKind::kFp8Cvt>(p, w, s)
+                            : dense_gemv::launch<T, WeightKind::kFp8Bits>(p, w, s);
   });
 }
 

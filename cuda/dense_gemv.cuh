@@ -26,7 +26,11 @@
 //   then one multiply by 2^(bias(T) - 7) fixes the exponent bias; exact for every finite e4m3
 //   value, subnormals included (T keeps subnormals; the multiply is exact, a power of two).
 //   e4m3fn NaN (0x7f / 0xff) is not preserved (it reads as +-480): weights hold no NaN.
+//   (WeightKind::kFp8Cvt does it with the cvt instructions instead, for the benchmark to
+//   compare; it batches 2 steps, not kUnroll, to stay in registers.)
 #pragma once
+
+#include <cuda_fp8.h>
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -93,6 +97,24 @@ __device__ __forceinline__ uint32_t widen_fp8(uint32_t word, int pair) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The same through the hardware conversion (cvt e4m3x2 -> f16x2, sm_89+; then f16 -> f32 ->
+// bf16 for bf16, all exact): fewer integer ops, more conversion-pipe ones. Which is faster is
+// for bench_gemv.py to say (Args.fp8_widen picks; the bit moves are the default).
+template <typename T>
+__device__ __forceinline__ uint32_t widen_fp8_cvt(uint32_t word, int pair) {
+  const auto codes = static_cast<__nv_fp8x2_storage_t>(word >> (16 * pair));
+  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(codes, __NV_E4M3);
+  if constexpr (std::is_same_v<T, half>) {
+    return static_cast<uint32_t>(raw.x) | static_cast<uint32_t>(raw.y) << 16;
+  } else {
+    const __nv_bfloat162 v = __float22bfloat162_rn(__half22float2(__half2(raw)));
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// How the kernel reads the weight: T itself, or e4m3 codes widened by bit moves or by cvt.
+enum class WeightKind { k16Bit, kFp8Bits, kFp8Cvt };
+
 // Per lane and K step: rows g and g + 8 of the weight tile and row g of x, as mma fragments.
 // kElems: k values per lane and step (8: 16-bit weights; 16: fp8), kMmas = kElems / 4.
 template <typename T, bool kFp8>
@@ -103,8 +125,10 @@ struct Step {
   static constexpr int kWeightBytes = kFp8 ? 1 : 2;
 };
 
-template <typename T, bool kFp8, int kWarps>
+template <typename T, WeightKind kKind, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p) {
+  constexpr bool kFp8 = kKind != WeightKind::k16Bit;
+  constexpr int kU = kKind == WeightKind::kFp8Cvt ? 2 : kUnroll;  // cvt: more registers
   using S = Step<T, kFp8>;
   __shared__ float partial[kWarps][kTileRows][kMaxRows];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -125,17 +149,17 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
   float c[2][4] = {};  // two accumulators (even / odd steps): shorter mma dependency chains
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
-  // kUnroll steps of weight chunks, loaded together. A chunk past this warp's range or past K
+  // kU steps of weight chunks, loaded together. A chunk past this warp's range or past K
   // re-reads the row's first chunk (no branches) and its activations are zeroed, so it adds
   // nothing (weights are finite).
   struct Batch {
-    uint4 a[kUnroll], b[kUnroll];
-    int off[kUnroll];
-    bool ok[kUnroll];
+    uint4 a[kU], b[kU];
+    int off[kU];
+    bool ok[kU];
   };
   auto issue = [&](int s0, Batch& q) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int e = (s0 + u) * S::kWarpElems + t * S::kElems;  // this lane's first k
       const bool in = s0 + u < s_end && e < p.k;               // k % kElems == 0: whole chunks only
       q.ok[u] = has_x && in;
@@ -146,7 +170,7 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
   };
   auto consume = [&](const Batch& q) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       uint4 xv[S::kElems / 8];
 #pragma unroll
       for (int h = 0; h < S::kElems / 8; ++h) {
@@ -159,8 +183,12 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
 #pragma unroll
       for (int j = 0; j < S::kMmas; ++j) {
         if constexpr (kFp8) {  // word j of the 16 codes = k 4j .. 4j + 3
-          const uint32_t frag[4] = {widen_fp8<T>(aw[j], 0), widen_fp8<T>(bw[j], 0),
-                                    widen_fp8<T>(aw[j], 1), widen_fp8<T>(bw[j], 1)};
+          const auto widen = [](uint32_t word, int pair) {
+            return kKind == WeightKind::kFp8Cvt ? widen_fp8_cvt<T>(word, pair)
+                                                : widen_fp8<T>(word, pair);
+          };
+          const uint32_t frag[4] = {widen(aw[j], 0), widen(bw[j], 0), widen(aw[j], 1),
+                                    widen(bw[j], 1)};
           mma::mma_16816<T>(c[u & 1], frag, xw[2 * j], xw[2 * j + 1]);
         } else {  // words 2j, 2j + 1 = k 4j .. 4j + 3
           const uint32_t frag[4] = {aw[2 * j], bw[2 * j], aw[2 * j + 1], bw[2 * j + 1]};
@@ -173,9 +201,9 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
   // cannot sink into their uses: those are in the next iteration).
   Batch cur;
   if (s_begin < s_end) issue(s_begin, cur);
-  for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
+  for (int s0 = s_begin; s0 < s_end; s0 += kU) {
     Batch next;
-    if (s0 + kUnroll < s_end) issue(s0 + kUnroll, next);  // warp-uniform
+    if (s0 + kU < s_end) issue(s0 + kU, next);  // warp-uniform
     consume(cur);
     cur = next;
   }
@@ -201,16 +229,16 @@ __global__ void __launch_bounds__(kWarps * 32) dense_gemv_kernel(const Params p)
 
 // The caller validated the sizes and alignment (dense_gemv.cu).
 // warps: kNarrowWarps, kWideWarps, or 0 to choose by N (kWideBelowRows).
-template <typename T, bool kFp8>
+template <typename T, WeightKind kKind>
 cudaError_t launch(const Params& p, int warps, cudaStream_t stream) {
   const int64_t blocks = ceil_div(p.n, kTileRows);
   if (blocks >= (1LL << 31)) return cudaErrorInvalidValue;
   const auto grid = static_cast<unsigned>(blocks);
   if (warps == 0) warps = p.n < kWideBelowRows ? kWideWarps : kNarrowWarps;
   if (warps == kWideWarps) {
-    dense_gemv_kernel<T, kFp8, kWideWarps><<<grid, kWideWarps * 32, 0, stream>>>(p);
+    dense_gemv_kernel<T, kKind, kWideWarps><<<grid, kWideWarps * 32, 0, stream>>>(p);
   } else if (warps == kNarrowWarps) {
-    dense_gemv_kernel<T, kFp8, kNarrowWarps><<<grid, kNarrowWarps * 32, 0, stream>>>(p);
+    dense_gemv_kernel<T, kKind, kNarrowWarps><<<grid, kNarrowWarps * 32, 0, stream>>>(p);
   } else {
     return cudaErrorInvalidValue;
   }

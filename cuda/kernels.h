@@ -180,7 +180,8 @@ int gguf_dequantize(const GgufDequantizeArgs& args, ptr_t stream);
 // accumulation, rounded once to dtype. x: dtype, row stride ldx (a multiple of 8), 16-byte
 // aligned. W [n, k], row stride ldw elements (16-byte aligned rows): weight_dtype == dtype, or
 // 2 = float8 e4m3 (then k % 16 == 0; else k % 8 == 0). scale: fp32 [n] or 0; bias: dtype [n]
-// or 0. warps: warps per 16-row block, 8 or 16 (0: chosen by n; for benchmarks).
+// or 0. For benchmarks: warps per 16-row block, 8 or 16 (0: chosen by n); fp8_widen, how e4m3
+// codes become dtype: 0 bit moves, 1 the cvt instructions.
 struct DenseGemvArgs {
   ptr_t out = 0;
   int64_t ldo = 0;
@@ -194,6 +195,7 @@ struct DenseGemvArgs {
   int64_t n = 0;
   int64_t k = 0;
   int64_t warps = 0;
+  int64_t fp8_widen = 0;
   int weight_dtype = -1;
   int dtype = -1;
 };

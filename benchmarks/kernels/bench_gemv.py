@@ -86,6 +86,9 @@ def _case(row, bw: float, model: str, name: str, m: int) -> None:
     t_fp8, by_warps = _gemv_times(
         lambda w, warps: gemv_ops.dense_gemv(x, w[0], w[1].view(-1), out=out, warps=warps), fp8
     )
+    t_cvt = _time([lambda w=w: gemv_ops.dense_gemv(x, w[0], w[1].view(-1), out=out, fp8_widen=1)
+                   for w in fp8])  # fmt: skip
+    by_warps += f" cvt-widen {t_cvt * 1e6:.1f} us"
     x_q, x_scale = quantize_rows(x)
     t_mm = _time([lambda w=w: fp8_matmul(x_q, x_scale, w[0], w[1], DT) for w in fp8])
     t_layer = _time([lambda w=w: fp8_matmul(*quantize_rows(x), w[0], w[1], DT) for w in fp8])

@@ -84,14 +84,18 @@ def test_rows_1_to_8_against_the_reference(fp8, n, k, dtype, gen, spy, poison):
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["w16", "fp8"])
 @pytest.mark.parametrize("warps", [8, 16])
-def test_both_block_sizes(fp8, warps, gen, spy, poison):
-    """Blocks of 8 or 16 warps (the kernel picks by N; forced here on both sides of 8448)."""
+def test_both_block_sizes_and_fp8_conversions(fp8, warps, gen, spy, poison):
+    """Blocks of 8 or 16 warps (the kernel picks by N; forced here on both sides of 8448), and
+    for fp8 both ways of widening the codes."""
+    widens = (0, 1) if fp8 else (0,)
     for n, k in ((129, 208), (8459, 1040)):
         weight, scale = _weights(n, k, torch.bfloat16, fp8, gen)
-        x = torch.randn(5, k, generator=gen, device="cuda").to(torch.bfloat16)
-        out = gemv_ops.dense_gemv(x, weight, scale, warps=warps)
-        _check(out, _ref32(x, weight, scale, None), torch.bfloat16, f"warps={warps} N={n}")
-    assert spy.calls["dense_gemv"] == 2
+        for fp8_widen in widens:
+            x = torch.randn(5, k, generator=gen, device="cuda").to(torch.bfloat16)
+            out = gemv_ops.dense_gemv(x, weight, scale, warps=warps, fp8_widen=fp8_widen)
+            what = f"warps={warps} N={n} fp8_widen={fp8_widen}"
+            _check(out, _ref32(x, weight, scale, None), torch.bfloat16, what)
+    assert spy.calls["dense_gemv"] == 2 * len(widens)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,22 +107,22 @@ def test_16_bit_weight_with_a_scale(dtype, gen, spy):
     assert spy.calls["dense_gemv"] == 1
 
 
+@pytest.mark.parametrize("fp8_widen", [0, 1], ids=["bits", "cvt"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_e4m3_code_is_widened_exactly(dtype, spy):
+def test_every_e4m3_code_is_widened_exactly(dtype, fp8_widen, spy):
     codes = torch.arange(256, dtype=torch.int32)
     codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes
     # Row n is code n in every column; x = e_0 picks column 0, so out[0, n] is the code's value.
     weight = codes.to(torch.uint8).view(FP8)[:, None].expand(256, 32).contiguous().cuda()
     x = torch.zeros(1, 32, dtype=dtype, device="cuda")
     x[0, 0] = 1.0
-    out = gemv_ops.dense_gemv(x, weight)
+    out = gemv_ops.dense_gemv(x, weight, fp8_widen=fp8_widen)
     expected = weight[:, 0].to(dtype)[None]  # e4m3 values are exact in fp16 and bf16
     assert torch.equal(out, expected), (out - expected).abs().max()
     # A sum of every code (x all ones, 32 columns of code n): exact in fp32 too.
     ones = torch.ones(1, 32, dtype=dtype, device="cuda")
-    assert torch.equal(
-        gemv_ops.dense_gemv(ones, weight), (32 * weight[:, :1].float().t()).to(dtype)
-    )
+    total = gemv_ops.dense_gemv(ones, weight, fp8_widen=fp8_widen)
+    assert torch.equal(total, (32 * weight[:, :1].float().t()).to(dtype))
     assert spy.calls["dense_gemv"] == 2
 
 

@@ -152,14 +152,18 @@ def dense_gemv(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     warps: int = 0,
+    fp8_widen: int = 0,
 ) -> torch.Tensor:
     """The CUDA kernel: x [M, K] (M = 1..8) -> out [M, N] = (x @ weight^T) * scale + bias in
     x's dtype. `out` may be a column slice of a wider [M, *] tensor. No host synchronization
     and no allocation besides `out` when it is not given: CUDA-graph capturable. `warps`: warps
-    per 16-row block, 8 or 16, or 0 to let the kernel choose by N (for benchmarks)."""
+    per 16-row block, 8 or 16, or 0 to let the kernel choose by N; `fp8_widen`: how e4m3 codes
+    become x's dtype, 0 bit moves, 1 the cvt instructions (both for benchmarks)."""
     _check(x, weight, scale, bias, out)
     if warps not in WARPS:
         raise ValueError(f"dense_gemv: warps must be one of {WARPS}; got {warps}")
+    if fp8_widen not in (0, 1):
+        raise ValueError(f"dense_gemv: fp8_widen must be 0 or 1; got {fp8_widen}")
     tensors = {"x": x, "weight": weight}
     tensors.update({name: t for name, t in (("scale", scale), ("bias", bias), ("out", out))
                     if t is not None})  # fmt: skip
@@ -176,7 +180,8 @@ def dense_gemv(
         x=x.data_ptr(), ldx=x.stride(0), weight=weight.data_ptr(), ldw=weight.stride(0),
         scale=0 if scale is None else scale.data_ptr(),
         bias=0 if bias is None else bias.data_ptr(),
-        m=m, n=n, k=x.shape[1], warps=warps, weight_dtype=weight_code, dtype=code,
+        m=m, n=n, k=x.shape[1], warps=warps, fp8_widen=fp8_widen, weight_dtype=weight_code,
+        dtype=code,
     )  # fmt: skip
     with _dispatch.on_device(x.device):
         status = _dispatch.kernels.dense_gemv(args, _dispatch.stream_handle(x.device))
