@@ -4,10 +4,14 @@ Hugging Face transformers (`--compare-hf`) on the same model shape in the same r
     python benchmarks/latency.py --model qwen2.5-7b --compare-hf --json lat.json --png lat.png
 
 `--model` is a preset shape with random weights (qwen2.5-7b, qwen2.5-0.5b) or a model directory.
+`--unverified-kernels` turns on the kernels still off by default (kestrel.ops._dispatch.
+UNVERIFIED_OPS, e.g. the dense decode GEMV dense_gemv_bf16 / dense_gemv_fp8), as
+KESTREL_UNVERIFIED_KERNELS=1 does; run once with and once without to compare.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -105,7 +109,17 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--unverified-kernels",
+        action="store_true",
+        help="run the kernels not yet on by default (KESTREL_UNVERIFIED_KERNELS=1)",
+    )
     args = ap.parse_args()
+    if args.unverified_kernels:
+        os.environ["KESTREL_UNVERIFIED_KERNELS"] = "1"  # engine processes inherit it
+        from kestrel.ops import _dispatch
+
+        _dispatch.refresh_settings()  # this process read the environment at import
 
     model_dir, dummy = model_dir_for(args.model)
     results = run_both(
@@ -116,7 +130,8 @@ def main() -> None:
     rows = [[name, r["ttft_ms"], r["tpot_ms"]] for name, r in results.items()]
     print_table(
         f"latency  model={args.model} batch={args.batch_size} in={args.input_len} "
-        f"out={args.output_len} device={device_name()} commit={commit()}",
+        f"out={args.output_len} device={device_name()} commit={commit()}"
+        f"{' unverified-kernels' if args.unverified_kernels else ''}",
         ["engine", "TTFT ms", "TPOT ms"],
         rows,
     )

@@ -154,6 +154,26 @@ PYBIND11_MODULE(_kernels, m) {
       .KESTREL_FIELD(GgufDequantizeArgs, dtype);
   m.def("gguf_dequantize", &gguf_dequantize, nogil, py::arg("args"), py::arg("stream"));
 
+  m.attr("DTYPE_FLOAT8_E4M3") = 2;  // a dense_gemv weight_dtype
+  py::class_<DenseGemvArgs>(m, "DenseGemvArgs")
+      .def(py::init<>())
+      .KESTREL_FIELD(DenseGemvArgs, out)
+      .KESTREL_FIELD(DenseGemvArgs, ldo)
+      .KESTREL_FIELD(DenseGemvArgs, x)
+      .KESTREL_FIELD(DenseGemvArgs, ldx)
+      .KESTREL_FIELD(DenseGemvArgs, weight)
+      .KESTREL_FIELD(DenseGemvArgs, ldw)
+      .KESTREL_FIELD(DenseGemvArgs, scale)
+      .KESTREL_FIELD(DenseGemvArgs, bias)
+      .KESTREL_FIELD(DenseGemvArgs, m)
+      .KESTREL_FIELD(DenseGemvArgs, n)
+      .KESTREL_FIELD(DenseGemvArgs, k)
+      .KESTREL_FIELD(DenseGemvArgs, warps)
+      .KESTREL_FIELD(DenseGemvArgs, fp8_widen)
+      .KESTREL_FIELD(DenseGemvArgs, weight_dtype)
+      .KESTREL_FIELD(DenseGemvArgs, dtype);
+  m.def("dense_gemv", &dense_gemv, nogil, py::arg("args"), py::arg("stream"));
+
   py::class_<TokenBitmaskArgs>(m, "TokenBitmaskArgs")
       .def(py::init<>())
       .KESTREL_FIELD(TokenBitmaskArgs, logits)

@@ -176,6 +176,31 @@ struct GgufDequantizeArgs {
 };
 int gguf_dequantize(const GgufDequantizeArgs& args, ptr_t stream);
 
+// dense_gemv: out [m, n] (row stride ldo) = (x [m, k] @ W^T) * scale + bias for m = 1..8, fp32
+// accumulation, rounded once to dtype. x: dtype, row stride ldx (a multiple of 8), 16-byte
+// aligned. W [n, k], row stride ldw elements (16-byte aligned rows): weight_dtype == dtype, or
+// 2 = float8 e4m3 (then k % 16 == 0; else k % 8 == 0). scale: fp32 [n] or 0; bias: dtype [n]
+// or 0. For benchmarks: warps per 16-row block, 8 or 16 (0: chosen by n); fp8_widen, how e4m3
+// codes become dtype: 0 bit moves, 1 the cvt instructions.
+struct DenseGemvArgs {
+  ptr_t out = 0;
+  int64_t ldo = 0;
+  ptr_t x = 0;
+  int64_t ldx = 0;
+  ptr_t weight = 0;
+  int64_t ldw = 0;
+  ptr_t scale = 0;
+  ptr_t bias = 0;
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t warps = 0;
+  int64_t fp8_widen = 0;
+  int weight_dtype = -1;
+  int dtype = -1;
+};
+int dense_gemv(const DenseGemvArgs& args, ptr_t stream);
+
 // apply_token_bitmask: in place, for each r < num_rows and v < vocab,
 // logits[rows[r] * row_stride + v] = -inf unless bit (v % 32) of bitmask[r * words + v / 32] is
 // set (v >= 32 * words is never allowed). rows: int64 [num_rows] on the device (rows outside

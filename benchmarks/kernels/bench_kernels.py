@@ -8,7 +8,8 @@ rotating inputs when one call's data would fit in L2.
 Baselines: eager torch (the kestrel.ops references) for norm / rotary / activation, the
 gathered-KV reference for decode attention, torch SDPA (flash backend) on contiguous equivalents
 for prefill attention, the bf16 matmul on dequantized weights for the GGUF kernels
-(bench_gguf.py).
+(bench_gguf.py), cuBLAS bf16 and quantize + `_scaled_mm` for the dense skinny GEMM
+(bench_gemv.py, `--only gemv`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_gemv import bench_gemv
 from bench_gguf import bench_gguf
 from timing import copy_bandwidth, gemm_flops, time_events, time_graph
 
@@ -182,7 +184,7 @@ def _prefill_case(peak: float, variant: str, n: int, hq: int, hkv: int, d: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="kernels.json")
-    parser.add_argument("--only", default="elementwise,decode,prefill,gguf")
+    parser.add_argument("--only", default="elementwise,decode,prefill,gguf,gemv")
     parser.add_argument(
         "--prefill-kernels", default="auto,mma", help="KESTREL_PREFILL_KERNEL values to time"
     )
@@ -209,6 +211,8 @@ def main() -> None:
                 _prefill_case(peak, variant, *case)
     if "gguf" in parts:
         bench_gguf(_row, bw)
+    if "gemv" in parts:
+        bench_gemv(_row, bw)
     device = torch.cuda.get_device_name()
     report = {
         "device": device,

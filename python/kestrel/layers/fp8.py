@@ -14,6 +14,11 @@ per channel after loading). Either way the layer ends with `weight` [N, K] float
 major, so `weight.t()` is the column-major [K, N] operand `_scaled_mm` wants) and
 `weight_scale` [1, N] float32.
 
+Decode rows (M <= 8 tokens, CUDA, op "dense_gemv_fp8" allowed: _dispatch.UNVERIFIED_OPS) skip
+the activation quantization and `_scaled_mm`: the skinny GEMM kernel reads the e4m3 weight and
+its scales with the activations in the model dtype (W8A16, layers/dense_gemv_linear.py), one
+launch instead of five, and more accurate (x is not rounded to e4m3).
+
 `torch._scaled_mm` runs on CUDA GPUs of compute capability 8.9 or higher and, in torch 2.13, on
 the CPU (used by the tests); `require_fp8_device` is the engine's check.
 """
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from kestrel.config import ConfigError
+from kestrel.layers import dense_gemv_linear
 from kestrel.layers.linear import Device, LinearBase, LinearMethodBase, new_parameter
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -160,6 +166,8 @@ class Fp8LinearMethod(LinearMethodBase):
             _fp8_tensor_loader(weight_loader) if self.serialized else weight_loader
         )
         layer.register_parameter("weight", weight)
+        # M <= 8 rows: W8A16 through the skinny GEMM kernel (None: quantize + _scaled_mm only)
+        layer.gemv_dtype = dense_gemv_linear.gemv_dtype(device, params_dtype, cols, fp8=True)
         if not self.serialized:
             return
         if self.weight_scale == "channel":
@@ -195,6 +203,11 @@ class Fp8LinearMethod(LinearMethodBase):
         rows = layer.weight.shape[0]
         if x.numel() == 0:
             return x.new_zeros((*leading, rows))
+        if getattr(layer, "gemv_dtype", None) is not None:  # decode rows, W8A16 (else None)
+            scale = layer.weight_scale.view(-1)  # [N] float32
+            out = dense_gemv_linear.run_gemv(layer, x, layer.weight, scale, bias)
+            if out is not None:
+                return out
         x_q, x_scale = quantize_rows(x.reshape(-1, cols))
         out = fp8_matmul(x_q, x_scale, layer.weight, layer.weight_scale, x.dtype)
         if bias is not None:

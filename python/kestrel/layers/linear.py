@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kestrel.layers import dense_gemv_linear
 from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup, divide
 
 Device = torch.device | str | None
@@ -88,8 +89,18 @@ class UnquantizedLinearMethod(LinearMethodBase):
         weight.output_dim = 0
         weight.weight_loader = weight_loader
         layer.register_parameter("weight", weight)
+        # M <= 8 rows: the skinny GEMM kernel (layers/dense_gemv_linear.py; None: F.linear only)
+        layer.gemv_dtype = dense_gemv_linear.gemv_dtype(
+            device, params_dtype, layer.input_size_per_partition, fp8=False
+        )
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            getattr(layer, "gemv_dtype", None) is not None
+        ):  # decode rows: the GEMV when it takes x (else None)
+            out = dense_gemv_linear.run_gemv(layer, x, layer.weight, None, bias)
+            if out is not None:
+                return out
         return F.linear(x, layer.weight, bias)
 
 
