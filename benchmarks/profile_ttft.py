@@ -89,10 +89,16 @@ def main(argv: list[str] | None = None) -> None:
     activities = [ProfilerActivity.CPU] + (
         [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
     )
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=True) as prof:
         engine.step()
         _sync()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    # The same, by the kestrel call site (host time of ops called from each place).
+    print(
+        prof.key_averages(group_by_stack_n=6).table(
+            sort_by="cpu_time_total", row_limit=args.top, max_name_column_width=40
+        )
+    )
     while engine.has_unfinished_requests():
         engine.step()
 

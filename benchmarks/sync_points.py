@@ -59,20 +59,32 @@ def main() -> None:
             key = "; ".join(f"{f.filename.split('kestrel/')[-1]}:{f.lineno}" for f in frames[-3:])
             sites[key] += 1
 
-        shown = warnings.showwarning
-        warnings.showwarning = record
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            for _ in range(args.steps):
-                engine.step()
-            torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = shown
-        print(f"== {kind}: {sum(sites.values())} synchronizing calls in {args.steps} steps")
-        for site, n in sites.most_common(8):
-            print(f"  {n:4d}  {site}")
+        def scan(label: str, arrivals: bool, kind=kind, params=params, sites=sites) -> None:
+            """args.steps steps; with `arrivals`, a new request (a fresh prompt) joins before
+            each, so every step also runs a prefill (the mixed steps of a server under load)."""
+            sites.clear()
+            shown = warnings.showwarning
+            warnings.showwarning = record
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                for s in range(args.steps):
+                    if arrivals:
+                        prompt = [100 + (7 * s + j) % 20000 for j in range(128)]
+                        engine.add_request(f"{kind}-new{s}", prompt, params)
+                    engine.step()
+                torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+            print(f"== {label}: {sum(sites.values())} synchronizing calls in {args.steps} steps")
+            for site, n in sites.most_common(8):
+                print(f"  {n:4d}  {site}")
+
+        scan(kind, arrivals=False)
+        scan(f"{kind}, a new request every step", arrivals=True)
         for i in range(8):
             engine.abort_request(f"{kind}{i}")
+        for s in range(args.steps):
+            engine.abort_request(f"{kind}-new{s}")
 
 
 if __name__ == "__main__":

@@ -95,9 +95,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
         )
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (
-            getattr(layer, "gemv_dtype", None) is not None
-        ):  # decode rows: the GEMV when it takes x (else None)
+        if getattr(layer, "gemv_dtype", None) is not None:  # decode rows: the GEMV if it fits
             out = dense_gemv_linear.run_gemv(layer, x, layer.weight, None, bias)
             if out is not None:
                 return out
