@@ -82,6 +82,22 @@ def main(argv: list[str] | None = None) -> None:
         ms = [m for i, m in step_ms if i == k]
         print(f"  step {k}           p50 {statistics.median(ms):8.3f} ms  ({len(ms)} samples)")
     print(f"  TTFT             p50 {1e3 * statistics.median(ttfts):8.3f} ms")
+    # Python's view of the prefill steps' host time (which kestrel functions spend it).
+    import cProfile
+    import pstats
+
+    prof_py = cProfile.Profile()
+    for r in range(args.requests):
+        engine.add_request(f"py{r}", prompt(), params)
+        prof_py.enable()
+        engine.step()
+        _sync()
+        prof_py.disable()
+        while engine.has_unfinished_requests():
+            engine.step()
+    stats = pstats.Stats(prof_py)
+    stats.sort_stats("tottime").print_stats(args.top)
+    stats.sort_stats("cumtime").print_stats("kestrel", args.top)
     # The prefill step under the profiler (host CPU time per op).
     engine.add_request("prof", prompt(), params)
     from torch.profiler import ProfilerActivity, profile
