@@ -79,17 +79,20 @@ def test_gemv_decode_rows(qtype, n, blocks, dtype, variant, gen, spy, poison):
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_many_rows_takes_the_light_kernel(qtype, dtype, gen, spy, poison, monkeypatch):
+@pytest.mark.parametrize("mma_variant", ["v2", "v3"])
+def test_gemv_many_rows_takes_the_light_kernel(
+    qtype, dtype, mma_variant, gen, spy, poison, monkeypatch
+):
     """N > 2 * 16 * SMs rows (v2's second kernel: chunks of half as many blocks, 7 warps), odd N
     so the last 16-row tile is partial; 9 blocks per row leave a partial chunk."""
-    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, "v2")
+    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, mma_variant)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = 2 * 16 * sms + 37
     raw, dense = _weights(qtype, n, 9, seed=int(qtype) + 77)
     for m in (1, 3, 8):
         x = torch.randn(m, dense.shape[1], generator=gen, device="cuda").to(dtype)
         out = gguf_ops.gguf_gemv(x, raw, qtype)
-        _check(out, x, dense, f"light {qtype.name} M={m} N={n}")  # one wrong tile: ~5e-2
+        _check(out, x, dense, f"{mma_variant} light {qtype.name} M={m} N={n}")  # a bad tile: ~5e-2
     assert spy.calls["gguf_gemv"] == 3
 
 
@@ -180,8 +183,8 @@ def test_gemv_under_cuda_graph_capture(variant, gen):
 def test_gemv_variant_must_be_known(monkeypatch):
     raw, _ = _weights(Q.Q8_0, 4, 2, seed=1)
     x = torch.zeros(1, 64, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, "v3")
-    with pytest.raises(ValueError, match=r"KESTREL_GGUF_GEMV='v3' is not one of v1, v2"):
+    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, "v4")
+    with pytest.raises(ValueError, match=r"KESTREL_GGUF_GEMV='v4' is not one of v1, v2, v3"):
         gguf_ops.gguf_gemv(x, raw, Q.Q8_0)
     out = torch.empty(1, 4, device="cuda", dtype=torch.float16)
     args = _dispatch.kernel_args(
