@@ -32,16 +32,18 @@ constexpr int kTileRows = 16;
 constexpr int kMaxWarps = 8;
 
 // kLight: chunks of Mma<B>::kU / 2 blocks, at most 7 warps, 3 CTAs per SM (80 registers; Q5_K
-// and Q6_K would spill there, they keep 2); otherwise chunks of Mma<B>::kU, at most 8 warps and
-// 128 registers (2 CTAs per SM). kStage (v3, the formats with Mma<B>::kStaged): the chunk goes
-// through shared memory, kWpr 4-byte words per row (== 4 mod 8: the fragment reads of the 8
-// rows of an instruction fall in different banks); 6 warps for Q6_K's big chunks (48 KB).
+// and Q6_K would spill there, they keep 2; staged Q4_0 / Q8_0 too, with whole chunks); otherwise
+// chunks of Mma<B>::kU, at most 8 warps and 128 registers (2 CTAs per SM). kStage (v3, the formats
+// with Mma<B>::kStaged): the chunk goes through shared memory, kWpr 4-byte words per row (== 4 mod
+// 8: the fragment reads of the 8 rows of an instruction fall in different banks); 6 warps for
+// Q6_K's big chunks (48 KB).
 template <typename B, bool kLight, bool kStage>
 struct Shape {
   static constexpr bool kWide = std::is_same_v<B, BlockQ5_K> || std::is_same_v<B, BlockQ6_K>;
-  static constexpr int kU = kLight ? Mma<B>::kU / 2 : Mma<B>::kU;
+  static constexpr bool kHalf = kLight && (kWide || !kStage);  // staged Q4_0 / Q8_0: 2 CTAs
+  static constexpr int kU = kHalf ? Mma<B>::kU / 2 : Mma<B>::kU;
   static constexpr int kWarps = kLight ? 7 : (kStage && kWide ? 6 : kMaxWarps);
-  static constexpr int kCtasPerSm = kLight && !kWide ? 3 : 2;
+  static constexpr int kCtasPerSm = kLight && !kWide && !kStage ? 3 : 2;
   static constexpr int kWords = (kU * B::kBlockBytes + 2 + 3) / 4;  // most words a row touches
   static constexpr int kWpr = kStage ? (kWords + 3) / 8 * 8 + 4 : 1;
 };
