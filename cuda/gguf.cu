@@ -1,6 +1,10 @@
 // Host launchers of the GGUF block-quantized weight kernels (gguf_gemv.cuh): argument checks,
 // then the dispatch over dtype, block format and activation rows.
+#include <cstdlib>
+#include <cstring>
+
 #include "gguf_gemv.cuh"
+#include "gguf_gemv_mma.cuh"
 #include "kernels.h"
 
 namespace kestrel::api {
@@ -26,6 +30,17 @@ bool weight_ok(int ggml_type, ptr_t weight, int64_t row_bytes, int64_t n, int64_
   return weight != 0 && weight % 16 == 0;
 }
 
+// The GEMV variant: KESTREL_GGUF_GEMV=v1 (gguf_gemv.cuh, fp32 FMAs), v2 (gguf_gemv_mma.cuh,
+// tensor cores; the default when unset or empty) or v3 (v2 with Q6_K / Q4_0 / Q8_0 staged in
+// shared memory); 0 for any other value. Read at every call (a getenv, no device work), so a
+// test or benchmark can switch it between launches / captures.
+int gemv_variant() {
+  const char* v = std::getenv("KESTREL_GGUF_GEMV");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "v2") == 0) return 2;
+  if (std::strcmp(v, "v1") == 0) return 1;
+  return std::strcmp(v, "v3") == 0 ? 3 : 0;
+}
+
 }  // namespace
 
 int gguf_gemv(const GgufGemvArgs& a, ptr_t stream) {
@@ -46,11 +61,14 @@ int gguf_gemv(const GgufGemvArgs& a, ptr_t stream) {
   p.n = a.n;
   p.k = static_cast<int>(a.k);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const int variant = gemv_variant();
+  if (variant == 0) return cudaErrorInvalidValue;
   return dispatch_dtype(a.dtype, [&](auto dtag) {
     using T = typename decltype(dtag)::type;
     return gguf::dispatch_block(a.ggml_type, [&](auto btag) {
       using B = typename decltype(btag)::type;
-      return gguf::launch_gemv<T, B>(p, static_cast<int>(a.m), s);
+      if (variant == 1) return gguf::launch_gemv<T, B>(p, static_cast<int>(a.m), s);
+      return gguf::v2::launch_gemv_mma<T, B>(p, static_cast<int>(a.m), variant == 3, s);
     });
   });
 }

@@ -2,7 +2,10 @@
 decode batch sizes and dequantize + cuBLAS at prefill sizes, on Qwen2.5-7B's projection shapes,
 against the bf16 matmul on the same weights dequantized (what Kestrel ran before).
 
-GB/s counts the bytes a call must move: the quantized weight, x and out (GEMV); the quantized
+The GEMV rows come in threes, `gguf_gemv v1` (fp32 FMAs, cuda/gguf_gemv.cuh), `gguf_gemv v2`
+(tensor cores, cuda/gguf_gemv_mma.cuh, the default) and `gguf_gemv v3` (v2 with Q6_K / Q4_0 /
+Q8_0 staged through shared memory; the same kernel as v2 for Q4_K / Q5_K), picked through
+KESTREL_GGUF_GEMV around each capture. GB/s counts the bytes a call must move: the quantized weight, x and out (GEMV); the quantized
 weight read plus the bf16 scratch written and read again (prefill). Weights are random valid
 blocks (the timing does not depend on the values); calls rotate over copies when one copy would
 fit in L2.
@@ -11,6 +14,7 @@ fit in L2.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -51,12 +55,25 @@ def _gemv_case(row, bw: float, qtype: GGMLQuantizationType, name: str, m: int) -
     x = torch.randn(m, k, device="cuda", dtype=DT)
     out = torch.empty(m, n, device="cuda", dtype=DT)
     fns = [lambda w=w: gguf_ops.gguf_gemv(x, w, qtype, out=out) for w in weights]
-    t = time_graph(fns, 8)
+    times = {}
+    saved = os.environ.get(gguf_ops.GEMV_VARIANT_ENV)
+    try:
+        for variant in gguf_ops.GEMV_VARIANTS:  # the launcher reads it when the graph is captured
+            os.environ[gguf_ops.GEMV_VARIANT_ENV] = variant
+            times[variant] = time_graph(fns, 8)
+    finally:
+        if saved is None:
+            os.environ.pop(gguf_ops.GEMV_VARIANT_ENV, None)
+        else:
+            os.environ[gguf_ops.GEMV_VARIANT_ENV] = saved
+    del weights, fns
     dense = _copies(lambda: torch.randn(n, k, device="cuda", dtype=DT), 2 * n * k)
     base = time_graph([lambda d=d: F.linear(x, d) for d in dense], 8)
     moved = wbytes + 2 * m * (k + n)
     note = f"{wbytes / 2**20:.0f} MiB weight; bf16 dense {2 * n * k / base / 1e9:.0f} GB/s"
-    row(f"gguf_gemv {qtype.name}", f"{name} M={m} N={n} K={k}", t, moved, "GB/s", bw, base, note)
+    for variant, t in times.items():
+        row(f"gguf_gemv {variant} {qtype.name}", f"{name} M={m} N={n} K={k}", t, moved, "GB/s", bw,
+            base, note)  # fmt: skip
 
 
 def _prefill_case(row, bw: float, qtype: GGMLQuantizationType, name: str, m: int) -> None:

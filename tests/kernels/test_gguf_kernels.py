@@ -32,8 +32,17 @@ def _allow_unverified(monkeypatch):
 
 
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-# (N, blocks per row): one row and one block, odd sizes, a 7B-like row (Q4_K: K = 3584).
-SHAPES = [(1, 1), (7, 3), (129, 5), (1001, 14)]
+# (N, blocks per row): one row and one block, odd sizes, a 7B-like row (Q4_K: K = 3584), and
+# rows of many blocks (v2: 8 warps per CTA, several chunks per warp, a partial last chunk).
+SHAPES = [(1, 1), (7, 3), (129, 5), (1001, 14), (17, 37), (33, 130)]
+VARIANTS = list(gguf_ops.GEMV_VARIANTS)
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch) -> str:
+    """Each GEMV test runs once per kernel (KESTREL_GGUF_GEMV, read by the launcher per call)."""
+    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, request.param)
+    return request.param
 
 
 def _weights(qtype: Q, n: int, blocks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,18 +68,37 @@ def _check(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, what: str) -
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n, blocks", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_decode_rows(qtype, n, blocks, dtype, gen, spy, poison):
+def test_gemv_decode_rows(qtype, n, blocks, dtype, variant, gen, spy, poison):
     raw, dense = _weights(qtype, n, blocks, seed=int(qtype) * 1000 + n)
     for m in range(1, gguf_ops.MAX_GEMV_ROWS + 1):
         x = torch.randn(m, dense.shape[1], generator=gen, device="cuda").to(dtype)
         out = gguf_ops.gguf_gemv(x, raw, qtype)
-        _check(out, x, dense, f"{qtype.name} M={m} N={n} K={dense.shape[1]}")
+        _check(out, x, dense, f"{variant} {qtype.name} M={m} N={n} K={dense.shape[1]}")
     assert spy.calls["gguf_gemv"] == gguf_ops.MAX_GEMV_ROWS
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_into_strided_columns_and_strided_x(qtype, dtype, gen, spy):
+@pytest.mark.parametrize("mma_variant", ["v2", "v3"])
+def test_gemv_many_rows_takes_the_light_kernel(
+    qtype, dtype, mma_variant, gen, spy, poison, monkeypatch
+):
+    """N > 2 * 16 * SMs rows (v2's second kernel: chunks of half as many blocks, 7 warps), odd N
+    so the last 16-row tile is partial; 9 blocks per row leave a partial chunk."""
+    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, mma_variant)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 2 * 16 * sms + 37
+    raw, dense = _weights(qtype, n, 9, seed=int(qtype) + 77)
+    for m in (1, 3, 8):
+        x = torch.randn(m, dense.shape[1], generator=gen, device="cuda").to(dtype)
+        out = gguf_ops.gguf_gemv(x, raw, qtype)
+        _check(out, x, dense, f"{mma_variant} light {qtype.name} M={m} N={n}")  # a bad tile: ~5e-2
+    assert spy.calls["gguf_gemv"] == 3
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_into_strided_columns_and_strided_x(qtype, dtype, variant, gen, spy):
     raw, dense = _weights(qtype, 37, 2, seed=7)
     k = dense.shape[1]
     wide_x = torch.randn(3, k + 64, generator=gen, device="cuda").to(dtype)
@@ -78,7 +106,7 @@ def test_gemv_into_strided_columns_and_strided_x(qtype, dtype, gen, spy):
     wide_out = torch.full((3, 100), float("nan"), device="cuda", dtype=dtype)
     cols = wide_out[:, 40:77]
     gguf_ops.gguf_gemv(x, raw, qtype, out=cols)
-    _check(cols, x, dense, f"{qtype.name} strided")
+    _check(cols, x, dense, f"{variant} {qtype.name} strided")
     assert torch.isnan(wide_out[:, :40]).all() and torch.isnan(wide_out[:, 77:]).all()
 
 
@@ -139,7 +167,7 @@ def test_qkv_layer_with_mixed_types_and_bias(dtype, m, gen, spy, poison):
     assert rel_err(out, ref) < limit
 
 
-def test_gemv_under_cuda_graph_capture(gen):
+def test_gemv_under_cuda_graph_capture(variant, gen):
     raw, dense = _weights(Q.Q4_K, 64, 2, seed=5)
     layer_x = torch.zeros(1, 512, device="cuda", dtype=torch.bfloat16)
     out = gguf_ops.gguf_gemv(layer_x, raw, Q.Q4_K)  # warm-up
@@ -149,7 +177,23 @@ def test_gemv_under_cuda_graph_capture(gen):
     layer_x.copy_(torch.randn(1, 512, generator=gen, device="cuda"))
     graph.replay()
     torch.cuda.synchronize()
-    _check(out, layer_x, dense, "graph replay")
+    _check(out, layer_x, dense, f"{variant} graph replay")
+
+
+def test_gemv_variant_must_be_known(monkeypatch):
+    raw, _ = _weights(Q.Q8_0, 4, 2, seed=1)
+    x = torch.zeros(1, 64, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, "v4")
+    with pytest.raises(ValueError, match=r"KESTREL_GGUF_GEMV='v4' is not one of v1, v2, v3"):
+        gguf_ops.gguf_gemv(x, raw, Q.Q8_0)
+    out = torch.empty(1, 4, device="cuda", dtype=torch.float16)
+    args = _dispatch.kernel_args(
+        _dispatch.kernels.GgufGemvArgs, out=out.data_ptr(), ldo=4, x=x.data_ptr(), ldx=64,
+        weight=raw.data_ptr(), row_bytes=68, m=1, n=4, k=64, ggml_type=int(Q.Q8_0), dtype=0,
+    )  # fmt: skip
+    assert _dispatch.kernels.gguf_gemv(args, 0) != 0  # the launcher refuses it as well
+    monkeypatch.setenv(gguf_ops.GEMV_VARIANT_ENV, "")  # empty: the default kernel
+    assert _dispatch.kernels.gguf_gemv(args, 0) == 0
 
 
 def test_bad_arguments_are_refused():
@@ -175,7 +219,7 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_in_chunks_of_eight_rows(dtype, gen, spy, poison, monkeypatch):
+def test_gemv_in_chunks_of_eight_rows(dtype, variant, gen, spy, poison, monkeypatch):
     monkeypatch.setattr(gguf_linear, "GEMV_ROW_LIMIT", 32)  # batched decode through the GEMV
     raw, dense = _weights(Q.Q4_K, 77, 2, seed=21)
     layer = ReplicatedLinear(

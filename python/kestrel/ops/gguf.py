@@ -6,11 +6,16 @@ rows can be sliced and concatenated freely). The block layouts are llama.cpp's (
 package's quants.py); `dequantize_reference` decodes them with vectorized torch ops on any
 device and is the oracle of the kernels:
 
-- `gguf_gemv` (CUDA): out [M, N] = x [M, K] @ W^T for M = 1..8, dequantizing in registers.
+- `gguf_gemv` (CUDA): out [M, N] = x [M, K] @ W^T for M = 1..8, dequantizing in registers;
+  KESTREL_GGUF_GEMV picks the kernel, read at every call: `v2` (default; tensor cores,
+  cuda/gguf_gemv_mma.cuh), `v3` (v2 with Q6_K / Q4_0 / Q8_0 blocks staged through shared
+  memory) or `v1` (fp32 FMAs, cuda/gguf_gemv.cuh), so one GPU run can measure all three.
 - `gguf_dequantize` (CUDA): W -> [N, K] in fp16/bf16, for a cuBLAS matmul when M > 8.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -23,6 +28,8 @@ Q = GGMLQuantizationType
 # The formats with kernels (what Q4_K_M, Q5_K_M, Q6_K and Q8_0 files hold for their linears).
 KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset({Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 MAX_GEMV_ROWS = 8  # activation rows of the fused GEMV; more rows dequantize + matmul
+GEMV_VARIANT_ENV = "KESTREL_GGUF_GEMV"  # "v2" (default, also when unset or empty), "v1", "v3"
+GEMV_VARIANTS = ("v1", "v2", "v3")
 
 
 def block_size(qtype: GGMLQuantizationType) -> tuple[int, int]:
@@ -111,6 +118,11 @@ def gguf_gemv(
     out [M, N] in x's dtype. `out` may be a column slice of a wider [M, *] tensor (its row
     stride is passed to the kernel)."""
     k = _check_kernel_inputs("gguf_gemv", blocks, qtype)
+    variant = os.environ.get(GEMV_VARIANT_ENV, "")
+    if variant and variant not in GEMV_VARIANTS:  # the launcher would refuse it too
+        raise ValueError(
+            f"gguf_gemv: {GEMV_VARIANT_ENV}={variant!r} is not one of {', '.join(GEMV_VARIANTS)}"
+        )
     n = blocks.shape[0]
     code = _dispatch.dtype_code(x.dtype)
     if code is None or x.dim() != 2 or x.shape[1] != k or not 1 <= x.shape[0] <= MAX_GEMV_ROWS:
