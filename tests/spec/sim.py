@@ -68,14 +68,16 @@ def decode(
     rewind: bool = True,
     accept: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor] | None = None,
     params: SamplingParams = PARAMS,
+    device: str = "cpu",
 ) -> list[int]:
-    """`num_tokens` output tokens of one seeded request. `proposer` None: plain decoding.
+    """`num_tokens` output tokens of one seeded request on `device`. `proposer` None: plain
+    decoding.
     `draft_aware=False` / `rewind=False` / `accept` (returns the rows' tokens from their
     target probs [K + 1, V] and sampled tokens) give deliberately wrong samplers."""
-    batch_state = InputBatch(4, VOCAB, "cpu")
-    generator = torch.Generator().manual_seed(seed)
+    batch_state = InputBatch(4, VOCAB, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     slot = batch_state.add("s", params, PROMPT, generator, [EOS])
-    sampler = Sampler(torch.Generator().manual_seed(seed + 10**6))
+    sampler = Sampler(torch.Generator(device=device).manual_seed(seed + 10**6))
     rewinder = GeneratorRewind()
     rng = np.random.default_rng(seed)
     output: list[int] = []
@@ -83,7 +85,7 @@ def decode(
         context = PROMPT + output
         drafts = proposer(context, rng) if proposer is not None else []
         rows = [context + drafts[:i] for i in range(len(drafts) + 1)]
-        logits = torch.stack([fake_logits(r) for r in rows])  # [K + 1, V]
+        logits = torch.stack([fake_logits(r) for r in rows]).to(device)  # [K + 1, V]
         slots = [slot] * len(rows)
         draft_rows = DraftRows.from_runs(np.asarray(slots), np.asarray([context[-1], *drafts]))
         batch = batch_state.gather(slots, drafts=draft_rows if draft_aware else None)
