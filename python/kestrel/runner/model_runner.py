@@ -314,8 +314,10 @@ class ModelRunner:
         if self.input_batch.all_plain_greedy(slots):  # fast path: no per-row tensors to gather
             return logits.argmax(dim=-1), None
         batch = self.input_batch.gather(slots, self.stager.to_device, drafts)
-        sampled = self.sampler(logits, batch, record_states=drafts is not None)
-        if drafts is not None:
+        if drafts is None:
+            sampled = self.sampler(logits, batch)
+        else:
+            sampled = self.sampler(logits, batch, record_states=True)
             self.rewind.record(list(slots), batch.generators, sampled.generator_states)
         return sampled.sampled_token_ids, (sampled if sampled.logprobs is not None else None)
 
