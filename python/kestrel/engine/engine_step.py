@@ -190,16 +190,12 @@ class EngineStep:
         return Launched(out, sampled_seq_ids, slots, plan, future, scheduled_at, ahead)
 
     def _spec_candidates(self):
-        """Running sequences whose next tokens greedy verification reproduces exactly: greedy,
-        no grammar, no penalties or min_tokens, no logprobs, no prompt rows being scored."""
+        """Running sequences that may speculate: greedy or sampled (the runner samples each
+        verify row from its target distribution given the drafts before it, penalties and
+        min_tokens included: kestrel/spec/rejection.py), but no grammar (its matcher would
+        have to advance through the drafts), no logprobs, no prompt rows being scored."""
         for seq_id, (_, seq) in self._seqs.items():
-            params = seq.row.params
-            if (
-                params.is_greedy
-                and seq.logprobs is None
-                and seq_id not in self._scoring
-                and not needs_history(params, seq.matcher)
-            ):
+            if seq.matcher is None and seq.logprobs is None and seq_id not in self._scoring:
                 yield seq_id, seq.row.prompt_token_ids, seq.row.output_token_ids
 
     def _fail_rows(self, step: Launched) -> dict[str, RequestState]:

@@ -30,6 +30,7 @@ row-by-row retry still pins them on their sequence.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ import torch
 from kestrel.runner.penalty_rows import PenaltyRows
 from kestrel.sample.batch import SamplingBatch
 from kestrel.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
+
+if TYPE_CHECKING:
+    from kestrel.spec.draft_rows import DraftRows
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -350,10 +354,16 @@ class InputBatch:
         return int(self._num_logprobs[idx].max()) if idx.size else -1
 
     def gather(
-        self, slots: Sequence[int] | np.ndarray, to_device: ToDevice | None = None
+        self,
+        slots: Sequence[int] | np.ndarray,
+        to_device: ToDevice | None = None,
+        drafts: DraftRows | None = None,
     ) -> SamplingBatch:
         """The SamplingBatch whose row i is the sequence in `slots[i]`. `to_device` copies a
-        numpy array to the batch's device (the runner passes its pinned stager)."""
+        numpy array to the batch's device (the runner passes its pinned stager). `drafts`
+        (speculation, `kestrel.spec.draft_rows`): row i's sequence is taken to have output
+        `drafts_before(i)` beyond its history (penalty counts and the min_tokens ban see them),
+        as `SamplingBatch.build` with those drafts appended to the row's output ids."""
         idx = np.asarray(slots, dtype=np.int64)
         if idx.ndim != 1:
             raise ValueError(f"slots must be one-dimensional, got shape {idx.shape}")
@@ -367,7 +377,8 @@ class InputBatch:
         use_rep = bool(uses_rep.any())
         use_add = bool(self._uses_add[idx].any())
         bias_rows, bias_ids, bias_values = self._bias_entries(idx)
-        banned_rows, banned_ids = self._banned_entries(idx)
+        offsets = drafts.offsets if drafts is not None else None
+        banned_rows, banned_ids = self._banned_entries(idx, offsets)
         pen_pos = np.flatnonzero(uses_rep | self._uses_add[idx]) if use_rep or use_add else _NO_IDS
         rep_pos = np.flatnonzero(uses_rep) if use_rep else _NO_IDS
 
@@ -382,6 +393,7 @@ class InputBatch:
             self._penalty_row[idx[pen_pos]],
             rep_pos,
             self._penalty_row[idx[rep_pos]],
+            *self._draft_pairs(idx, drafts, use_rep or use_add),
         ]
         longs = _split(copy(np.concatenate(parts)), [p.shape[0] for p in parts])
         # One float32 copy: the [7, S] columns of the rows, then the logit-bias values.
@@ -392,6 +404,9 @@ class InputBatch:
         if use_rep or use_add:
             pen = self.penalties
             counts = pen.dense(pen.counts, num_rows, longs[5], longs[6])
+            if longs[9].shape[0]:  # the drafts before each penalized row count as its output
+                ones = torch.ones(longs[9].shape[0], dtype=counts.dtype, device=counts.device)
+                counts.index_put_((longs[9], longs[10]), ones, accumulate=True)
             if use_rep:
                 prompt_mask = pen.dense(pen.prompt_seen, num_rows, longs[7], longs[8])
 
@@ -465,9 +480,29 @@ class InputBatch:
         values = np.concatenate([self._bias_values[s] for s in slots])
         return rows, np.concatenate(ids), values
 
-    def _banned_entries(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows still under min_tokens ban their stop + EOS ids."""
-        pos = np.flatnonzero(self._num_output[idx] < self._min_tokens[idx])
+    def _draft_pairs(
+        self, idx: np.ndarray, drafts: DraftRows | None, penalized: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(row, draft id) pairs of the penalized rows (see `gather`), checked against V."""
+        if drafts is None or not penalized:
+            return _NO_IDS, _NO_IDS
+        if drafts.num_rows != idx.shape[0]:
+            raise ValueError(f"drafts describe {drafts.num_rows} rows, the step has {idx.shape[0]}")
+        keep = (self._uses_rep | self._uses_add)[idx[drafts.pair_rows]]
+        ids = drafts.pair_ids[keep]
+        if not self.penalties.in_vocab(ids):
+            raise ValueError(f"a draft token id lies outside [0, {self.vocab_size - 1}]")
+        return drafts.pair_rows[keep], ids
+
+    def _banned_entries(
+        self, idx: np.ndarray, offsets: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows still under min_tokens ban their stop + EOS ids (`offsets`: drafts before
+        each row, counted as output)."""
+        num_output = self._num_output[idx]
+        if offsets is not None:
+            num_output = num_output + offsets
+        pos = np.flatnonzero(num_output < self._min_tokens[idx])
         if pos.size == 0:
             return _NO_IDS, _NO_IDS
         ids = [self._banned_ids[s] for s in idx[pos].tolist()]

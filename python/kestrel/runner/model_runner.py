@@ -35,6 +35,8 @@ from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut,
 from kestrel.runner.staging import HostStager
 from kestrel.runner.step_future import StepFuture, StepResult
 from kestrel.sample import Sampler, SamplerOutput
+from kestrel.spec.draft_rows import DraftRows
+from kestrel.spec.rewind import GeneratorRewind
 from kestrel.structured.bitmask import BitmaskApplier, GrammarMask
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ class ModelRunner:
         self.stager = HostStager(device)
         self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
+        self.rewind = GeneratorRewind()  # seeded drafted rows: see kestrel/spec/rewind.py
         self._last_sampled: torch.Tensor | None = None  # the last launched step's sampled ids
         self.attention = PagedAttentionBackend(
             num_q_heads=self.num_q_heads,
@@ -129,11 +132,14 @@ class ModelRunner:
 
     def remove_sequence(self, key: Hashable) -> int:
         """Frees the slot of `key` (KeyError when it holds none); returns the slot."""
-        return self.input_batch.remove(key)
+        slot = self.input_batch.remove(key)
+        self.rewind.forget(slot)
+        return slot
 
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None:
         """One new output token per (unique) slot."""
         self.input_batch.append_tokens(slots, tokens)
+        self.rewind.on_append(slots)
 
     def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
         mc = self.model_config
@@ -255,8 +261,13 @@ class ModelRunner:
             grammar_mask = grammar_mask()
         if grammar_mask is not None:
             self.bitmask.apply(logits, grammar_mask)
+        # Speculation: the rows of a drafted request (its slot repeated) sample their target
+        # distribution given the drafts before them (kestrel/spec/rejection.py says why that
+        # is the rejection sampler for n-gram drafts).
+        drafts = DraftRows.from_step(slots, out.input_ids, out.logits_indices)
+        self.rewind.start_step()
         try:
-            sampled, sampler_output = self._sample(logits, slots)
+            sampled, sampler_output = self._sample(logits, slots, drafts)
             future = StepFuture(sampled, sampler_output, None, prompt_out)
         except Exception as exc:
             # Lazy import: kestrel.engine imports this module.
@@ -264,7 +275,7 @@ class ModelRunner:
 
             if is_device_failure(exc):
                 raise
-            result = self._sample_each_row(logits, slots)
+            result = self._sample_each_row(logits, slots, drafts)
             if result is None:  # every row failed on its own: not attributable
                 raise
             tokens = torch.from_numpy(result.sampled_token_ids).to(self.device)
@@ -309,28 +320,36 @@ class ModelRunner:
         return self._forward_eager(out, input_ids, prompt_rows)
 
     def _sample(
-        self, logits: torch.Tensor, slots: Sequence[int]
+        self, logits: torch.Tensor, slots: Sequence[int], drafts: DraftRows | None = None
     ) -> tuple[torch.Tensor, SamplerOutput | None]:
         """The sampling stage: one token per row of `logits` (row i: the sequence in slots[i]),
         on the device, and the logprob tensors when a row asks for them. Never modifies `logits`
-        (the row-by-row retry reads them again)."""
+        (the row-by-row retry reads them again). `drafts`: the drafts each row assumes."""
         if self.input_batch.all_plain_greedy(slots):  # fast path: no per-row tensors to gather
             return logits.argmax(dim=-1), None
-        batch = self.input_batch.gather(slots, self.stager.to_device)
-        sampled = self.sampler(logits, batch)
+        batch = self.input_batch.gather(slots, self.stager.to_device, drafts)
+        if drafts is None:
+            sampled = self.sampler(logits, batch)
+        else:
+            sampled = self.sampler(logits, batch, record_states=True)
+            self.rewind.record(list(slots), batch.generators, sampled.generator_states)
         return sampled.sampled_token_ids, (sampled if sampled.logprobs is not None else None)
 
-    def _sample_each_row(self, logits: torch.Tensor, slots: Sequence[int]) -> StepResult | None:
+    def _sample_each_row(
+        self, logits: torch.Tensor, slots: Sequence[int], drafts: DraftRows | None = None
+    ) -> StepResult | None:
         """After the batch failed to sample: each row alone. Rows that still raise (not a device
         failure, which propagates) go into `failed_rows`; None when every row of a multi-row
         batch failed. Logprobs are taken over the whole batch as `_sample` would."""
         from kestrel.engine.faults import is_device_failure
 
+        self.rewind.start_step()  # the failed batch's draws moved the generators on already
         tokens = np.zeros(len(slots), dtype=np.int64)
         failed: dict[int, BaseException] = {}
         for i, slot in enumerate(slots):
             try:
-                tokens[i] = int(self._sample(logits[i : i + 1], [slot])[0][0])
+                row_drafts = drafts.row(i) if drafts is not None else None
+                tokens[i] = int(self._sample(logits[i : i + 1], [slot], row_drafts)[0][0])
             except Exception as exc:
                 if is_device_failure(exc):
                     raise

@@ -39,6 +39,8 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [S] float32, raw logprob of the sampled token
     top_logprob_ids: torch.Tensor | None  # [S, K] int64, sorted by logprob, descending
     top_logprobs: torch.Tensor | None  # [S, K] float32
+    # Row -> its own generator's state after the row's draw; only when asked (record_states).
+    generator_states: dict[int, torch.Tensor] | None = None
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -58,25 +60,59 @@ class Sampler:
         # None = torch's default generator of the logits' device.
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """Sample one token per row of `logits` [S, V] (any float dtype; never modified)."""
+    def __call__(
+        self, logits: torch.Tensor, batch: SamplingBatch, *, record_states: bool = False
+    ) -> SamplerOutput:
+        """Sample one token per row of `logits` [S, V] (any float dtype; never modified).
+        `record_states`: also return, for each row with its own generator, that generator's
+        state right after the row's draw (`SamplerOutput.generator_states`; speculation rewinds
+        a request's generator to the state after its last accepted row)."""
+        processed = self._processed(logits, batch)
+        sampled = processed.argmax(dim=-1)  # [S] int64; final for greedy rows
+        states: dict[int, torch.Tensor] | None = {} if record_states else None
+        if not batch.all_greedy:
+            assert batch.random_rows is not None
+            probs = self._random_row_probs(processed[batch.random_rows], batch)  # [R, V]
+            generators = [batch.generators[i] for i in batch.random_row_ids]
+            row_states: list[torch.Tensor | None] | None = [] if record_states else None
+            noise = self._exponential_noise(generators, batch.vocab_size, logits.device, row_states)
+            sampled.index_copy_(0, batch.random_rows, (probs / noise).argmax(dim=-1))
+            if states is not None and row_states is not None:
+                for row, state in zip(batch.random_row_ids, row_states):
+                    if state is not None:
+                        states[row] = state
+        output = self.with_logprobs(logits, sampled, batch.max_num_logprobs)
+        output.generator_states = states
+        return output
+
+    def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[S, V] float32: the distribution each row's token is drawn from (every step of the
+        pipeline but the draw; a greedy row is one-hot at its argmax). The rejection sampler of
+        a proposer with real draft probabilities verifies against it."""
+        processed = self._processed(logits, batch)
+        probs = torch.zeros_like(processed)
+        probs.scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
+        if not batch.all_greedy:
+            assert batch.random_rows is not None
+            random = self._random_row_probs(processed[batch.random_rows], batch)
+            probs.index_copy_(0, batch.random_rows, random)
+        return probs
+
+    @staticmethod
+    def _processed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Step 1 (the logit edits) on a float32 copy, or `logits` itself when there are none."""
         expected = (batch.num_rows, batch.vocab_size)
         if logits.dim() != 2 or tuple(logits.shape) != expected:
             raise ValueError(
                 f"logits shape {tuple(logits.shape)} does not match the batch; expected {expected}"
             )
-        processed = logits
         if batch.has_logit_edits:
-            processed = apply_logits_processors(logits.to(torch.float32, copy=True), batch)
-        sampled = processed.argmax(dim=-1)  # [S] int64; final for greedy rows
-        if not batch.all_greedy:
-            assert batch.random_rows is not None
-            tokens = self._sample_rows(processed[batch.random_rows], batch)  # [R]
-            sampled.index_copy_(0, batch.random_rows, tokens)
-        return self.with_logprobs(logits, sampled, batch.max_num_logprobs)
+            return apply_logits_processors(logits.to(torch.float32, copy=True), batch)
+        return logits
 
-    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Tokens [R] int64 for the non-greedy rows; `logits` [R, V] holds those rows."""
+    @staticmethod
+    def _random_row_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Steps 3-4 and the softmax: probs [R, V] of the non-greedy rows (`logits` [R, V])."""
         rows = batch.random_rows
         assert rows is not None
         scaled = logits.to(torch.float32) / batch.temperature[rows].unsqueeze(1)  # [R, V]
@@ -84,20 +120,25 @@ class Sampler:
             scaled = apply_min_p_top_k_top_p(
                 scaled, batch.min_p[rows], batch.top_k[rows], batch.top_p[rows]
             )
-        probs = torch.softmax(scaled, dim=-1)  # [R, V]; filtered tokens have probability 0
-        generators = [batch.generators[i] for i in batch.random_row_ids]
-        noise = self._exponential_noise(generators, batch.vocab_size, logits.device)
-        return (probs / noise).argmax(dim=-1)
+        return torch.softmax(scaled, dim=-1)  # [R, V]; filtered tokens have probability 0
 
     def _exponential_noise(
-        self, generators: list[torch.Generator | None], vocab_size: int, device: torch.device
+        self,
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device,
+        states: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """[R, V] float32 Exp(1) noise; row j comes from generators[j] or the shared one."""
+        """[R, V] float32 Exp(1) noise; row j comes from generators[j] or the shared one.
+        `states` (when given) gets, per row, its own generator's state after its draw (None
+        for rows of the shared generator)."""
         num_rows = len(generators)
         shared = [j for j, g in enumerate(generators) if g is None]
         if len(shared) == num_rows:
             noise = torch.empty(num_rows, vocab_size, device=device)
             noise.exponential_(generator=self.generator)
+            if states is not None:
+                states.extend([None] * num_rows)
         else:
             noise = torch.empty(num_rows, vocab_size, device=device)
             if shared:
@@ -106,6 +147,8 @@ class Sampler:
             for j, generator in enumerate(generators):
                 if generator is not None:
                     noise[j].exponential_(generator=generator)  # a contiguous [V] row
+                if states is not None:
+                    states.append(None if generator is None else generator.get_state())
         # Exp(1) may round to 0; a zero would turn probability 0 into NaN or infinity.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 

@@ -4,7 +4,9 @@ The runner samples every sampled row of a drafted request (greedy: the argmax); 
 request with k drafts predicts the token after draft i - 1 (row 0: after its last known token).
 The accepted tokens are the drafts up to the first one that differs from its row's prediction,
 then that row's prediction (the correction, or the bonus token after k matches): exactly the
-tokens plain greedy decoding would make, one step per token."""
+tokens plain greedy decoding would make, one step per token. Sampled rows go through the same
+function: a row's token equals its draft exactly when the rejection sampler accepted the draft
+(`kestrel.spec.rejection`)."""
 
 from __future__ import annotations
 

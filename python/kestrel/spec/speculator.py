@@ -1,12 +1,14 @@
-"""The engine's side of speculation: drafts before schedule(), greedy verification after.
+"""The engine's side of speculation: drafts before schedule(), verification after.
 
 `LLMEngine` makes one `Speculator` when `EngineConfig.speculative_config` is set (and async
 scheduling is off: a drafted step is never scheduled one step ahead, so the two do not mix yet).
-Before each schedule() the engine passes the running sequences that may speculate (greedy,
-no grammar, no penalties / min_tokens, no logprobs): each gets the n-gram proposer's drafts
-through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them and is skipped).
-After the step, `accept()` turns the runner's per-row greedy tokens into update()'s accepted
-tokens and counts."""
+Before each schedule() the engine passes the running sequences that may speculate (greedy or
+sampled, penalties and min_tokens included; no grammar, no logprobs): each gets the n-gram
+proposer's drafts through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them
+and is skipped). The runner samples each verify row from its target distribution given the
+drafts before it (`spec/draft_rows.py`; for n-gram drafts that is the rejection sampler:
+`spec/rejection.py`), and `accept()` turns the rows' tokens into update()'s accepted tokens
+(the drafts up to the first row whose token differs, then that row's token) and counts."""
 
 from __future__ import annotations
 
