@@ -30,15 +30,15 @@ bool weight_ok(int ggml_type, ptr_t weight, int64_t row_bytes, int64_t n, int64_
   return weight != 0 && weight % 16 == 0;
 }
 
-// The GEMV variant: KESTREL_GGUF_GEMV=v1 (gguf_gemv.cuh, fp32 FMAs), v2 (gguf_gemv_mma.cuh,
-// tensor cores; the default when unset or empty) or v3 (v2 with Q6_K / Q4_0 / Q8_0 staged in
-// shared memory); 0 for any other value. Read at every call (a getenv, no device work), so a
-// test or benchmark can switch it between launches / captures.
+// The GEMV variant: KESTREL_GGUF_GEMV=v1 (gguf_gemv.cuh, fp32 FMAs) or v2 (gguf_gemv_mma.cuh,
+// tensor cores; the default when unset or empty); 0 for any other value. Read at every call (a
+// getenv, no device work), so a test or benchmark can switch it between launches / captures.
+// The staged variant of v2 (Q6_K / Q4_0 / Q8_0 through shared memory, `staged` below) is not
+// selectable: on the H200 it failed a Q4_0 test (one row of one block) and was slower than v2.
 int gemv_variant() {
   const char* v = std::getenv("KESTREL_GGUF_GEMV");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "v2") == 0) return 2;
-  if (std::strcmp(v, "v1") == 0) return 1;
-  return std::strcmp(v, "v3") == 0 ? 3 : 0;
+  return std::strcmp(v, "v1") == 0 ? 1 : 0;
 }
 
 }  // namespace
@@ -68,7 +68,7 @@ int gguf_gemv(const GgufGemvArgs& a, ptr_t stream) {
     return gguf::dispatch_block(a.ggml_type, [&](auto btag) {
       using B = typename decltype(btag)::type;
       if (variant == 1) return gguf::launch_gemv<T, B>(p, static_cast<int>(a.m), s);
-      return gguf::v2::launch_gemv_mma<T, B>(p, static_cast<int>(a.m), variant == 3, s);
+      return gguf::v2::launch_gemv_mma<T, B>(p, static_cast<int>(a.m), /*staged=*/false, s);
     });
   });
 }

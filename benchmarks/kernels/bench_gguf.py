@@ -2,10 +2,9 @@
 decode batch sizes and dequantize + cuBLAS at prefill sizes, on Qwen2.5-7B's projection shapes,
 against the bf16 matmul on the same weights dequantized (what Kestrel ran before).
 
-The GEMV rows come in threes, `gguf_gemv v1` (fp32 FMAs, cuda/gguf_gemv.cuh), `gguf_gemv v2`
-(tensor cores, cuda/gguf_gemv_mma.cuh, the default) and `gguf_gemv v3` (v2 with Q6_K / Q4_0 /
-Q8_0 staged through shared memory; the same kernel as v2 for Q4_K / Q5_K), picked through
-KESTREL_GGUF_GEMV around each capture. GB/s counts the bytes a call must move: the quantized weight, x and out (GEMV); the quantized
+The GEMV rows come in pairs, `gguf_gemv v1` (fp32 FMAs, cuda/gguf_gemv.cuh) and `gguf_gemv v2`
+(tensor cores, cuda/gguf_gemv_mma.cuh, the default), picked through KESTREL_GGUF_GEMV around
+each capture. GB/s counts the bytes a call must move: the quantized weight, x and out (GEMV); the quantized
 weight read plus the bf16 scratch written and read again (prefill). Weights are random valid
 blocks (the timing does not depend on the values); calls rotate over copies when one copy would
 fit in L2.

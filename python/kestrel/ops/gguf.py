@@ -8,8 +8,8 @@ device and is the oracle of the kernels:
 
 - `gguf_gemv` (CUDA): out [M, N] = x [M, K] @ W^T for M = 1..8, dequantizing in registers;
   KESTREL_GGUF_GEMV picks the kernel, read at every call: `v2` (default; tensor cores,
-  cuda/gguf_gemv_mma.cuh), `v3` (v2 with Q6_K / Q4_0 / Q8_0 blocks staged through shared
-  memory) or `v1` (fp32 FMAs, cuda/gguf_gemv.cuh), so one GPU run can measure all three.
+  cuda/gguf_gemv_mma.cuh) or `v1` (fp32 FMAs, cuda/gguf_gemv.cuh), so one GPU run can measure
+  both.
 - `gguf_dequantize` (CUDA): W -> [N, K] in fp16/bf16, for a cuBLAS matmul when M > 8.
 """
 
@@ -28,8 +28,8 @@ Q = GGMLQuantizationType
 # The formats with kernels (what Q4_K_M, Q5_K_M, Q6_K and Q8_0 files hold for their linears).
 KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset({Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 MAX_GEMV_ROWS = 8  # activation rows of the fused GEMV; more rows dequantize + matmul
-GEMV_VARIANT_ENV = "KESTREL_GGUF_GEMV"  # "v2" (default, also when unset or empty), "v1", "v3"
-GEMV_VARIANTS = ("v1", "v2", "v3")
+GEMV_VARIANT_ENV = "KESTREL_GGUF_GEMV"  # "v2" (default, also when unset or empty) or "v1"
+GEMV_VARIANTS = ("v1", "v2")
 
 
 def block_size(qtype: GGMLQuantizationType) -> tuple[int, int]:
