@@ -200,7 +200,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         action="store_true",
         help="when the engine core process dies, fail its requests, answer 503 meanwhile and "
         "start a new core (default: the server exits with code 1 for a supervisor to restart "
-        "it); only with --api-server-count 1",
+        "it); with --api-server-count N the parent process starts it and tells every API server",
     )
     eng = p.add_argument_group(
         "engine", "kestrel.EngineConfig's fields (the keyword arguments of kestrel.LLM)"
@@ -269,13 +269,11 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
 def run_serve(args: argparse.Namespace) -> int:
     setup_logging(args)
     args.api_key = resolve_api_key(args)
-    for flag, on in (
-        ("--engine-in-process", args.engine_in_process),
-        ("--restart-core-on-failure", args.restart_core_on_failure),
-    ):
-        if args.api_server_count > 1 and on:
-            print(f"kestrel serve: error: {flag} needs --api-server-count 1", file=sys.stderr)
-            return 2
+    if args.api_server_count > 1 and args.engine_in_process:
+        print(
+            "kestrel serve: error: --engine-in-process needs --api-server-count 1", file=sys.stderr
+        )
+        return 2
     if args.engine_in_process and args.restart_core_on_failure:
         print(
             "kestrel serve: error: --restart-core-on-failure needs the engine core process "

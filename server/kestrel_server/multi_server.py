@@ -17,8 +17,14 @@ from kestrel_server.serve_http import engine_config, serve_http, setup_logging
 CORE_STOP_GRACE_S = 60.0
 
 
-def api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -> None:
-    """One of --api-server-count processes: a client of the shared engine core."""
+def api_server_main(
+    args: argparse.Namespace, facts, input_address: str, sock, new_cores=None
+) -> None:
+    """One of --api-server-count processes: a client of the shared engine core. `new_cores`
+    (with --restart-core-on-failure): the end of a pipe on which the parent sends (facts,
+    input address) of each core it starts in place of a dead one."""
+    import asyncio
+
     from kestrel.engine.core_client import MPAsyncEngine
     from kestrel.engine.setup import load_tokenizer
     from kestrel.model_source import resolve_model
@@ -26,8 +32,19 @@ def api_server_main(args: argparse.Namespace, facts, input_address: str, sock) -
     setup_logging(args)
     config = engine_config(args)
     tokenizer = load_tokenizer(config, resolve_model(config.model, revision=config.revision))
+
+    async def next_core():
+        message = await asyncio.to_thread(new_cores.recv)  # EOFError: the parent is gone
+        if isinstance(message, str):  # the parent could not start a new core
+            raise RuntimeError(message)  # noqa: TRY004 - an engine failure, not a type error
+        return message
+
     engine = MPAsyncEngine.connect(
-        facts, tokenizer, input_address, max_queued_requests=args.max_queued_requests
+        facts,
+        tokenizer,
+        input_address,
+        max_queued_requests=args.max_queued_requests,
+        restart_source=next_core if new_cores is not None else None,
     )
     sys.exit(serve_http(engine, args, sockets=[sock]))
 
@@ -59,10 +76,15 @@ def run_api_servers(args: argparse.Namespace, sock) -> int:
     if own_metrics_dir:
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="kestrel-metrics-")
     ctx = multiprocessing.get_context("spawn")
+    restart = getattr(args, "restart_core_on_failure", False)
+    # With --restart-core-on-failure, each API server learns of a new core through a pipe.
+    pipes = [
+        ctx.Pipe(duplex=False) if restart else (None, None) for _ in range(args.api_server_count)
+    ]
     workers = [
         ctx.Process(
             target=api_server_main,
-            args=(args, core.facts, core.input_address, sock),
+            args=(args, core.facts, core.input_address, sock, pipes[i][0]),
             name=f"kestrel-api-{i}",
         )
         for i in range(args.api_server_count)
@@ -93,8 +115,11 @@ def run_api_servers(args: argparse.Namespace, sock) -> int:
                     code = 1
                     forward(signal.SIGTERM, None)
             if not core.is_alive() and not received:
-                code = 1
-                forward(signal.SIGTERM, None)
+                if restart:
+                    core = _replace_core(core, args, config, [w for _, w in pipes], log)
+                if not core.is_alive():
+                    code = 1
+                    forward(signal.SIGTERM, None)
     finally:
         for w in workers:
             w.join(CORE_STOP_GRACE_S)
@@ -117,3 +142,29 @@ def run_api_servers(args: argparse.Namespace, sock) -> int:
     if received:
         log.info("stopped by %s", signal.Signals(received[0]).name)
     return code
+
+
+def _replace_core(core, args: argparse.Namespace, config, pipes, log):
+    """--restart-core-on-failure: a new core in place of the dead one, announced to every API
+    server (which failed its requests and answers 503 meanwhile); the dead core if the new one
+    cannot start (the API servers are told, and the server stops)."""
+    from kestrel.engine.core_client import launch_core
+
+    log.warning("the engine core died (exit code %s); starting a new one", core.exitcode)
+    core.kill()
+    try:
+        new, _ = launch_core(
+            config, max_queued_requests=args.max_queued_requests, log_level=args.log_level
+        )
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.error("the new engine core could not start: %s", exc)
+        message = f"the engine core died and could not restart: {exc}"
+    else:
+        log.warning("the new engine core is ready (pid %d)", new.pid)
+        message = (new.facts, new.input_address)
+    for pipe in pipes:
+        try:
+            pipe.send(message)
+        except OSError:
+            pass  # that API server is gone; the monitor loop sees it
+    return core if isinstance(message, str) else new

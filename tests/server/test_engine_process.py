@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -350,6 +351,52 @@ def test_the_server_restarts_its_core_and_serves_again(tiny_model, tmp_path):
         ok = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
         assert _children(server.proc.pid) != [core_pid]
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+
+
+def _core_child(pid: int) -> int:
+    (core,) = [
+        c
+        for c in _children(pid)
+        if b"kestrel.engine.core_process" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
+    return core
+
+
+def test_two_api_servers_restart_the_core_and_serve_again(tiny_model, tmp_path):
+    """--api-server-count 2 --restart-core-on-failure: the parent starts the new core and both
+    API servers reconnect to it (each answers 503 until then)."""
+    server = start_server(
+        tiny_model, tmp_path / "server.log", "--api-server-count", "2", "--restart-core-on-failure"
+    )
+    try:
+        body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 8, "ignore_eos": True}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        core_pid = _core_child(server.proc.pid)
+        os.kill(core_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while httpx.get(server.url + "/health", timeout=10).status_code == 200:
+            assert time.monotonic() - killed_at < 2.0, "/health still 200 two seconds after"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 90
+        healthy = 0
+        while healthy < 6:  # several answers in a row: both API processes reconnected
+            ok = httpx.get(server.url + "/health", timeout=10).status_code == 200
+            healthy = healthy + 1 if ok else 0
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+
+        async def many():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(
+                    *[client.post(server.url + "/v1/completions", json=body) for _ in range(12)]
+                )
+
+        responses = asyncio.run(many())
+        assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses]
+        assert _core_child(server.proc.pid) != core_pid
     finally:
         code = server.stop()
     assert code == 0, server.log()

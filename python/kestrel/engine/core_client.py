@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -90,9 +91,12 @@ class MPAsyncEngine(EngineClientBase):
         core: CoreProcess | None = None,
         max_queued_requests: int | None = None,
         restart: tuple[EngineConfig, str] | None = None,
+        restart_source: Callable[[], Awaitable[tuple[cp.CoreFacts, str]]] | None = None,
     ) -> None:
         """`restart`: (config, log level) to start a new core with when the one owned here
-        dies (`--restart-core-on-failure`); None: a dead core is the end (`is_dead`)."""
+        dies (`--restart-core-on-failure`); `restart_source`: for a core another process owns
+        (one of several API servers), waits for that process to start the new one and returns
+        its (facts, input address); None for both: a dead core is the end (`is_dead`)."""
         self.tokenizer = tokenizer
         self.max_model_len = facts.max_model_len
         self.vocab_size = facts.vocab_size
@@ -113,6 +117,7 @@ class MPAsyncEngine(EngineClientBase):
         self._num_seqs_in_flight = 0
         self._dead: BaseException | None = None
         self._restart = restart
+        self._restart_source = restart_source
         self._restarting: asyncio.Task | None = None
         self.num_core_restarts = 0
         self._closing = False
@@ -158,9 +163,17 @@ class MPAsyncEngine(EngineClientBase):
         input_address: str,
         *,
         max_queued_requests: int | None = None,
+        restart_source: Callable[[], Awaitable[tuple[cp.CoreFacts, str]]] | None = None,
     ) -> MPAsyncEngine:
-        """A client of a core another process started (one of several API servers)."""
-        return cls(facts, tokenizer, input_address, max_queued_requests=max_queued_requests)
+        """A client of a core another process started (one of several API servers);
+        `restart_source`: that process replaces a core that dies (see __init__)."""
+        return cls(
+            facts,
+            tokenizer,
+            input_address,
+            max_queued_requests=max_queued_requests,
+            restart_source=restart_source,
+        )
 
     # ---- facts and health -----------------------------------------------------------------
 
@@ -408,7 +421,8 @@ class MPAsyncEngine(EngineClientBase):
             return
         logger.error("the engine core died: %s", reason)
         error = EngineDeadError(f"the engine failed: {reason}")
-        if self._restart is not None and not self._closing and self._core is not None:
+        owned = self._restart is not None and self._core is not None
+        if (owned or self._restart_source is not None) and not self._closing:
             self._restarting = asyncio.get_running_loop().create_task(
                 self._restart_core(), name="kestrel-core-restart"
             )
@@ -419,19 +433,27 @@ class MPAsyncEngine(EngineClientBase):
 
     async def _restart_core(self) -> None:
         """A new core in place of the dead one (`--restart-core-on-failure`): requests are
-        refused with 503 meanwhile; if it cannot start, the engine is dead."""
-        assert self._restart is not None and self._core is not None and self._ctx is not None
-        config, log_level = self._restart
-        self._core.kill()
-        logger.warning("starting a new engine core")
+        refused with 503 meanwhile; if it cannot start, the engine is dead. A core this client
+        owns it starts itself; otherwise it waits for the owner's new one (`restart_source`)."""
+        assert self._ctx is not None
         core = None
         try:
-            core, _ = await asyncio.to_thread(
-                launch_core,
-                config,
-                max_queued_requests=self.max_queued_requests,
-                log_level=log_level,
-            )
+            if self._restart_source is not None:
+                logger.warning("waiting for the new engine core")
+                facts, address = await self._restart_source()
+            else:
+                assert self._restart is not None and self._core is not None
+                config, log_level = self._restart
+                self._core.kill()
+                logger.warning("starting a new engine core")
+                core, _ = await asyncio.to_thread(
+                    launch_core,
+                    config,
+                    max_queued_requests=self.max_queued_requests,
+                    log_level=log_level,
+                )
+                assert core.facts is not None
+                facts, address = core.facts, core.input_address
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the engine's death
@@ -440,14 +462,14 @@ class MPAsyncEngine(EngineClientBase):
             logger.error("%s", self._dead)
             return
         if self._closing:  # shut down meanwhile
-            core.kill()
+            if core is not None:
+                core.kill()
             return
-        assert core.facts is not None
         if self._push is not None:
             self._push.close(linger=0)
-        self._core, self._core_pid = core, core.facts.pid
-        self._input_address = core.input_address
-        self._stats = dict(core.facts.stats)
+        self._core, self._core_pid = core, facts.pid
+        self._input_address = address
+        self._stats = dict(facts.stats)
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(self._input_address)
@@ -456,7 +478,7 @@ class MPAsyncEngine(EngineClientBase):
             self._tasks.append(asyncio.create_task(self._watchdog(), name="kestrel-core-watchdog"))
         self.num_core_restarts += 1
         self._restarting = None
-        logger.warning("the new engine core is ready (pid %d)", core.pid)
+        logger.warning("the new engine core is ready (pid %d)", facts.pid)
 
     async def _watchdog(self) -> None:
         while True:
