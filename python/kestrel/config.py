@@ -89,6 +89,12 @@ class EngineConfig:
         "gloo on CPU; attention heads and MLP columns are split across them",
         short="-tp",
     )
+    pipeline_parallel_size: int = setting(
+        1,
+        "pipeline-parallel stages (-pp): one process per stage, each a range of the layers "
+        "(not together with tensor parallelism yet)",
+        short="-pp",
+    )
     max_num_batched_tokens: int | None = setting(
         None, "most tokens in one engine step (default: max(8192, --max-num-seqs))"
     )
@@ -165,6 +171,10 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
             raise _fail("tensor_parallel_size", tp, "an int in [1, 64]")
+        pp = self.pipeline_parallel_size
+        if isinstance(pp, bool) or not isinstance(pp, int) or not 1 <= pp <= 64:
+            raise _fail("pipeline_parallel_size", pp, "an int in [1, 64]")
+
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(8192, self.max_num_seqs)
         if self.max_num_batched_tokens < 1:

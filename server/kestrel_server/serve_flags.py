@@ -23,7 +23,6 @@ from kestrel.sampling_params import MAX_LOGPROBS
 
 # flag dest -> (the feature, the values that ask for nothing)
 NOT_BUILT: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "pipeline_parallel_size": ("pipeline parallelism", (1,)),
     "kv_cache_dtype": ("a KV cache in another dtype than the model's (e.g. fp8)", ("auto",)),
 }
 
@@ -141,9 +140,6 @@ def add_serve_compat_arguments(p: argparse.ArgumentParser, log_levels: Sequence[
         "not built yet",
         "vllm serve flags of features Kestrel has not built: the value that asks for nothing "
         "is accepted, any other fails naming the feature",
-    )
-    later.add_argument(
-        "-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages (1 only)"
     )
     later.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (auto only)")
 

@@ -1,6 +1,7 @@
-"""Tensor parallelism on CPU (gloo, real worker processes): greedy outputs identical to one rank,
-for sizes 2 and 4, with chunked prefill, prefix caching and preemption; bad sizes and dead
-workers end with a clear error and leave no process behind."""
+"""Tensor and pipeline parallelism on CPU (gloo, real worker processes): greedy outputs identical
+to one process, for tensor-parallel sizes 2 and 4 and pipeline sizes 2 and 3, with chunked
+prefill, prefix caching and preemption; bad sizes and dead workers end with a clear error and
+leave no process behind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from kestrel import LLM, EngineConfig, SamplingParams
 from kestrel.executor.multiproc import TensorParallelError
+from kestrel.testing.tiny_models import make_tiny_model
 from tests.engine.helpers import prompts_of
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -102,3 +104,36 @@ def test_a_dead_worker_ends_the_engine_with_a_clear_error(tiny_model_dir, tp_llm
     with pytest.raises(TensorParallelError, match=r"rank 1 \(exited with code -9\)"):
         llm.generate(prompts_of([6], seed=10), GREEDY, use_tqdm=False)
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # qwen2: tied LM head
+def test_pipeline_stages_give_the_outputs_of_one_process(arch, tiny_model_dir, tp_llm):
+    prompts = prompts_of(LENGTHS, seed=12)
+    one = _tokens(tp_llm(tiny_model_dir(arch), num_kv_blocks=128), prompts)
+    llm = tp_llm(tiny_model_dir(arch), num_kv_blocks=128, pipeline_parallel_size=2)
+    assert _tokens(llm, prompts) == one
+    assert llm.engine.runner.num_layers == 1  # 2 layers over 2 stages
+    assert llm.engine.stats()["num_free_blocks"] == 128
+
+
+def test_three_uneven_stages_with_chunked_prefill_and_preemption(tmp_path, tp_llm):
+    path = str(make_tiny_model(tmp_path / "four", "llama", num_layers=4))
+    prompts = prompts_of([3, 25, 14, 30, 8], seed=13)
+    kwargs = {"num_kv_blocks": 36, "max_num_batched_tokens": 8}
+    one = _tokens(tp_llm(path, **kwargs), prompts)
+    llm = tp_llm(path, pipeline_parallel_size=3, **kwargs)  # layers 2 + 1 + 1
+    assert _tokens(llm, prompts) == one
+    assert llm.engine.runner.num_layers == 2
+    assert llm.engine.stats()["num_preemptions"] > 0
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True)
+    assert _tokens(llm, prompts[:2], params) == _tokens(tp_llm(path, **kwargs), prompts[:2], params)
+
+
+def test_pipeline_sizes_are_checked(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 must be in \[1, 2\]"):
+        LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=32, pipeline_parallel_size=3)
+    assert _no_workers_left()
+    with pytest.raises(ValueError, match="not combined yet"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        EngineConfig(pipeline_parallel_size=0)

@@ -39,7 +39,6 @@ def test_vllm_flags_parse(argv):
 
 
 NOT_BUILT = [
-    (["--pipeline-parallel-size", "2"], "pipeline parallelism"),
     (["--kv-cache-dtype", "fp8"], "KV cache in another dtype"),
 ]
 
@@ -54,12 +53,20 @@ def test_flag_of_a_feature_not_built_yet_exits_2_naming_it(argv, feature, capsys
     assert "unrecognized" not in err
 
 
-@pytest.mark.parametrize("argv", [["-tp", "2"], ["--tensor-parallel-size", "2"]])
-def test_tensor_parallel_size_reaches_the_engine_config(argv):
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["-tp", "2"], "tensor_parallel_size"),
+        (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
+        (["-pp", "2"], "pipeline_parallel_size"),
+        (["--pipeline-parallel-size", "2"], "pipeline_parallel_size"),
+    ],
+)
+def test_parallel_sizes_reach_the_engine_config(argv, field):
     from kestrel_server.cli import engine_config
 
-    assert engine_config(parse_args(["serve", "m", *argv])).tensor_parallel_size == 2
-    assert engine_config(parse_args(["serve", "m"])).tensor_parallel_size == 1
+    assert getattr(engine_config(parse_args(["serve", "m", *argv])), field) == 2
+    assert getattr(engine_config(parse_args(["serve", "m"])), field) == 1
 
 
 @pytest.mark.parametrize("argv", [["--quantization", "fp8"], ["-q", "fp8"]])

@@ -35,6 +35,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "gpu_memory_utilization": 0.5,
     "max_num_seqs": 3,
     "tensor_parallel_size": 2,
+    "pipeline_parallel_size": 2,
     "max_num_batched_tokens": 64,
     "enable_prefix_caching": False,
     "enable_chunked_prefill": False,

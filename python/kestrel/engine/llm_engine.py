@@ -73,12 +73,17 @@ class LLMEngine(EngineStep):
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
         check_quantization_device(config, self.model_source, self.device)
-        self._tp_world = None  # tensor parallelism: rank 0 here, workers for the other ranks
-        if config.tensor_parallel_size > 1:
+        # Tensor or pipeline parallelism: rank 0 here, worker processes for the other ranks.
+        self._tp_world = None
+        if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
             self._tp_world = start_tensor_parallel(config, str(self.model_source.path), self.device)
-        self._tp_group = self._tp_world.group if self._tp_world is not None else SINGLE_RANK
+        world = self._tp_world
+        self._tp_group = world.group if world is not None else SINGLE_RANK
         try:
-            loaded = load_engine_model(config, self.model_source, self.device, self._tp_group)
+            loaded = load_engine_model(
+                config, self.model_source, self.device, self._tp_group,
+                pp=world.pp if world is not None else (0, 1),
+            )  # fmt: skip
             self.model, self.model_config, self.tokenizer, self.generation_config = loaded
         except BaseException:
             if self._tp_world is not None:
@@ -116,7 +121,7 @@ class LLMEngine(EngineStep):
         async_scheduling = config.async_scheduling and config.speculative_config is None
         async_scheduling = async_scheduling and self._tp_world is None
         if config.async_scheduling and not async_scheduling:
-            why = "speculative decoding" if self._tp_world is None else "tensor parallelism"
+            why = "speculative decoding" if self._tp_world is None else "multi-process execution"
             logger.info("overlap scheduling is off: %s runs synchronous steps", why)
         self.scheduler = _core.Scheduler(
             _core.SchedulerConfig(
@@ -140,7 +145,7 @@ class LLMEngine(EngineStep):
         self._inflight: Launched | None = None  # overlap scheduling: the step on the device
         self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
         if self.device.type == "cuda" and not config.enforce_eager and self._tp_world is not None:
-            logger.info("tensor parallelism runs without CUDA graphs (not captured with NCCL yet)")
+            logger.info("tensor / pipeline parallelism runs without CUDA graphs (not built yet)")
         elif self.device.type == "cuda" and not config.enforce_eager:
             # Graphs need every op on a kernel: the torch references synchronize with the host.
             if not kernels_available():

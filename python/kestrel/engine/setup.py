@@ -113,7 +113,11 @@ def build_executor(config: EngineConfig, runner, tp_world, max_model_len: int):
 
 
 def load_engine_model(
-    config: EngineConfig, source: ModelSource, device: torch.device, tp_group
+    config: EngineConfig,
+    source: ModelSource,
+    device: torch.device,
+    tp_group,
+    pp: tuple[int, int] = (0, 1),
 ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer | None, dict]:
     """This rank's model (its shard under tensor parallelism, `tp_group`), its config, the
     tokenizer and the generation defaults (a GGUF file is parsed once for all of them)."""
@@ -129,6 +133,7 @@ def load_engine_model(
             seed=config.seed,
             quantization=config.quantization,
             tp_group=tp_group,
+            pp=pp,
         )
         return (
             model,
@@ -151,6 +156,7 @@ def load_engine_model(
         seed=config.seed,
         quantization=config.quantization,
         tp_group=tp_group,
+        pp=pp,
     )
     tokenizer = load_tokenizer(config, source, gguf_file)
     return model, model_config, tokenizer, gguf_generation_config(gguf_file)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kestrel.layers.parallel import TensorParallelGroup
+from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
 
 if TYPE_CHECKING:
     from kestrel.config import EngineConfig
@@ -72,6 +72,10 @@ class _WorkerSpec:
     store_port: int
     cpu_threads: int
 
+    @property
+    def pipeline(self) -> bool:
+        return self.config.pipeline_parallel_size > 1
+
 
 def _model_signature(mc: ModelConfig) -> tuple[Any, ...]:
     return (
@@ -92,7 +96,9 @@ def _worker_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _join_group(backend: str, store: Any, rank: int, size: int) -> TensorParallelGroup:
+def _join_group(backend: str, store: Any, rank: int, size: int, pipeline: bool):
+    """Joins the default group; returns this rank's tensor-parallel group and pipeline stage
+    ((rank, size) of pipeline parallelism, else (0, 1))."""
     dist.init_process_group(
         backend,
         store=store,
@@ -100,7 +106,9 @@ def _join_group(backend: str, store: Any, rank: int, size: int) -> TensorParalle
         world_size=size,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
-    return TensorParallelGroup.from_process_group()
+    if pipeline:
+        return SINGLE_RANK, (rank, size)
+    return TensorParallelGroup.from_process_group(), (0, 1)
 
 
 def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
@@ -119,11 +127,11 @@ def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
         )  # fmt: skip
         store.add(_READY_KEY, 1)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        group = _join_group(backend, store, spec.rank, spec.size)
+        group, stage = _join_group(backend, store, spec.rank, spec.size, spec.pipeline)
         cfg = spec.config
         model, mc = load_model(
             spec.model_path, cfg.dtype, device, cfg.load_format,
-            seed=cfg.seed, quantization=cfg.quantization, tp_group=group,
+            seed=cfg.seed, quantization=cfg.quantization, tp_group=group, pp=stage,
         )  # fmt: skip
         dtype = next(model.parameters()).dtype
         runner = ModelRunner(
@@ -138,6 +146,10 @@ def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
                 break
             if method == "plan_num_kv_blocks":
                 conn.send(("plan", plan_num_kv_blocks(cfg, runner, *args)))
+            elif spec.pipeline and method == "execute":
+                runner.forward_stage(args[0])  # a later stage: its layers, no sampling
+            elif spec.pipeline and method in ("add_sequence", "remove_sequence", "append_tokens"):
+                pass  # sampling state lives on the first stage only
             elif method == "add_sequence":
                 key, _params, prompt_ids, eos, output_ids = args
                 runner.add_sequence(key, greedy, prompt_ids, None, eos, output_ids)
@@ -179,6 +191,7 @@ class TensorParallelWorld:
 
     group: TensorParallelGroup
     workers: list[_Worker]
+    pp: tuple[int, int] = (0, 1)  # rank 0's pipeline stage: (0, stages), or (0, 1)
 
 
 def _cpu_threads_per_rank(size: int) -> int:
@@ -192,7 +205,13 @@ def start_tensor_parallel(
 ) -> TensorParallelWorld:
     """Spawns ranks 1..N-1 and joins rank 0 (this process) to the group (see the module
     docstring); raises TensorParallelError when a worker does not make it."""
-    size = config.tensor_parallel_size
+    pipelined = config.pipeline_parallel_size > 1
+    if pipelined and config.tensor_parallel_size > 1:
+        raise ValueError(
+            f"pipeline_parallel_size={config.pipeline_parallel_size} with tensor_parallel_size="
+            f"{config.tensor_parallel_size}: the two are not combined yet; set one of them to 1"
+        )
+    size = config.pipeline_parallel_size if pipelined else config.tensor_parallel_size
     if dist.is_initialized():
         raise TensorParallelError(
             "torch.distributed is already initialized in this process: one tensor-parallel "
@@ -236,13 +255,12 @@ def start_tensor_parallel(
         if device.type == "cpu":
             torch.set_num_threads(threads)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        world.group = _join_group(backend, store, 0, size)
+        world.group, world.pp = _join_group(backend, store, 0, size, pipelined)
     except BaseException:
         stop_tensor_parallel(world, join_s=5.0)
         raise
-    logger.info(
-        "tensor parallelism: %d ranks (%s)", size, "nccl" if device.type == "cuda" else "gloo"
-    )
+    kind = "pipeline stages" if pipelined else "tensor-parallel ranks"
+    logger.info("%d %s (%s)", size, kind, "nccl" if device.type == "cuda" else "gloo")
     return world
 
 

@@ -17,7 +17,8 @@ each model's `packed_modules_mapping`: `self_attn.qkv_proj` (rows: q, then k, th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -37,12 +38,15 @@ from kestrel.layers import (
     TensorParallelGroup,
     VocabParallelEmbedding,
 )
+from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage
 from kestrel.layers.quant_config import Fp8Config, LinearMethods
 from kestrel.model_config import ModelConfig
 from kestrel.models.weights import load_packed_weights
 from kestrel.ops import _dispatch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache) of one layer
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_FIRST_STAGE_ONLY = ("model.embed_tokens.", "model.norm.", "lm_head.")
 Device = torch.device | str
 
 
@@ -203,12 +207,19 @@ class DecoderModel(nn.Module):
         tp_group: TensorParallelGroup,
         prefix: str = "model",
         quant: LinearMethods = unquantized,
+        pp: PipelineStage = SINGLE_STAGE,
     ) -> None:
+        """`pp`: this pipeline stage's layers; the embedding and the final norm live on the
+        first stage only (see kestrel/layers/pipeline.py)."""
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, dtype=dtype, device=device,
-            tp_group=tp_group, prefix=f"{prefix}.embed_tokens",
-        )  # fmt: skip
+        self.pp = pp
+        self.hidden_size, self.dtype, self.device = config.hidden_size, dtype, device
+        self.embed_tokens = None
+        if pp.is_first:
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, dtype=dtype, device=device,
+                tp_group=tp_group, prefix=f"{prefix}.embed_tokens",
+            )  # fmt: skip
         self.rotary_emb = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -216,11 +227,15 @@ class DecoderModel(nn.Module):
             config.rope_scaling,
             device,
         )
+        # Checkpoint layer i is self.layers[i - pp.start] (prefixes keep the checkpoint's i).
+        self.layer_ids = list(pp.layers(config.num_hidden_layers))
         self.layers = nn.ModuleList(
             DecoderLayer(config, dtype, device, tp_group, f"{prefix}.layers.{i}", quant)
-            for i in range(config.num_hidden_layers)
+            for i in self.layer_ids
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = None
+        if pp.is_first:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def forward(
         self,
@@ -234,13 +249,25 @@ class DecoderModel(nn.Module):
                 f"need one (key_cache, value_cache) pair per layer: {len(self.layers)} layers, "
                 f"got {len(kv_caches)} pairs"
             )
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
         residual: torch.Tensor | None = None
+        if self.pp.is_first:
+            hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        else:  # a later pipeline stage: the previous stage's output
+            like = torch.empty(
+                (positions.shape[0], self.hidden_size), dtype=self.dtype, device=self.device
+            )
+            hidden, residual = self.pp.recv_from_previous(like)
         cos_sin_cache = self.rotary_emb.cos_sin_cache
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(
                 positions, hidden, residual, cos_sin_cache, kv_cache, attn_metadata
             )
+        if self.pp.size > 1:
+            assert residual is not None  # every stage has a layer
+            self.pp.send_to_next(hidden, residual)
+            if not self.pp.is_first:
+                return None  # the first stage finishes the step
+            hidden, residual = self.pp.recv_from_previous(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -266,12 +293,15 @@ class DecoderForCausalLM(nn.Module):
         *,
         tp_group: TensorParallelGroup = SINGLE_RANK,
         quant_config: Fp8Config | None = None,
+        pp_stage: PipelineStage = SINGLE_STAGE,
     ) -> None:
         """`quant_config`: the quant method of each linear layer (None: all unquantized);
-        embeddings, norms and the LM head are never quantized here."""
+        embeddings, norms and the LM head are never quantized here. `pp_stage`: the layers of
+        this pipeline stage (the LM head on the first stage only)."""
         super().__init__()
         self.config = config
         self.tp_group = tp_group
+        self.pp_stage = pp_stage
         self.quant_config = quant_config
         quant = unquantized
         # Checkpoint tensors read past: recomputed buffers, and the quantization's extras.
@@ -279,12 +309,14 @@ class DecoderForCausalLM(nn.Module):
         if quant_config is not None:
             quant = quant_config.methods_for(self.packed_modules_mapping)
             self._skipped_suffixes += quant_config.ignored_checkpoint_suffixes
-        self.model = DecoderModel(config, dtype, device, tp_group, quant=quant)
-        tie_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, dtype=dtype, device=device,
-            tp_group=tp_group, tie_to=tie_to, prefix="lm_head",
-        )  # fmt: skip
+        self.model = DecoderModel(config, dtype, device, tp_group, quant=quant, pp=pp_stage)
+        self.lm_head = None
+        if pp_stage.is_first:
+            tie_to = self.model.embed_tokens if config.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, dtype=dtype, device=device,
+                tp_group=tp_group, tie_to=tie_to, prefix="lm_head",
+            )  # fmt: skip
 
     def forward(
         self,
@@ -319,4 +351,21 @@ class DecoderForCausalLM(nn.Module):
             return name.endswith(self._skipped_suffixes)
 
         what = f"{type(self).__name__} ({self.config.architecture})"
+        if self.pp_stage.size > 1:
+            weights = self._stage_weights(weights)
         return load_packed_weights(self, weights, self.packed_modules_mapping, skip, what)
+
+    def _stage_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """This pipeline stage's tensors, layer i renamed to its local index i - start; the
+        embedding, final norm and LM head only on the first stage."""
+        local = {i: k for k, i in enumerate(self.model.layer_ids)}
+        for name, tensor in weights:
+            match = _LAYER_NAME.match(name)
+            if match is not None:
+                k = local.get(int(match.group(1)))
+                if k is not None:
+                    yield f"model.layers.{k}.{match.group(2)}", tensor
+            elif self.pp_stage.is_first or not name.startswith(_FIRST_STAGE_ONLY):
+                yield name, tensor

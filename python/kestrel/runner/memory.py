@@ -27,7 +27,7 @@ def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: in
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
     per_block = kv_block_bytes(
-        runner.model_config, cfg.block_size, runner.dtype, runner.num_kv_heads
+        runner.model_config, cfg.block_size, runner.dtype, runner.num_kv_heads, runner.num_layers
     )
     if runner.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(runner.device)

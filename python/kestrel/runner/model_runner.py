@@ -52,14 +52,18 @@ __all__ = ["ModelRunner", "StepFuture", "StepResult", "kv_block_bytes"]
 
 
 def kv_block_bytes(
-    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+    config: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    num_kv_heads: int | None = None,
+    num_layers: int | None = None,
 ) -> int:
-    """Bytes of one KV block across all layers (keys and values); `num_kv_heads`: this rank's
-    (default: the model's)."""
+    """Bytes of one KV block across all layers (keys and values); `num_kv_heads` and
+    `num_layers`: this rank's (default: the model's)."""
     elem = torch.empty((), dtype=dtype).element_size()
     heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
     per_layer = 2 * block_size * heads * config.head_dim * elem
-    return per_layer * config.num_hidden_layers
+    return per_layer * (config.num_hidden_layers if num_layers is None else num_layers)
 
 
 def rank_heads(model: torch.nn.Module, config: ModelConfig) -> tuple[int, int]:
@@ -101,6 +105,9 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         self.vocab_size = model_config.vocab_size
         self.num_q_heads, self.num_kv_heads = rank_heads(model, model_config)
+        # This pipeline stage's layers (all of them without pipeline parallelism).
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        self.num_layers = len(layers) if layers is not None else model_config.num_hidden_layers
         self.input_batch = InputBatch(max_num_seqs, self.vocab_size, device)
         self.stager = HostStager(device)
         self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
@@ -155,7 +162,7 @@ class ModelRunner:
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
             )
-            for _ in range(self.model_config.num_hidden_layers)
+            for _ in range(self.num_layers)
         ]
 
     @torch.inference_mode()
@@ -168,7 +175,7 @@ class ModelRunner:
         scratch = torch.zeros(
             self._kv_shape(num_seqs * blocks_per_seq), dtype=self.dtype, device=self.device
         )
-        kv = [(scratch, scratch)] * self.model_config.num_hidden_layers
+        kv = [(scratch, scratch)] * self.num_layers
         lens = [per_seq] * (num_tokens // per_seq) + (
             [num_tokens % per_seq] if num_tokens % per_seq else []
         )
@@ -193,11 +200,14 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         hidden = self.model(ids, ids, kv, meta)
-        rows = hidden[torch.arange(min(num_seqs, num_tokens), device=self.device)]
-        logits = self.model.compute_logits(rows)
-        # The sampler's working set: a few [S, vocab] fp32 tensors (probabilities, noise, sort).
-        work = torch.empty((4, *logits.shape), dtype=torch.float32, device=self.device)
-        del work, logits, rows, hidden
+        if hidden is not None:  # None: a later pipeline stage (no logits, no sampling)
+            rows = hidden[torch.arange(min(num_seqs, num_tokens), device=self.device)]
+            logits = self.model.compute_logits(rows)
+            # The sampler's working set: a few [S, vocab] fp32 tensors (probabilities, noise,
+            # sort).
+            work = torch.empty((4, *logits.shape), dtype=torch.float32, device=self.device)
+            del work, logits, rows
+        del hidden
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del scratch, kv
@@ -367,6 +377,15 @@ class ModelRunner:
             sampled = torch.from_numpy(tokens).to(logits.device)
             sampler_output = Sampler.with_logprobs(logits, sampled, max_num_logprobs)
         return StepResult(tokens, sampler_output, failed)
+
+    @torch.inference_mode()
+    def forward_stage(self, out: StepInput) -> None:
+        """A later pipeline stage's part of a step: its layers over the hidden states the
+        previous stage sends (kestrel/layers/pipeline.py); no logits, no sampling."""
+        self.stager.begin_step()
+        positions = self.stager.to_device(out.positions, torch.int64)
+        metadata = self.build_attention_metadata(out)
+        self.model(None, positions, self.kv_caches, metadata)
 
     def _forward_eager(
         self, out: StepInput, input_ids: torch.Tensor, prompt_rows: PromptLogprobRows | None
