@@ -83,6 +83,23 @@ def test_greedy_outputs_are_identical_and_drafts_are_accepted(engines):
     assert "spec_decode_num_drafts" not in engines["plain"].engine.stats()
 
 
+def test_logprobs_requests_speculate_with_each_tokens_own_logprobs(engines):
+    """A request with logprobs speculates too: each accepted token's entry comes from its own
+    verify row, so the entries equal those of the plain engine (sampled and top-k alike)."""
+    prompts = repetitive_prompts([24, 40, 16], seed=7)
+    requests = {
+        f"lp{next(_serial)}-{i}": (p, greedy(32, ignore_eos=True, logprobs=3))
+        for i, p in enumerate(prompts)
+    }
+    before = engines["spec"].engine.stats()["spec_decode_num_accepted_tokens"]
+    spec = run_streaming(engines["spec"], requests)
+    plain = run_streaming(engines["plain"], requests)
+    for rid in requests:
+        assert_same(spec[rid], plain[rid])
+        assert len(spec[rid][0].outputs[0].logprobs) == 32
+    assert engines["spec"].engine.stats()["spec_decode_num_accepted_tokens"] > before
+
+
 def test_speculation_takes_fewer_steps(engines):
     """A prompt that repeats one span: the tiny model's greedy continuation tends to loop, and
     every accepted draft is a step saved."""

@@ -192,10 +192,11 @@ class EngineStep:
     def _spec_candidates(self):
         """Running sequences that may speculate: greedy or sampled (the runner samples each
         verify row from its target distribution given the drafts before it, penalties and
-        min_tokens included: kestrel/spec/rejection.py), but no grammar (its matcher would
-        have to advance through the drafts), no logprobs, no prompt rows being scored."""
+        min_tokens included: kestrel/spec/rejection.py), with logprobs or not (each accepted
+        token's come from its own verify row), but no grammar (its matcher would have to
+        advance through the drafts) and no prompt rows being scored."""
         for seq_id, (_, seq) in self._seqs.items():
-            if seq.matcher is None and seq.logprobs is None and seq_id not in self._scoring:
+            if seq.matcher is None and seq_id not in self._scoring:
                 yield seq_id, seq.row.prompt_token_ids, seq.row.output_token_ids
 
     def _fail_rows(self, step: Launched) -> dict[str, RequestState]:
@@ -246,7 +247,12 @@ class EngineStep:
     ) -> dict[str, RequestState]:
         finished = dict(zip(upd.finished_seq_ids.tolist(), upd.finish_reasons))
         logprob_rows = host_logprobs(result.sampler_output)
-        row_of = {s: i for i, s in enumerate(sampled_seq_ids)} if logprob_rows else {}
+        # Each sequence's first sampled row; a speculative step's accepted tokens are its rows
+        # in order (token j: row first + j, drawn from the target given the j drafts before).
+        row_of: dict[int, int] = {}
+        if logprob_rows:
+            for r, s in enumerate(sampled_seq_ids):
+                row_of.setdefault(s, r)
         changed: dict[str, RequestState] = {}
         seq_ids = upd.seq_ids.tolist()
         # A speculative step gives a sequence several tokens: its finish reason is its last's.
@@ -264,6 +270,7 @@ class EngineStep:
                     k = seq.row.params.logprobs or 0
                     entry = logprob_entry(logprob_rows, row_of[seq_id], token, k, self._token_text)
                     seq.logprobs.append(entry)
+                    row_of[seq_id] += 1
                 if seq.matcher is not None:
                     ends = self._structured.advance(seq.matcher, token, state.request_id)
                     if ends and reason is None:  # the grammar is complete: nothing may follow
