@@ -91,8 +91,8 @@ class EngineConfig:
     )
     pipeline_parallel_size: int = setting(
         1,
-        "pipeline-parallel stages (-pp): one process per stage, each a range of the layers "
-        "(not together with tensor parallelism yet)",
+        "pipeline-parallel stages (-pp): one process per stage (x tensor_parallel_size), each "
+        "a range of the layers",
         short="-pp",
     )
     max_num_batched_tokens: int | None = setting(

@@ -1,5 +1,5 @@
 """Tensor and pipeline parallelism on CPU (gloo, real worker processes): greedy outputs identical
-to one process, for tensor-parallel sizes 2 and 4 and pipeline sizes 2 and 3, with chunked
+to one process, for tensor-parallel sizes 2 and 4, pipeline sizes 2 and 3 and 2 x 2, with chunked
 prefill, prefix caching and preemption; bad sizes and dead workers end with a clear error and
 leave no process behind."""
 
@@ -133,7 +133,17 @@ def test_pipeline_sizes_are_checked(tiny_model_dir):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 must be in \[1, 2\]"):
         LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=32, pipeline_parallel_size=3)
     assert _no_workers_left()
-    with pytest.raises(ValueError, match="not combined yet"):
-        LLM(tiny_model_dir("llama"), tensor_parallel_size=2, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         EngineConfig(pipeline_parallel_size=0)
+
+
+def test_tensor_parallel_stages(tmp_path, tp_llm):
+    """tp 2 x pp 2 (four processes): each stage's two ranks split the heads, and each talks to
+    the same tensor-parallel rank of the next stage."""
+    path = str(make_tiny_model(tmp_path / "four", "qwen2", num_layers=4))
+    prompts = prompts_of([5, 19, 11], seed=14)
+    kwargs = {"num_kv_blocks": 64, "max_num_batched_tokens": 16}
+    one = _tokens(tp_llm(path, **kwargs), prompts)
+    llm = tp_llm(path, tensor_parallel_size=2, pipeline_parallel_size=2, **kwargs)
+    assert _tokens(llm, prompts) == one
+    assert (llm.engine.runner.num_layers, llm.engine.runner.num_kv_heads) == (2, 1)

@@ -82,7 +82,7 @@ class LLMEngine(EngineStep):
         try:
             loaded = load_engine_model(
                 config, self.model_source, self.device, self._tp_group,
-                pp=world.pp if world is not None else (0, 1),
+                pp_stage=world.pp if world is not None else None,
             )  # fmt: skip
             self.model, self.model_config, self.tokenizer, self.generation_config = loaded
         except BaseException:

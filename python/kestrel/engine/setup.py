@@ -117,13 +117,14 @@ def load_engine_model(
     source: ModelSource,
     device: torch.device,
     tp_group,
-    pp: tuple[int, int] = (0, 1),
+    pp_stage=None,
 ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer | None, dict]:
     """This rank's model (its shard under tensor parallelism, `tp_group`), its config, the
     tokenizer and the generation defaults (a GGUF file is parsed once for all of them)."""
     from kestrel.loader import load_model
     from kestrel.loader.gguf_loader import gguf_generation_config, load_gguf_model
 
+    stage = {} if pp_stage is None else {"pp_stage": pp_stage}
     if not source.is_gguf:
         model, model_config = load_model(
             source.path,
@@ -133,7 +134,7 @@ def load_engine_model(
             seed=config.seed,
             quantization=config.quantization,
             tp_group=tp_group,
-            pp=pp,
+            **stage,
         )
         return (
             model,
@@ -156,7 +157,7 @@ def load_engine_model(
         seed=config.seed,
         quantization=config.quantization,
         tp_group=tp_group,
-        pp=pp,
+        **stage,
     )
     tokenizer = load_tokenizer(config, source, gguf_file)
     return model, model_config, tokenizer, gguf_generation_config(gguf_file)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
+from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage
 
 if TYPE_CHECKING:
     from kestrel.config import EngineConfig
@@ -73,8 +74,9 @@ class _WorkerSpec:
     cpu_threads: int
 
     @property
-    def pipeline(self) -> bool:
-        return self.config.pipeline_parallel_size > 1
+    def later_stage(self) -> bool:
+        """A pipeline stage after the first: its layers only, no logits, no sampling state."""
+        return self.rank >= self.config.tensor_parallel_size
 
 
 def _model_signature(mc: ModelConfig) -> tuple[Any, ...]:
@@ -96,19 +98,26 @@ def _worker_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _join_group(backend: str, store: Any, rank: int, size: int, pipeline: bool):
-    """Joins the default group; returns this rank's tensor-parallel group and pipeline stage
-    ((rank, size) of pipeline parallelism, else (0, 1))."""
-    dist.init_process_group(
-        backend,
-        store=store,
-        rank=rank,
-        world_size=size,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    if pipeline:
-        return SINGLE_RANK, (rank, size)
-    return TensorParallelGroup.from_process_group(), (0, 1)
+def _join_group(
+    backend: str, store: Any, rank: int, config: EngineConfig
+) -> tuple[TensorParallelGroup, PipelineStage]:
+    """Joins the default group of tp x pp ranks (rank = stage * tp + tp_rank); returns this
+    rank's tensor-parallel group (its stage's tp ranks) and pipeline stage."""
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=tp * pp, timeout=timeout)
+    group = SINGLE_RANK
+    if tp > 1 and pp == 1:
+        group = TensorParallelGroup.from_process_group()
+    elif tp > 1:
+        mine = None
+        for s in range(pp):  # every rank creates every group, in the same order
+            ranks = list(range(s * tp, (s + 1) * tp))
+            made = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                mine = made
+        group = TensorParallelGroup(rank=rank % tp, size=tp, process_group=mine)
+    return group, PipelineStage(rank=rank // tp, size=pp, tp_rank=rank % tp, tp_size=tp)
 
 
 def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
@@ -127,11 +136,11 @@ def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
         )  # fmt: skip
         store.add(_READY_KEY, 1)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        group, stage = _join_group(backend, store, spec.rank, spec.size, spec.pipeline)
+        group, stage = _join_group(backend, store, spec.rank, spec.config)
         cfg = spec.config
         model, mc = load_model(
             spec.model_path, cfg.dtype, device, cfg.load_format,
-            seed=cfg.seed, quantization=cfg.quantization, tp_group=group, pp=stage,
+            seed=cfg.seed, quantization=cfg.quantization, tp_group=group, pp_stage=stage,
         )  # fmt: skip
         dtype = next(model.parameters()).dtype
         runner = ModelRunner(
@@ -146,9 +155,13 @@ def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
                 break
             if method == "plan_num_kv_blocks":
                 conn.send(("plan", plan_num_kv_blocks(cfg, runner, *args)))
-            elif spec.pipeline and method == "execute":
+            elif spec.later_stage and method == "execute":
                 runner.forward_stage(args[0])  # a later stage: its layers, no sampling
-            elif spec.pipeline and method in ("add_sequence", "remove_sequence", "append_tokens"):
+            elif spec.later_stage and method in (
+                "add_sequence",
+                "remove_sequence",
+                "append_tokens",
+            ):
                 pass  # sampling state lives on the first stage only
             elif method == "add_sequence":
                 key, _params, prompt_ids, eos, output_ids = args
@@ -191,7 +204,7 @@ class TensorParallelWorld:
 
     group: TensorParallelGroup
     workers: list[_Worker]
-    pp: tuple[int, int] = (0, 1)  # rank 0's pipeline stage: (0, stages), or (0, 1)
+    pp: PipelineStage = SINGLE_STAGE  # rank 0's pipeline stage
 
 
 def _cpu_threads_per_rank(size: int) -> int:
@@ -205,13 +218,7 @@ def start_tensor_parallel(
 ) -> TensorParallelWorld:
     """Spawns ranks 1..N-1 and joins rank 0 (this process) to the group (see the module
     docstring); raises TensorParallelError when a worker does not make it."""
-    pipelined = config.pipeline_parallel_size > 1
-    if pipelined and config.tensor_parallel_size > 1:
-        raise ValueError(
-            f"pipeline_parallel_size={config.pipeline_parallel_size} with tensor_parallel_size="
-            f"{config.tensor_parallel_size}: the two are not combined yet; set one of them to 1"
-        )
-    size = config.pipeline_parallel_size if pipelined else config.tensor_parallel_size
+    size = config.tensor_parallel_size * config.pipeline_parallel_size
     if dist.is_initialized():
         raise TensorParallelError(
             "torch.distributed is already initialized in this process: one tensor-parallel "
@@ -221,8 +228,8 @@ def start_tensor_parallel(
         count = torch.cuda.device_count()
         if count < size:
             raise ValueError(
-                f"tensor_parallel_size={size} needs {size} GPUs (one per rank); this machine "
-                f"has {count}"
+                f"tensor_parallel_size x pipeline_parallel_size = {size} ranks need {size} GPUs "
+                f"(one per rank); this machine has {count}"
             )
         torch.cuda.set_device(0)
     threads = _cpu_threads_per_rank(size) if device.type == "cpu" else 1
@@ -255,12 +262,15 @@ def start_tensor_parallel(
         if device.type == "cpu":
             torch.set_num_threads(threads)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        world.group, world.pp = _join_group(backend, store, 0, size, pipelined)
+        world.group, world.pp = _join_group(backend, store, 0, config)
     except BaseException:
         stop_tensor_parallel(world, join_s=5.0)
         raise
-    kind = "pipeline stages" if pipelined else "tensor-parallel ranks"
-    logger.info("%d %s (%s)", size, kind, "nccl" if device.type == "cuda" else "gloo")
+    logger.info(
+        "%d ranks: tensor parallel %d x pipeline stages %d (%s)", size,
+        config.tensor_parallel_size, config.pipeline_parallel_size,
+        "nccl" if device.type == "cuda" else "gloo",
+    )  # fmt: skip
     return world
 
 

@@ -34,36 +34,40 @@ def layer_ranges(num_layers: int, size: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class PipelineStage:
-    """This process's stage: `rank` in [0, `size`), layers [`start`, `end`) of `num_layers`.
-    Ranks are the default torch.distributed group's (only touched when size > 1)."""
+    """This process's stage: `rank` in [0, `size`) (its layers: `layers(num_layers)`), and its
+    place `tp_rank` in its stage's tensor-parallel group of `tp_size`. Global ranks (the
+    default torch.distributed group's, only touched when size > 1) are stage * tp_size +
+    tp_rank: each tensor-parallel rank talks to the same tensor-parallel rank of the next
+    stage."""
 
     rank: int = 0
     size: int = 1
-    start: int = 0
-    end: int | None = None  # None: every layer (size 1)
-
-    @classmethod
-    def of(cls, rank: int, size: int, num_layers: int) -> PipelineStage:
-        start, end = layer_ranges(num_layers, size)[rank]
-        return cls(rank=rank, size=size, start=start, end=end)
+    tp_rank: int = 0
+    tp_size: int = 1
 
     def layers(self, num_layers: int) -> range:
-        return range(self.start, num_layers if self.end is None else self.end)
+        if self.size == 1:
+            return range(num_layers)
+        start, end = layer_ranges(num_layers, self.size)[self.rank]
+        return range(start, end)
 
     @property
     def is_first(self) -> bool:
         return self.rank == 0
 
+    def _peer(self, stage: int) -> int:
+        return (stage % self.size) * self.tp_size + self.tp_rank
+
     def send_to_next(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """Hidden states and residual [T, H] to the next stage (the last stage: to stage 0)."""
-        dst = (self.rank + 1) % self.size
+        dst = self._peer(self.rank + 1)
         dist.send(hidden.contiguous(), dst=dst)
         dist.send(residual.contiguous(), dst=dst)
 
     def recv_from_previous(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states and residual from the previous stage (stage 0: from the last one),
         shaped and typed as `like`."""
-        src = (self.rank - 1) % self.size
+        src = self._peer(self.rank - 1)
         hidden, residual = torch.empty_like(like), torch.empty_like(like)
         dist.recv(hidden, src=src)
         dist.recv(residual, src=src)

@@ -23,7 +23,7 @@ from torch import nn
 
 from kestrel.layers.linear import process_weights_after_loading
 from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
-from kestrel.layers.pipeline import PipelineStage
+from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage
 from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
@@ -364,7 +364,7 @@ def load_gguf_model(
     quantization: str | None = None,
     keep_quantized_blocks: bool | None = None,
     tp_group: TensorParallelGroup = SINGLE_RANK,
-    pp: tuple[int, int] = (0, 1),
+    pp_stage: PipelineStage = SINGLE_STAGE,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model a GGUF file describes and fill its weights (dequantized to the dtype;
     `dummy`: random weights of the same shapes, deterministic in `seed`). quantization="fp8"
@@ -384,7 +384,7 @@ def load_gguf_model(
     model_class = get_model_class(config.architecture)
     if keep_quantized_blocks is None:
         keep_quantized_blocks = quant_config is None and keep_quantized(device)
-    keep_quantized_blocks = keep_quantized_blocks and tp_group.size == 1 and pp[1] == 1
+    keep_quantized_blocks = keep_quantized_blocks and tp_group.size == 1 and pp_stage.size == 1
     if keep_quantized_blocks and quant_config is None and not dummy:
         tensors = [(hf_tensor_name(t.name), t.name, int(t.tensor_type)) for t in f.reader.tensors]
         quant_config = gguf_quant_config(tensors, model_class.packed_modules_mapping)
@@ -394,7 +394,7 @@ def load_gguf_model(
         device,
         quant_config=quant_config,
         tp_group=tp_group,
-        pp_stage=PipelineStage.of(*pp, config.num_hidden_layers),
+        pp_stage=pp_stage,
     )
     if dummy:
         init_dummy_weights(model, seed=seed)

@@ -11,7 +11,7 @@ from torch import nn
 from kestrel.config import ConfigError
 from kestrel.layers.linear import process_weights_after_loading
 from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
-from kestrel.layers.pipeline import PipelineStage
+from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage
 from kestrel.layers.quant_config import fp8_config_for
 from kestrel.loader.dtypes import resolve_dtype
 from kestrel.loader.dummy import init_dummy_weights
@@ -41,7 +41,7 @@ def load_model(
     seed: int = 0,
     quantization: str | None = None,
     tp_group: TensorParallelGroup = SINGLE_RANK,
-    pp: tuple[int, int] = (0, 1),
+    pp_stage: PipelineStage = SINGLE_STAGE,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build the model of a Hugging Face directory (or a `.gguf` file) and fill its weights.
 
@@ -52,8 +52,8 @@ def load_model(
     at load) or "gguf" (nothing here); an FP8 checkpoint (its config.json's
     `quantization_config`) loads as FP8 either way (kestrel.layers.quant_config). `tp_group`:
     this rank's shard of a tensor-parallel model (the weight loaders take its slices; dummy
-    weights are random per rank, so they differ from the unsharded model's); `pp`: (stage,
-    stages) of pipeline parallelism (this stage's layers only). Returns (model in eval mode on
+    weights are random per rank, so they differ from the unsharded model's); `pp_stage`:
+    this process's pipeline stage (its layers only). Returns (model in eval mode on
     `device`, its ModelConfig).
     """
     if load_format not in LOAD_FORMATS:
@@ -72,7 +72,7 @@ def load_model(
             seed=seed,
             quantization=quantization,
             tp_group=tp_group,
-            pp=pp,
+            pp_stage=pp_stage,
         )
     device = torch.device(device)
     config = read_model_config(model_dir)
@@ -90,7 +90,7 @@ def load_model(
         device,
         quant_config=quant_config,
         tp_group=tp_group,
-        pp_stage=PipelineStage.of(*pp, config.num_hidden_layers),
+        pp_stage=pp_stage,
     )
     if files is None:
         init_dummy_weights(model, seed=seed)
