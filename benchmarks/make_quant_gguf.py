@@ -20,20 +20,9 @@ import re
 import gguf
 import numpy as np
 
+from kestrel.testing.gguf_blocks import F16_SCALE_OFFSETS
+
 Q = gguf.GGMLQuantizationType
-# Byte offsets of each block's fp16 scale fields (they are set; every other byte is random).
-F16_FIELDS = {
-    Q.Q8_0: (0,),
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q2_K: (80, 82),
-    Q.Q3_K: (108,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-}
 K_FALLBACK = {Q.Q2_K: Q.Q5_0, Q.Q3_K: Q.Q5_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q8_0, Q.Q6_K: Q.Q8_0}
 FILE_TYPES = {
     "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
@@ -69,7 +58,7 @@ def random_blocks(rng, qtype, rows: int, row_values: int) -> np.ndarray:
     """uint8 [rows, row_bytes] of random valid `qtype` blocks."""
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (rows * (row_values // block_values), block_bytes), np.uint8)
-    for offset in F16_FIELDS[qtype]:
+    for offset in F16_SCALE_OFFSETS[qtype]:
         scale = rng.uniform(0.5, 1.0, (blocks.shape[0], 1)) * 2.0**-12
         blocks[:, offset : offset + 2] = scale.astype(np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)

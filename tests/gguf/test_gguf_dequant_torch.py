@@ -16,25 +16,12 @@ from kestrel.loader.gguf_tensor_data import gguf_tensor_bytes, gguf_tensor_to_de
 from kestrel.loader.staging import DeviceStager
 from kestrel.ops import ggml_dequant
 from kestrel.ops.ggml_dequant import TORCH_TYPES, dequantize_raw
+from kestrel.testing.gguf_blocks import F16_SCALE_OFFSETS
 from tests.gguf.fixtures import write_gguf
 
 Q = gguf.GGMLQuantizationType
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Byte offsets of the fp16 scale fields in each block (random bytes there could be inf / NaN).
-F16_FIELDS = {
-    Q.Q8_0: (0,),
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q2_K: (80, 82),
-    Q.Q3_K: (108,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-    Q.IQ4_NL: (0,),
-}
 QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 ROWS = 7  # odd
 
@@ -43,7 +30,7 @@ def _random_blocks(rng, qtype, rows: int, blocks_per_row: int) -> np.ndarray:
     """uint8 [rows, blocks_per_row * block_bytes]: random bytes, fp16 fields finite."""
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, (rows * blocks_per_row, block_bytes), dtype=np.uint8)
-    for offset in F16_FIELDS[qtype]:
+    for offset in F16_SCALE_OFFSETS[qtype]:
         scale = rng.uniform(-2.0, 2.0, (raw.shape[0], 1)) * 2.0 ** rng.integers(
             -20, 4, (raw.shape[0], 1)
         )

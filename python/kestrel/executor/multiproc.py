@@ -11,8 +11,9 @@ shape, which must equal rank 0's (`MultiProcExecutor.check_workers`).
 Steps (`MultiProcExecutor`, the `Executor` protocol of executor/uniproc.py): every call the
 engine makes is sent to each worker first (a pickled (method, args) over its pipe, no reply)
 and then run on rank 0's runner; the collectives inside the forward pass keep the ranks in step.
-Workers mirror add / remove / append in the same order, so their input batches hand out the same
-slots; they run the same steps (the same StepInput, slots and prompt-logprob rows, so every rank
+Workers of the first pipeline stage mirror add / remove / append in the same order (later
+stages, which run `ModelRunner.forward_stage` and sample nothing, never get them), so their
+input batches hand out the same slots; they run the same steps (the same StepInput, slots and prompt-logprob rows, so every rank
 makes the same LM-head calls) and their sampled tokens are dropped: rank 0's are the engine's.
 Grammar masks and per-request generators stay on rank 0 (workers sample with plain greedy
 parameters, which only has to be cheap). Overlap scheduling and CUDA graphs are off with more
@@ -157,12 +158,6 @@ def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
                 conn.send(("plan", plan_num_kv_blocks(cfg, runner, *args)))
             elif spec.later_stage and method == "execute":
                 runner.forward_stage(args[0])  # a later stage: its layers, no sampling
-            elif spec.later_stage and method in (
-                "add_sequence",
-                "remove_sequence",
-                "append_tokens",
-            ):
-                pass  # sampling state lives on the first stage only
             elif method == "add_sequence":
                 key, _params, prompt_ids, eos, output_ids = args
                 runner.add_sequence(key, greedy, prompt_ids, None, eos, output_ids)
@@ -362,11 +357,16 @@ class MultiProcExecutor:
 
     # ---- the Executor protocol ----------------------------------------------------------------
 
-    def _send(self, method: str, args: tuple[Any, ...]) -> None:
+    def _send(self, method: str, args: tuple[Any, ...], first_stage: bool = False) -> None:
+        """(method, args) to every worker; `first_stage`: only to the first pipeline stage's
+        (the sampling state's calls: later stages hold none)."""
         if self._closed:
             raise TensorParallelError("the tensor-parallel executor is shut down")
         _raise_if_dead(self.world, "before this step")
+        tp_size = self.world.pp.tp_size
         for w in self.world.workers:
+            if first_stage and w.rank >= tp_size:
+                continue
             try:
                 w.conn.send((method, args))
             except OSError as exc:
@@ -391,18 +391,20 @@ class MultiProcExecutor:
         output_ids: Sequence[int] = (),
     ) -> int:
         self._send(
-            "add_sequence", (key, None, list(prompt_ids), tuple(eos_token_ids), list(output_ids))
+            "add_sequence",
+            (key, None, list(prompt_ids), tuple(eos_token_ids), list(output_ids)),
+            first_stage=True,
         )
         return self.runner.add_sequence(
             key, params, prompt_ids, generator, eos_token_ids, output_ids
         )
 
     def remove_sequence(self, key: Hashable) -> int:
-        self._send("remove_sequence", (key,))
+        self._send("remove_sequence", (key,), first_stage=True)
         return self.runner.remove_sequence(key)
 
     def append_tokens(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> None:
-        self._send("append_tokens", (np.asarray(slots), np.asarray(tokens)))
+        self._send("append_tokens", (np.asarray(slots), np.asarray(tokens)), first_stage=True)
         self.runner.append_tokens(slots, tokens)
 
     def execute(

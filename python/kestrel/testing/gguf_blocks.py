@@ -13,8 +13,22 @@ from gguf.quants import quantize
 
 Q = GGMLQuantizationType
 
-# Byte offsets of the fp16 scales in each K-quant block: (d, dmin) or (d,).
-_K_SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# Byte offsets of the fp16 scale fields in each block: (d, dmin) or (d,). Random bytes there
+# could be inf / NaN, so writers of random blocks set them (also benchmarks/make_quant_gguf.py).
+F16_SCALE_OFFSETS = {
+    Q.Q8_0: (0,),
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q5_1: (0, 2),
+    Q.Q2_K: (80, 82),
+    Q.Q3_K: (108,),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (208,),
+    Q.IQ4_NL: (0,),
+}
+_K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # the K-quants random_blocks writes
 
 
 def random_blocks(
@@ -36,10 +50,10 @@ def random_blocks(
     if qtype in (Q.Q8_0, Q.Q4_0):
         values = rng.standard_normal((n, k)).astype(np.float32) * 0.05
         return np.ascontiguousarray(quantize(values, qtype))
-    if qtype not in _K_SCALE_OFFSETS:
+    if qtype not in _K_TYPES:
         raise ValueError(f"random_blocks: unsupported type {qtype.name}")
     blocks = rng.integers(0, 256, size=(n * (k // elems), nbytes), dtype=np.uint8)
-    for offset in _K_SCALE_OFFSETS[qtype]:
+    for offset in F16_SCALE_OFFSETS[qtype]:
         scale = (rng.random(blocks.shape[0]) * 4e-4 + 1e-4).astype(np.float16)
         blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(-1, 2)
     if centered and qtype in (Q.Q4_K, Q.Q5_K):
