@@ -129,12 +129,22 @@ def test_three_uneven_stages_with_chunked_prefill_and_preemption(tmp_path, tp_ll
     assert _tokens(llm, prompts[:2], params) == _tokens(tp_llm(path, **kwargs), prompts[:2], params)
 
 
-def test_pipeline_sizes_are_checked(tiny_model_dir):
+def test_pipeline_sizes_are_checked(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 must be in \[1, 2\]"):
         LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=32, pipeline_parallel_size=3)
     assert _no_workers_left()
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         EngineConfig(pipeline_parallel_size=0)
+    # Refused from the model's config before any worker process starts (64 would be slow).
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=64 must be in \[1, 2\]"):
+        LLM(tiny_model_dir("llama"), block_size=4, num_kv_blocks=32, pipeline_parallel_size=64)
+    odd = str(
+        make_tiny_model(tmp_path / "odd", "llama", hidden_size=96, num_heads=12, num_kv_heads=4)
+    )
+    with pytest.raises(ValueError, match="num_key_value_heads=4 cannot be split"):
+        LLM(odd, block_size=4, num_kv_blocks=32, tensor_parallel_size=3)
+    assert time.monotonic() - t0 < 5 and not mp.active_children()
 
 
 def test_tensor_parallel_stages(tmp_path, tp_llm):

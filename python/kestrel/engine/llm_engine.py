@@ -36,6 +36,7 @@ from kestrel.engine.setup import (
     build_executor,
     check_quantization_device,
     load_engine_model,
+    peek_model_config,
     resolve_device,
     sampling_defaults,
 )
@@ -76,7 +77,10 @@ class LLMEngine(EngineStep):
         # Tensor or pipeline parallelism: rank 0 here, worker processes for the other ranks.
         self._tp_world = None
         if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
-            self._tp_world = start_tensor_parallel(config, str(self.model_source.path), self.device)
+            shape = peek_model_config(config, self.model_source)
+            self._tp_world = start_tensor_parallel(
+                config, str(self.model_source.path), self.device, shape
+            )
         world = self._tp_world
         self._tp_group = world.group if world is not None else SINGLE_RANK
         try:

@@ -161,3 +161,12 @@ def load_engine_model(
     )
     tokenizer = load_tokenizer(config, source, gguf_file)
     return model, model_config, tokenizer, gguf_generation_config(gguf_file)
+
+
+def peek_model_config(config: EngineConfig, source: ModelSource) -> ModelConfig:
+    """The model's config without its weights (config.json, or the GGUF file's metadata)."""
+    if source.is_gguf:
+        from kestrel.loader.gguf_loader import gguf_model_config
+
+        return gguf_model_config(GGUFFile(source.path))
+    return read_model_config(source.path)

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup
-from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage
+from kestrel.layers.parallel import SINGLE_RANK, TensorParallelGroup, divide
+from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage, layer_ranges
 
 if TYPE_CHECKING:
     from kestrel.config import EngineConfig
@@ -208,11 +208,28 @@ def _cpu_threads_per_rank(size: int) -> int:
     return max(1, cpu_thread_count() // size)
 
 
+def check_parallel_sizes(config: EngineConfig, model_config: ModelConfig) -> None:
+    """The model splits into tensor_parallel_size x pipeline_parallel_size ranks (checked
+    before any worker starts): the layers over the stages, the heads over the tensor-parallel
+    ranks (KV heads split evenly, or replicated evenly when there are fewer than ranks)."""
+    tp, mc = config.tensor_parallel_size, model_config
+    layer_ranges(mc.num_hidden_layers, config.pipeline_parallel_size)
+    divide(mc.num_attention_heads, tp, "num_attention_heads")
+    kv = mc.num_key_value_heads
+    if (tp >= kv and tp % kv != 0) or (tp < kv and kv % tp != 0):
+        raise ValueError(
+            f"num_key_value_heads={kv} cannot be split or replicated evenly over the "
+            f"tensor-parallel size {tp}"
+        )
+
+
 def start_tensor_parallel(
-    config: EngineConfig, model_path: str, device: torch.device
+    config: EngineConfig, model_path: str, device: torch.device, model_config: ModelConfig
 ) -> TensorParallelWorld:
     """Spawns ranks 1..N-1 and joins rank 0 (this process) to the group (see the module
-    docstring); raises TensorParallelError when a worker does not make it."""
+    docstring); raises ValueError when the model cannot be split so (before any worker starts)
+    and TensorParallelError when a worker does not make it."""
+    check_parallel_sizes(config, model_config)
     size = config.tensor_parallel_size * config.pipeline_parallel_size
     if dist.is_initialized():
         raise TensorParallelError(
