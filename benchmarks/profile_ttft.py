@@ -36,9 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--piecewise-graph-max-tokens", type=int, default=2048, help="0: prefill steps eager"
+    )
     args = ap.parse_args(argv)
     model_dir, dummy = model_dir_for(args.model)
-    kwargs = {"max_model_len": args.input_len + 64, "max_num_seqs": 16}
+    kwargs = {
+        "max_model_len": args.input_len + 64,
+        "max_num_seqs": 16,
+        "piecewise_graph_max_tokens": args.piecewise_graph_max_tokens,
+    }
     if dummy:
         kwargs["load_format"] = "dummy"
     llm = LLM(model_dir, async_scheduling=args.async_scheduling, **kwargs)

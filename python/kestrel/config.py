@@ -128,6 +128,11 @@ class EngineConfig:
         short="-q",
     )
     enforce_eager: bool = setting(False, "GPU: always run eagerly (no CUDA graphs)")
+    piecewise_graph_max_tokens: int = setting(
+        2048,
+        "GPU: steps with prefill rows (mixed, prefill, speculative verify) of up to this many "
+        "tokens replay piecewise CUDA graphs, attention eager between them; 0: they run eagerly",
+    )
     async_scheduling: bool = setting(
         True,
         "overlap scheduling: prepare step N+1 on the host while the device runs step N "
@@ -179,6 +184,9 @@ class EngineConfig:
             self.max_num_batched_tokens = max(8192, self.max_num_seqs)
         if self.max_num_batched_tokens < 1:
             raise _fail("max_num_batched_tokens", self.max_num_batched_tokens, "an int >= 1")
+        pw = self.piecewise_graph_max_tokens
+        if isinstance(pw, bool) or not isinstance(pw, int) or not 0 <= pw <= 1 << 16:
+            raise _fail("piecewise_graph_max_tokens", pw, "an int in [0, 65536]")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise _fail("generation_config", self.generation_config, "auto, vllm or a folder")
         if isinstance(self.max_grammar_chars, bool) or not (

@@ -160,6 +160,9 @@ class LLMEngine(EngineStep):
                 )
             else:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+                pw_tokens = min(config.piecewise_graph_max_tokens, config.max_num_batched_tokens)
+                if pw_tokens > 0:
+                    self.runner.capture_piecewise_graphs(pw_tokens)
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         limits = GrammarLimits(max_chars=config.max_grammar_chars)

@@ -57,8 +57,35 @@ class PagedAttention(nn.Module):
         """positions [T] int; q [T, num_heads, head_dim]; k, v [T, num_kv_heads, head_dim];
         kv_cache = (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads,
         head_dim]. q and k are rotated in place. Returns [T, num_heads, head_dim]."""
+        self.write_cache(positions, q, k, v, cos_sin_cache, kv_cache, attn_metadata.slot_mapping)
+        return self.attend(q, kv_cache, attn_metadata)
+
+    def write_cache(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """The first half: RoPE on q and k (in place) and k, v into the cache at
+        `slot_mapping` (rows with a negative slot are not written). Shape-static: no step
+        metadata beyond the slots, so it can sit inside a CUDA graph of fixed token count."""
         key_cache, value_cache = kv_cache
         self._rotary_and_cache(
-            positions, q, k, v, cos_sin_cache, key_cache, value_cache, attn_metadata.slot_mapping
+            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping
         )
-        return ops.paged_attention(q, key_cache, value_cache, attn_metadata, self.scale)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn_metadata: ops.AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The second half: attention of (rotated) q over the cache; into `out` when given
+        (q's shape; rows past the step's tokens zeroed)."""
+        key_cache, value_cache = kv_cache
+        return ops.paged_attention(q, key_cache, value_cache, attn_metadata, self.scale, out=out)

@@ -18,7 +18,7 @@ each model's `packed_modules_mapping`: `self_attn.qkv_proj` (rows: q, then k, th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -137,6 +137,19 @@ class DecoderAttention(nn.Module):
         kv_cache: KVCache,
         attn_metadata: ops.AttentionMetadata,
     ) -> torch.Tensor:
+        q = self.project(positions, hidden, cos_sin_cache, kv_cache, attn_metadata.slot_mapping)
+        return self.output(self.attn.attend(q, kv_cache, attn_metadata))
+
+    def project(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KVCache,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """Everything before attention: q/k/v, the q/k norms, RoPE and the KV write. Returns
+        the rotated q [T, Hq, D] (a view into the qkv projection)."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -147,8 +160,12 @@ class DecoderAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, _ = self.q_norm(q)  # per-head RMSNorm over D, before RoPE
             k, _ = self.k_norm(k)
-        out = self.attn(positions, q, k, v, cos_sin_cache, kv_cache, attn_metadata)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
+        self.attn.write_cache(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
+        return q
+
+    def output(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """attention output [T, Hq, D] -> o_proj [T, hidden]."""
+        return self.o_proj(attn_out.reshape(attn_out.shape[0], self.q_size))
 
 
 class DecoderLayer(nn.Module):
@@ -185,12 +202,36 @@ class DecoderLayer(nn.Module):
         first layer, whose hidden is the embedding). Out: (mlp output, updated residual); the
         true hidden state after the layer is their sum.
         """
+        q, residual = self.before_attention(
+            positions, hidden, residual, cos_sin_cache, kv_cache, attn_metadata.slot_mapping
+        )
+        attn_out = self.self_attn.attn.attend(q, kv_cache, attn_metadata)
+        return self.after_attention(attn_out, residual)
+
+    def before_attention(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KVCache,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input norm and the attention's projection, RoPE and KV write: (q, residual)."""
         if residual is None:
             residual = hidden
             hidden, _ = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, cos_sin_cache, kv_cache, attn_metadata)
+        assert residual is not None
+        q = self.self_attn.project(positions, hidden, cos_sin_cache, kv_cache, slot_mapping)
+        return q, residual
+
+    def after_attention(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj, the post-attention norm and the MLP: (mlp output, residual)."""
+        hidden = self.self_attn.output(attn_out)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         assert residual is not None
         return self.mlp(hidden), residual
@@ -268,6 +309,33 @@ class DecoderModel(nn.Module):
             if not self.pp.is_first:
                 return None  # the first stage finishes the step
             hidden, residual = self.pp.recv_from_previous(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def forward_split(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        slot_mapping: torch.Tensor,
+    ) -> Generator[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` cut at every attention (one pipeline stage only), for piecewise CUDA
+        graphs (kestrel/runner/piecewise_graphs.py): yields each layer's rotated q
+        [T, Hq, D] after its KV write, is sent that layer's attention output [T, Hq, D], and
+        returns the final-normed hidden states [T, hidden]. What runs between two yields
+        depends on T alone, never on the step's batch layout."""
+        if self.pp.size > 1:
+            raise ValueError("forward_split runs a single pipeline stage")
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        residual: torch.Tensor | None = None
+        cos_sin_cache = self.rotary_emb.cos_sin_cache
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            q, residual = layer.before_attention(
+                positions, hidden, residual, cos_sin_cache, kv_cache, slot_mapping
+            )
+            attn_out = yield q
+            del q
+            hidden, residual = layer.after_attention(attn_out, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -173,6 +173,7 @@ def paged_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a mixed batch (decodes first, then prefill chunks) over a paged cache.
 
@@ -184,10 +185,12 @@ def paged_attention(
             K/V of every context position, this step's tokens included, must already be written.
         metadata: the step's batch context.
         scale: softmax scale applied to q.k.
+        out: where to write the result (contiguous, q's shape, dtype and device); None: a new
+            tensor.
 
     Returns:
-        A new [num_tokens_padded, num_q_heads, head_dim] tensor in q's dtype; softmax and
-        accumulation in fp32; padding rows (>= metadata.num_tokens) are zero.
+        `out` or a new [num_tokens_padded, num_q_heads, head_dim] tensor in q's dtype; softmax
+        and accumulation in fp32; padding rows (>= metadata.num_tokens) are zero.
 
     On CUDA fp16/bf16 inputs with head_dim 64, 128 or 256 (caches of q's dtype, contiguous; q
     with head stride head_dim, any token stride; int32 metadata tensors) this runs the decode
@@ -208,13 +211,26 @@ def paged_attention(
         raise ValueError(
             f"q must be [num_tokens >= {num_tokens}, num_q_heads, head_dim]; got {tuple(q.shape)}"
         )
+    if out is not None and (
+        out.shape != q.shape
+        or out.dtype != q.dtype
+        or out.device != q.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous {q.dtype} tensor of q's shape {tuple(q.shape)} on "
+            f"{q.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     if plan.use_kernels:
         _check_attention_args(q, key_cache, value_cache, q)
-        kernel_out = paged_attention_cuda(q, key_cache, value_cache, metadata, scale, plan)
+        kernel_out = paged_attention_cuda(q, key_cache, value_cache, metadata, scale, plan, out)
         if kernel_out is not None:
             return kernel_out
         _reference_fallback(q, key_cache)
-    out = torch.zeros_like(q)
+    if out is None:
+        out = torch.zeros_like(q)
+    else:
+        out.zero_()
     paged_decode_attention(
         q[:num_decode_tokens], key_cache, value_cache, metadata, scale, out[:num_decode_tokens]
     )

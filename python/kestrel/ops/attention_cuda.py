@@ -175,6 +175,7 @@ def paged_attention_cuda(
     metadata: AttentionMetadata,
     scale: float,
     plan: AttentionPlan,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The kernel path of :func:`kestrel.ops.paged_attention`, launched as `plan` says; None
     when the inputs need the reference (dtype, head dim or layout the kernels do not handle, or
@@ -196,7 +197,8 @@ def paged_attention_cuda(
     num_tokens, num_decodes = metadata.num_tokens, metadata.num_decodes
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T_padded, Hq, D] contiguous
+    if out is None:  # [T_padded, Hq, D] contiguous
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] > num_tokens:
         out[num_tokens:].zero_()
     kernels = _dispatch.kernels

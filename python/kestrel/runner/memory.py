@@ -34,6 +34,11 @@ def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: in
         used = total - free  # weights and anything else already on the card
         peak = runner.profile_peak_bytes(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         graph_reserve = 0 if cfg.enforce_eager else _GRAPH_RESERVE_BYTES
+        pw_tokens = min(cfg.piecewise_graph_max_tokens, cfg.max_num_batched_tokens)
+        if not cfg.enforce_eager and pw_tokens > 0:
+            # The piecewise graphs' pool holds one piece's activations at their largest size:
+            # at most the profiled peak scaled to that many tokens (activations grow with T).
+            graph_reserve += int(peak * pw_tokens / cfg.max_num_batched_tokens)
         budget = cfg.gpu_memory_utilization * total - used - peak - graph_reserve
         weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
         logger.info(

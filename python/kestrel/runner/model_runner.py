@@ -31,6 +31,7 @@ from kestrel.ops import AttentionMetadata
 from kestrel.ops.attention_backend import PagedAttentionBackend
 from kestrel.runner.cuda_graphs import DecodeGraphs
 from kestrel.runner.input_batch import InputBatch
+from kestrel.runner.piecewise_graphs import PiecewiseGraphs
 from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut, score_prompt_rows
 from kestrel.runner.staging import HostStager
 from kestrel.runner.step_future import StepFuture, StepResult
@@ -112,6 +113,7 @@ class ModelRunner:
         self.stager = HostStager(device)
         self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None  # steps with prefill rows
         self.rewind = GeneratorRewind()  # seeded drafted rows: see kestrel/spec/rewind.py
         self._last_sampled: torch.Tensor | None = None  # the last launched step's sampled ids
         self.attention = PagedAttentionBackend(
@@ -225,6 +227,22 @@ class ModelRunner:
             device=self.device,
         )
         self.graphs.capture()
+
+    def capture_piecewise_graphs(self, max_tokens: int, use_graphs: bool = True) -> None:
+        """Graphs for steps of up to `max_tokens` tokens that carry prefill rows
+        (runner/piecewise_graphs.py); `use_graphs=False` runs the same pieces eagerly."""
+        self.piecewise = PiecewiseGraphs(
+            self.model,
+            self.kv_caches,
+            max_tokens=max_tokens,
+            num_q_heads=self.num_q_heads,
+            head_dim=self.model_config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            use_graphs=use_graphs,
+        )
+        if use_graphs:
+            self.piecewise.capture()
 
     def build_attention_metadata(self, out: StepInput) -> AttentionMetadata:
         """The step's metadata, staged to the device and planned (validated once)."""
@@ -395,7 +413,10 @@ class ModelRunner:
         stage = self.stager.to_device
         positions = stage(out.positions, torch.int64)
         metadata = self.build_attention_metadata(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+        if self.piecewise is not None and self.piecewise.can_run(out.num_tokens):
+            hidden = self.piecewise.run(input_ids, positions, metadata)  # [T, hidden]
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
         prompt_out = None
         if prompt_rows is not None:
             prompt_out = score_prompt_rows(
