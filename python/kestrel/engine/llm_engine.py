@@ -163,6 +163,12 @@ class LLMEngine(EngineStep):
                 pw_tokens = min(config.piecewise_graph_max_tokens, config.max_num_batched_tokens)
                 if pw_tokens > 0:
                     self.runner.capture_piecewise_graphs(pw_tokens)
+                if self._speculator is not None:
+                    self.runner.capture_verify_graphs(
+                        config.max_num_seqs,
+                        self._speculator.config.num_speculative_tokens,
+                        self.max_model_len,
+                    )
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         limits = GrammarLimits(max_chars=config.max_grammar_chars)

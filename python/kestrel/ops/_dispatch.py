@@ -48,9 +48,7 @@ UNVERIFIED_ENV = "KESTREL_UNVERIFIED_KERNELS"
 # dense_gemv_fp8 (FP8 linears, W8A16) passed its tests on the H200 and is on (7B FP8 batch-1 TPOT
 # 5.91 -> 3.82 ms); dense_gemv_bf16 (fp16/bf16 linears) passes too but made the 7B BF16 step
 # slower (4.50 -> 4.61 ms, same run), so it stays opt-in.
-UNVERIFIED_OPS: frozenset[str] = frozenset(
-    {"gguf_gemv", "gguf_dequantize", "dense_gemv_bf16"}
-)
+UNVERIFIED_OPS: frozenset[str] = frozenset({"gguf_gemv", "gguf_dequantize", "dense_gemv_bf16"})
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from kestrel.runner.piecewise_graphs import PiecewiseGraphs
 from kestrel.runner.prompt_logprobs import PromptLogprobRows, PromptLogprobsOut, score_prompt_rows
 from kestrel.runner.staging import HostStager
 from kestrel.runner.step_future import StepFuture, StepResult
+from kestrel.runner.verify_graphs import VerifyGraphs
 from kestrel.sample import Sampler, SamplerOutput
 from kestrel.spec.draft_rows import DraftRows
 from kestrel.spec.rewind import GeneratorRewind
@@ -114,6 +115,7 @@ class ModelRunner:
         self.bitmask = BitmaskApplier()  # grammar masks: pinned staging + one kernel
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None  # steps with prefill rows
+        self.verify_graphs: VerifyGraphs | None = None  # uniform speculative verify steps
         self.rewind = GeneratorRewind()  # seeded drafted rows: see kestrel/spec/rewind.py
         self._last_sampled: torch.Tensor | None = None  # the last launched step's sampled ids
         self.attention = PagedAttentionBackend(
@@ -227,6 +229,21 @@ class ModelRunner:
             device=self.device,
         )
         self.graphs.capture()
+
+    def capture_verify_graphs(
+        self, max_num_seqs: int, num_speculative_tokens: int, max_model_len: int
+    ) -> None:
+        self.verify_graphs = VerifyGraphs(
+            self.model,
+            self.kv_caches,
+            self.attention,
+            max_num_seqs=max_num_seqs,
+            num_speculative_tokens=num_speculative_tokens,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        self.verify_graphs.capture()
 
     def capture_piecewise_graphs(self, max_tokens: int, use_graphs: bool = True) -> None:
         """Graphs for steps of up to `max_tokens` tokens that carry prefill rows
@@ -345,6 +362,12 @@ class ModelRunner:
             and self.graphs.can_run(out)
         ):
             return self.graphs.run(out, input_ids, self.stager.to_device), None  # [S, vocab]
+        if (
+            prompt_rows is None
+            and self.verify_graphs is not None
+            and self.verify_graphs.can_run(out)
+        ):
+            return self.verify_graphs.run(out, input_ids, self.stager.to_device), None
         return self._forward_eager(out, input_ids, prompt_rows)
 
     def _sample(

@@ -1,0 +1,91 @@
+"""Speculative verify CUDA graphs on a GPU (runner/verify_graphs.py): uniform verify steps
+replayed from a (batch, query length) graph give the tokens of the same steps run eagerly. At
+batch 1 the graph's shapes are the eager pass's (no padding), so the two agree bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+
+from kestrel import LLM, SamplingParams
+from kestrel.runner.verify_graphs import VerifyGraphs
+from kestrel.testing.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.cuda
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("verify-graphs"), "qwen3"))
+
+
+def _prompts():
+    spans = [[11, 12, 13, 14], [200, 201, 5], [77, 78, 79, 80, 81]]
+    return [(spans[i % 3] + spans[(i + 1) % 3]) * (3 + i) for i in range(4)]
+
+
+def _generate(llm, params):
+    return [
+        (o.outputs[0].token_ids, o.outputs[0].logprobs)
+        for o in llm.generate(_prompts(), params, use_tqdm=False)
+    ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_verify_graphs_equal_eager_at_batch_1(tiny_dir, monkeypatch, temperature):
+    llm = LLM(
+        tiny_dir,
+        dtype="bfloat16",
+        num_kv_blocks=256,
+        max_num_seqs=1,
+        speculative_config=SPEC,
+        piecewise_graph_max_tokens=0,  # a verify step that is not uniform runs eagerly
+    )
+    runner = llm.engine.runner
+    assert runner.verify_graphs is not None
+    assert sorted(runner.verify_graphs.graphs) == [(1, 2), (1, 3), (1, 4)]
+    replays = []
+    real = VerifyGraphs.run
+
+    def spy(graphs, out, input_ids, stage):
+        replays.append(out.max_query_len)
+        return real(graphs, out, input_ids, stage)
+
+    monkeypatch.setattr(VerifyGraphs, "run", spy)
+    params = SamplingParams(
+        temperature=temperature, seed=7, max_tokens=48, ignore_eos=True, logprobs=1
+    )
+    graphs = _generate(llm, params)
+    assert replays and max(replays) == 4
+    stats = llm.engine.stats()
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    runner.verify_graphs = None
+    eager = _generate(llm, params)
+    assert [t for t, _ in graphs] == [t for t, _ in eager]
+    for (_, la), (_, lb) in zip(graphs, eager, strict=True):
+        assert [{k: v.logprob for k, v in d.items()} for d in la] == [
+            {k: v.logprob for k, v in d.items()} for d in lb
+        ]
+    assert llm.engine.stats()["kv_cache_usage"] == 0.0
+
+
+def test_verify_graphs_padded_batch(tiny_dir):
+    """max_num_seqs 3: sizes 1, 2, 3 (two requests pad the 3 graph at times); tokens agree with eager on
+    their first 8 tokens (bf16 GEMMs of another row count may round a near-tie apart later)."""
+    llm = LLM(
+        tiny_dir, dtype="bfloat16", num_kv_blocks=256, max_num_seqs=3, speculative_config=SPEC
+    )
+    runner = llm.engine.runner
+    assert runner.verify_graphs is not None and runner.verify_graphs.batch_sizes == [
+        1,
+        2,
+        3,
+    ]  # 3 = max_num_seqs
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    graphs = _generate(llm, params)
+    runner.verify_graphs = None
+    runner.piecewise = None
+    eager = _generate(llm, params)
+    assert all(a[:8] == b[:8] for (a, _), (b, _) in zip(graphs, eager, strict=True))
+    assert llm.engine.stats()["kv_cache_usage"] == 0.0
