@@ -17,12 +17,21 @@ SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("verify-graphs"), "qwen3"))
+    # head_dim 64: the attention kernels (verify graphs are captured over kernels only).
+    path = tmp_path_factory.mktemp("verify-graphs")
+    return str(make_tiny_model(path, "qwen3", hidden_size=256, num_heads=4, head_dim=64))
 
 
 def _prompts():
     spans = [[11, 12, 13, 14], [200, 201, 5], [77, 78, 79, 80, 81]]
     return [(spans[i % 3] + spans[(i + 1) % 3]) * (3 + i) for i in range(4)]
+
+
+def test_no_verify_graphs_over_the_attention_reference(tmp_path):
+    """head_dim 16 has no kernel: the prefill reference would bake host lengths into a graph."""
+    small = str(make_tiny_model(tmp_path, "qwen3"))
+    llm = LLM(small, dtype="bfloat16", num_kv_blocks=64, max_num_seqs=1, speculative_config=SPEC)
+    assert llm.engine.runner.verify_graphs is None
 
 
 def _generate(llm, params):

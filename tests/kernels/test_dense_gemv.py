@@ -177,13 +177,17 @@ def test_linear_decode_rows_take_the_kernel(fp8, bias, gen, spy):
         assert rel_err(out, ref) < bound, f"M={m}"
 
 
-def test_linear_kernel_is_off_by_default(monkeypatch, gen, spy):
+def test_defaults_bf16_gemv_off_fp8_gemv_on(monkeypatch, gen, spy):
+    """dense_gemv_bf16 is in UNVERIFIED_OPS (no engine gain measured); dense_gemv_fp8 is not."""
     set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, None)
-    for method in (None, Fp8LinearMethod()):
-        layer = _layer(method, 64, 64, False, torch.bfloat16, gen)
-        assert layer.gemv_dtype is None
-        layer(torch.randn(2, 64, generator=gen, device="cuda").to(torch.bfloat16))
+    layer = _layer(None, 64, 64, False, torch.bfloat16, gen)
+    assert layer.gemv_dtype is None
+    layer(torch.randn(2, 64, generator=gen, device="cuda").to(torch.bfloat16))
     assert spy.calls["dense_gemv"] == 0
+    layer = _layer(Fp8LinearMethod(), 64, 64, False, torch.bfloat16, gen)
+    assert layer.gemv_dtype is not None
+    layer(torch.randn(2, 64, generator=gen, device="cuda").to(torch.bfloat16))
+    assert spy.calls["dense_gemv"] == 1
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])

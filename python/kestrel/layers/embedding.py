@@ -139,10 +139,17 @@ class ParallelLMHead(_VocabParallel):
             )
         self.weight = tie_to.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden [num_rows, hidden_size] -> logits [num_rows, vocab_size] float32
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [num_rows, hidden_size] -> logits [num_rows, vocab_size] float32, into `out`
+        when given (a CUDA graph's static buffer shared by every captured size)."""
         logits = F.linear(hidden, self.weight)  # [num_rows, rows_per_partition]
         logits = self.tp_group.all_gather(logits, dim=-1)  # [num_rows, tp * rows_per_partition]
         if self.padded:
             logits = logits[..., : self.vocab_size]
-        return logits.float()
+        if out is None:
+            return logits.float()
+        if out.shape != logits.shape or out.dtype != torch.float32:
+            raise ValueError(
+                f"out must be float32 {tuple(logits.shape)}; got {out.dtype} {tuple(out.shape)}"
+            )
+        return out.copy_(logits)

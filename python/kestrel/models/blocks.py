@@ -399,9 +399,10 @@ class DecoderForCausalLM(nn.Module):
         hidden states [T, hidden]."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden] (the rows to sample) -> logits [S, vocab_size] float32."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [S, hidden] (the rows to sample) -> logits [S, vocab_size] float32 (into
+        `out` when given)."""
+        return self.lm_head(hidden, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy Hugging Face-named checkpoint tensors (full, unsharded) into the parameters

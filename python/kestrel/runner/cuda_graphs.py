@@ -5,7 +5,10 @@ ids and positions are copied into static buffers held here, its attention metada
 attention backend's static buffers (`PagedAttentionBackend.prepare_replay`: rows past the real
 batch are padding, slot -1 so nothing is written to the KV cache, context length 1 over block
 0 so attention reads valid memory), and the graph recomputes hidden states and logits for the
-whole bucket. Graphs share one memory pool, captured largest first. The attention plan is made
+whole bucket. Graphs share one memory pool, captured largest first, and one static logits
+buffer [max_bs, vocab] fp32 (each size writes its first bs rows; a replay's logits are read
+before the next replay, in stream order): one buffer per size would hold sum(sizes) rows, 2.6 GB
+for a 152k vocabulary at max_num_seqs 256. The attention plan is made
 once per captured size (`PagedAttentionBackend.capture_metadata`) for the engine's
 max_model_len: it fixes the number of decode splits and the workspace, and the kernels cut each
 row's context by its real `seq_lens` at replay, so one graph serves every context length with
@@ -59,12 +62,13 @@ class DecodeGraphs:
         self.positions = torch.zeros(b, dtype=torch.int64, device=device)
         attention.init_graph_buffers(b, self.max_blocks)  # slots, lengths, offsets, tables
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        vocab = model.config.vocab_size
+        self.logits = torch.zeros((b, vocab), dtype=torch.float32, device=device)
 
     def _forward(self, bs: int) -> torch.Tensor:
         metadata = self.attention.capture_metadata(bs, self.max_model_len)  # planned once per bs
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, metadata)
-        return self.model.compute_logits(hidden)  # [bs, vocab] fp32
+        return self.model.compute_logits(hidden, self.logits[:bs])  # [bs, vocab] fp32
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -78,7 +82,7 @@ class DecodeGraphs:
                     self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[bs] = self._forward(bs)
+                    self._forward(bs)
                 pool = graph.pool()
                 self.graphs[bs] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -110,4 +114,4 @@ class DecodeGraphs:
             self.positions[n:bs].fill_(0)
         self.attention.prepare_replay(out, bs, stage)  # metadata rows, padding rows n..bs
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        return self.logits[:n]

@@ -233,6 +233,12 @@ class ModelRunner:
     def capture_verify_graphs(
         self, max_num_seqs: int, num_speculative_tokens: int, max_model_len: int
     ) -> None:
+        """Graphs for uniform verify steps (runner/verify_graphs.py); only over the attention
+        kernels: the prefill reference loops over the host's copy of the context lengths,
+        which a graph would freeze."""
+        if not self.attention.kernels:
+            logger.info("speculative verify steps run without CUDA graphs (attention reference)")
+            return
         self.verify_graphs = VerifyGraphs(
             self.model,
             self.kv_caches,

@@ -10,8 +10,8 @@ rows of the padding sequences n..bs get slot -1 (nothing written to the KV cache
 of q tokens over block 0 (valid memory to read).
 
 Only small batches are captured (speculation is for latency: bs 1, 2, 4, 8 within max_num_seqs
-and q = 2 .. k + 1 for k <= MAX_DRAFTS drafts): each graph keeps its own logits [bs * q, vocab]
-fp32. A verify step that is not uniform (requests with different draft counts, a prefill in the
+and q = 2 .. k + 1 for k <= MAX_DRAFTS drafts); all of them write one static logits buffer
+[max bs * max q, vocab] fp32 (a replay's logits are read before the next replay). A verify step that is not uniform (requests with different draft counts, a prefill in the
 step) takes the piecewise graphs or the eager forward.
 """
 
@@ -77,7 +77,8 @@ class VerifyGraphs:
             ql: torch.arange(0, (bs + 1) * ql, ql, **i32) for ql in self.query_lens
         }
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        vocab = model.config.vocab_size if model is not None else 0
+        self.logits = torch.zeros((bs * q, vocab), dtype=torch.float32, device=device)
         self._metadata: dict[tuple[int, int], AttentionMetadata] = {}
 
     def _metadata_for(self, bs: int, q: int) -> AttentionMetadata:
@@ -107,7 +108,7 @@ class VerifyGraphs:
         metadata = self._metadata_for(bs, q)
         rows = bs * q
         hidden = self.model(self.input_ids[:rows], self.positions[:rows], self.kv_caches, metadata)
-        return self.model.compute_logits(hidden)  # [bs * q, vocab] fp32
+        return self.model.compute_logits(hidden, self.logits[:rows])  # [bs * q, vocab] fp32
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -124,7 +125,7 @@ class VerifyGraphs:
                     self._forward(bs, q)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[(bs, q)] = self._forward(bs, q)
+                    self._forward(bs, q)
                 pool = graph.pool()
                 self.graphs[(bs, q)] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -169,4 +170,4 @@ class VerifyGraphs:
             self.seq_lens[n:bs].fill_(q)
             self.block_tables[n:bs, 0].fill_(0)
         self.graphs[(bs, q)].replay()
-        return self.logits[(bs, q)][:rows]
+        return self.logits[:rows]
