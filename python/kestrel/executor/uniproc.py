@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kestrel.runner.model_runner import ModelRunner, StepFuture, StepResult
     from kestrel.runner.prompt_logprobs import PromptLogprobRows
     from kestrel.sampling_params import SamplingParams
+    from kestrel.spec.draft_runner import DraftRunner
     from kestrel.structured import GrammarMask
 
 
@@ -65,10 +66,12 @@ class Executor(Protocol):
 
 
 class UniProcExecutor:
-    """Runs every step on the one ModelRunner of this process."""
+    """Runs every step on the one ModelRunner of this process (and, with a draft model for
+    speculative decoding, the draft over the same rows: `kestrel/spec/draft_runner.py`)."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, drafter: DraftRunner | None = None) -> None:
         self.runner = runner
+        self.drafter = drafter
 
     def add_sequence(
         self,
@@ -97,7 +100,7 @@ class UniProcExecutor:
         prompt_rows: PromptLogprobRows | None = None,
         grammar_mask: GrammarMask | None = None,
     ) -> StepResult:
-        return self.runner.execute(step, slots, prompt_rows, grammar_mask)
+        return self.launch(step, slots, prompt_rows, grammar_mask).result()
 
     def launch(
         self,
@@ -106,5 +109,10 @@ class UniProcExecutor:
         prompt_rows: PromptLogprobRows | None = None,
         grammar_mask: GrammarMask | Callable[[], GrammarMask | None] | None = None,
     ) -> StepFuture:
-        """Enqueues the step and returns at once; `result()` waits for its tokens."""
-        return self.runner.launch(step, slots, prompt_rows, grammar_mask)
+        """Enqueues the step and returns at once; `result()` waits for its tokens. A draft
+        model's pass over the step's rows is enqueued after the target's (its KV at the same
+        slots), so the step's tokens do not wait for it."""
+        future = self.runner.launch(step, slots, prompt_rows, grammar_mask)
+        if self.drafter is not None:
+            self.drafter.mirror(step)
+        return future

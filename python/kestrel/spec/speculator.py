@@ -4,8 +4,10 @@
 scheduling is off: a drafted step is never scheduled one step ahead, so the two do not mix yet).
 Before each schedule() the engine passes the running sequences that may speculate (greedy or
 sampled, penalties and min_tokens included; no grammar, no logprobs): each gets the n-gram
-proposer's drafts through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them
-and is skipped). The runner samples each verify row from its target distribution given the
+proposer's drafts, or the draft model's (`spec/draft_runner.py`: one batched chain for all of
+them), through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them and is
+skipped; for the draft model that is asked first, with placeholder drafts whose kept count is
+also the number of chain steps worth running, so no chain step is spent on it). The runner samples each verify row from its target distribution given the
 drafts before it (`spec/draft_rows.py`; for n-gram drafts that is the rejection sampler:
 `spec/rejection.py`), and `accept()` turns the rows' tokens into update()'s accepted tokens
 (the drafts up to the first row whose token differs, then that row's token) and counts."""
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kestrel.spec.config import SpeculativeConfig
 from kestrel.spec.greedy import SpecCounters, verify_greedy
 from kestrel.spec.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from kestrel.spec.draft_runner import DraftRunner
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +37,10 @@ _RATE_WEIGHT = 0.5
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, drafter: DraftRunner | None = None) -> None:
+        """`drafter`: the draft model (method "draft_model"); None: n-gram lookup."""
         self.config = config
+        self.drafter = drafter
         self.proposer = NgramProposer(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
         )
@@ -58,14 +65,20 @@ class Speculator:
         floor = self.config.min_acceptance_rate
         probing = self._step % PROBE_INTERVAL == 0
         live: dict[int, float] = {}
+        ready = []
         for seq_id, prompt, output in candidates:
             rate = self.rates.get(seq_id)
             if rate is not None:
                 live[seq_id] = rate
                 if rate < floor and not probing:
                     continue  # its drafts have been rejected lately
-            if not output:  # still in prefill (its first token is not sampled yet)
-                continue
+            if output:  # else still in prefill (its first token is not sampled yet)
+                ready.append((seq_id, prompt, output))
+        self.rates = live  # finished sequences drop out
+        if self.drafter is not None:
+            self._propose_with_draft_model(scheduler, ready)
+            return
+        for seq_id, prompt, output in ready:
             tokens = np.concatenate(
                 (np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64))
             )
@@ -76,7 +89,36 @@ class Speculator:
                 scheduler.set_draft_tokens(seq_id, drafts)
             except ValueError:  # not in decode this step (recomputing after a preemption)
                 continue
-        self.rates = live  # finished sequences drop out
+
+    def _propose_with_draft_model(
+        self, scheduler: Any, ready: list[tuple[int, Sequence[int], Sequence[int]]]
+    ) -> None:
+        """One batched chain of the draft model over the sequences in decode."""
+        assert self.drafter is not None
+        placeholder = np.zeros(self.config.num_speculative_tokens, dtype=np.int64)
+        chosen: list[tuple[int, int, int, int]] = []  # (seq_id, tokens, newest token, steps)
+        for seq_id, prompt, output in ready:
+            try:  # is it in decode, and how many drafts may it take?
+                kept = int(scheduler.set_draft_tokens(seq_id, placeholder))
+            except ValueError:  # not in decode this step (recomputing after a preemption)
+                continue
+            if kept > 0:
+                chosen.append((seq_id, len(prompt) + len(output), int(output[-1]), kept))
+        if not chosen:
+            return
+        try:
+            drafts = self.drafter.propose(
+                [c[2] for c in chosen],
+                [c[1] for c in chosen],
+                [c[3] for c in chosen],
+                [scheduler.block_table(c[0]) for c in chosen],
+            )
+        except BaseException:
+            for c in chosen:  # no placeholder draft may reach schedule()
+                scheduler.set_draft_tokens(c[0], placeholder[:0])
+            raise
+        for c, d in zip(chosen, drafts):
+            scheduler.set_draft_tokens(c[0], d)
 
     def accept(self, out: Any, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """update()'s arguments for a step: the sampled tokens as they are (no drafts), or the
