@@ -103,11 +103,51 @@ def test_a_stale_draft_cache_would_be_caught(tiny_model_dir):
     with the pass, 100%). Random prompts, and drafting never switched off."""
     target = tiny_model_dir(ARCH)
     llm = make_llm(target, spec_of(target, min_acceptance_rate=0), num_kv_blocks=256)
-    llm.engine.executor.drafter.mirror = lambda step: None
+    llm.engine._drafter.mirror = lambda step: None
     prompts = prompts_of([30, 45, 20, 12], seed=1)
     llm.generate(prompts, greedy(30, ignore_eos=True), use_tqdm=False)
     _, draft_tokens, accepted = counters(llm.engine)
     assert draft_tokens > 0 and accepted < 0.5 * draft_tokens
+
+
+def _staggered(llm, max_tokens=(12, 24, 60)):
+    """Three greedy requests ending at different steps: with disable_by_batch_size=1 nothing
+    is drafted until one is left, whose draft KV then lags by the decodes it skipped."""
+    prompts = prompts_of([20, 33, 27], seed=4)
+    params = [greedy(n, ignore_eos=True) for n in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("max_catch_up", [8192, 3])
+def test_a_lagging_draft_cache_catches_up(tiny_model_dir, engines, max_catch_up):
+    """Decode rows of sequences that do not draft are left out of the draft's pass; the chain
+    catches up over them when drafting resumes (all at once, or 3 rows per step), so the target
+    as its own draft still accepts every draft, and the outputs are the plain engine's."""
+    target = tiny_model_dir(ARCH)
+    llm = make_llm(target, spec_of(target, disable_by_batch_size=1), num_kv_blocks=256)
+    llm.engine._drafter.max_catch_up_tokens = max_catch_up
+    mirrored = []
+    mirror = llm.engine._drafter.mirror
+    llm.engine._drafter.mirror = lambda step: (mirrored.append(step.num_tokens), mirror(step))
+    assert _staggered(llm) == _staggered(engines["plain"])
+    drafts, draft_tokens, accepted = counters(llm.engine)
+    assert llm.engine.stats()["spec_decode_num_skipped_steps"] > 10
+    assert drafts > 5 and accepted == draft_tokens
+    # Plain decode steps of three sequences are not mirrored at all: fewer passes than steps.
+    assert len(mirrored) < llm.engine.stats()["num_steps"] - 10
+
+
+def test_without_the_catch_up_the_lag_would_show(tiny_model_dir):
+    """The test above can fail: a chain that trusts the stale draft KV drafts worse."""
+    target = tiny_model_dir(ARCH)
+    llm = make_llm(
+        target, spec_of(target, disable_by_batch_size=1, min_acceptance_rate=0), num_kv_blocks=256
+    )
+    kv = llm.engine._speculator.draft_kv
+    kv.start_of = lambda seq_id, num_tokens: num_tokens - 1
+    _staggered(llm, max_tokens=(12, 40, 90))
+    _, draft_tokens, accepted = counters(llm.engine)
+    assert draft_tokens > 0 and accepted < 0.7 * draft_tokens
 
 
 def test_a_draft_with_other_weights_changes_no_output(engines):
@@ -173,7 +213,7 @@ def test_the_draft_cache_costs_blocks(tiny_model_dir):
         speculative_config=spec_of(target),
     )
     per_block = kv_block_bytes(plain.engine.model_config, 4, plain.engine.dtype)
-    drafter = draft.engine.executor.drafter
+    drafter = draft.engine._drafter
     assert drafter.block_bytes() == per_block  # the same model
     budget = int(gib * (1 << 30))
     assert plain.engine.num_kv_blocks == budget // per_block
@@ -201,7 +241,7 @@ def test_a_vocabulary_mismatch_is_refused(tiny_model_dir, tmp_path):
         tmp_path / "padded", ARCH, vocab_size=tokens, tie_word_embeddings=True, with_tokenizer=False
     )  # covers the tokenizer: accepted (Qwen2.5-7B / 0.5B pad their embeddings differently)
     llm = make_llm(target, spec_of(str(padded)))
-    assert llm.engine.executor.drafter.vocab_size == tokens
+    assert llm.engine._drafter.vocab_size == tokens
 
 
 def test_tensor_parallel_with_a_draft_model_is_refused(tiny_model_dir):
@@ -236,3 +276,29 @@ def test_a_config_naming_only_a_model_means_draft_model():
 
     c = SpeculativeConfig.parse({"model": "m", "num_speculative_tokens": 3})
     assert (c.method, c.model, c.num_speculative_tokens) == ("draft_model", "m", 3)
+
+
+def test_a_stop_string_inside_a_run_that_update_finished(engines):
+    """The target as its own draft accepts whole runs (the prefill's token, then k + 1 per
+    step): a stop string completing inside the run that also reaches max_tokens ends the
+    request at the stop string; update() has finished it already (at max_tokens), which the
+    engine must not finish a second time (regression: that raised in output processing)."""
+    tokenizer = engines["plain"].engine.tokenizer
+    stop_at = 2 + K  # inside the second run (tokens 1 + K + 1 .. 2 * K + 2 are run 2)
+    for seed in range(40):
+        prompt = prompts_of([16], seed=100 + seed)[0]
+        ids = engines["plain"].generate([prompt], greedy(2 * K + 2, ignore_eos=True))[0]
+        ids = ids.outputs[0].token_ids
+        text = tokenizer.decode(ids[: stop_at + 1])
+        complete = text.strip() and "\ufffd" not in text  # no partial UTF-8 held back
+        if complete and text != tokenizer.decode(ids[:stop_at]):
+            break
+    else:
+        pytest.skip("no prompt whose stop string completes at the chosen token")
+    params = greedy(2 * K + 2, ignore_eos=True, stop=[text])
+    requests = {f"ss{next(_serial)}": (prompt, params)}
+    run_both(engines, "self", requests)
+    out = run_streaming(engines["self"], {f"ss{next(_serial)}": (prompt, params)})
+    ((final, _),) = out.values()
+    assert final.error is None and final.outputs[0].finish_reason == "stop"
+    assert final.outputs[0].text == ""  # the stop string is the whole text, not included

@@ -57,16 +57,12 @@ def test_bad_plans_are_refused():
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    data=st.data(),
-    num_reqs=st.integers(1, 6),
-    k=st.integers(1, 9),
-)
+@given(data=st.data(), num_reqs=st.integers(1, 6), k=st.integers(1, 9))
 def test_every_write_is_the_requests_own(data, num_reqs, k):
     scratch = scratch_blocks_per_seq(k, BS)
     free = list(range(POOL))
     data.draw(st.randoms()).shuffle(free)
-    lens, steps, tables = [], [], []
+    lens, steps, tables, starts = [], [], [], []
     for _ in range(num_reqs):
         t = data.draw(st.integers(1, 40))
         extra = data.draw(st.integers(0, 2))  # lookahead blocks a verify step left
@@ -74,27 +70,54 @@ def test_every_write_is_the_requests_own(data, num_reqs, k):
         tables.append([free.pop() for _ in range(n_blocks)])
         lens.append(t)
         steps.append(data.draw(st.integers(1, k)))
-    plan = plan_chain(
-        lens, steps, tables, block_size=BS, scratch_base=POOL, scratch_per_seq=scratch
-    )
+        starts.append(data.draw(st.sampled_from([t - 1, data.draw(st.integers(0, t - 1))])))
+    plan = plan_chain(lens, steps, tables, block_size=BS, scratch_base=POOL,
+                      scratch_per_seq=scratch, starts=starts)  # fmt: skip
     assert len(plan) == max(steps)
-    prev = np.arange(num_reqs)
+    assert sorted(plan[0].rows.tolist()) == list(range(num_reqs))
+    prev = None
     for j, c in enumerate(plan):
-        assert c.rows.tolist() == [b for b in range(num_reqs) if steps[b] > j]
-        assert prev[c.keep].tolist() == c.rows.tolist()
+        s = c.step
+        if j:
+            assert sorted(c.rows.tolist()) == [b for b in range(num_reqs) if steps[b] > j]
+            assert prev[c.keep].tolist() == c.rows.tolist()
         prev = c.rows
-        for row, b in enumerate(c.rows.tolist()):
-            pos = int(c.step.positions[row])
-            assert pos == lens[b] - 1 + j and int(c.step.seq_lens[row]) == pos + 1
-            block, offset = divmod(int(c.step.slot_mapping[row]), BS)
-            assert offset == pos % BS
-            own_scratch = range(POOL + b * scratch, POOL + (b + 1) * scratch)
-            assert block in tables[b] or block in own_scratch
-            if block in tables[b]:
-                assert tables[b].index(block) == pos // BS
+        qsl = s.query_start_loc.tolist()
+        assert s.logits_indices.tolist() == [q - 1 for q in qsl[1:]]
+        assert all(qsl[i + 1] - qsl[i] == 1 for i in range(s.num_decodes))  # decodes first
+        assert all(qsl[i + 1] - qsl[i] > 1 for i in range(s.num_decodes, s.num_reqs))
+        for i, b in enumerate(c.rows.tolist()):
+            first = starts[b] if j == 0 else lens[b] - 1 + j
+            last = lens[b] - 1 + j
+            assert s.positions[qsl[i] : qsl[i + 1]].tolist() == list(range(first, last + 1))
+            assert int(s.seq_lens[i]) == last + 1
+            for row in range(qsl[i], qsl[i + 1]):
+                pos = int(s.positions[row])
+                block, offset = divmod(int(s.slot_mapping[row]), BS)
+                assert offset == pos % BS
+                own_scratch = range(POOL + b * scratch, POOL + (b + 1) * scratch)
+                if pos < lens[b] - 1:  # computed by the target: its own block for it
+                    assert block == tables[b][pos // BS]
+                else:  # not computed yet: its own table past the computed part, or scratch
+                    assert block in tables[b] or block in own_scratch
+                    if block in tables[b]:
+                        assert tables[b].index(block) == pos // BS
             # The row's block table maps every position it reads to the same blocks.
-            row_table = c.step.block_tables[row].tolist()
-            for p in range(pos + 1):
-                i = p // BS
-                assert row_table[i] == (tables[b][i] if i < len(tables[b]) else
-                                        POOL + b * scratch + i - len(tables[b]))  # fmt: skip
+            row_table = s.block_tables[i].tolist()
+            for p in range(last + 1):
+                n = p // BS
+                assert row_table[n] == (tables[b][n] if n < len(tables[b]) else
+                                        POOL + b * scratch + n - len(tables[b]))  # fmt: skip
+
+
+def test_catch_up_rows_stay_in_computed_blocks():
+    from kestrel.spec.draft_chain import plan_catch_up
+
+    runs = [np.array([5]), np.array([6, 7, 8])]
+    step = plan_catch_up(runs, [3, 1], [[9], [2, 4]], block_size=BS)
+    assert step.num_decodes == 1 and step.input_ids.tolist() == [5, 6, 7, 8]
+    assert step.positions.tolist() == [3, 1, 2, 3]
+    assert step.slot_mapping.tolist() == [9 * BS + 3, 2 * BS + 1, 2 * BS + 2, 2 * BS + 3]
+    assert step.logits_indices.shape == (0,)
+    with pytest.raises(ValueError, match="leaves its 1 blocks"):
+        plan_catch_up([np.array([1, 2])], [3], [[9]], block_size=BS)

@@ -92,7 +92,7 @@ def build_executor(config: EngineConfig, runner, tp_world, max_model_len: int, d
     holds tensor-parallel workers: their shards checked against rank 0's model, the KV cache
     sized as the minimum over the ranks) with the KV cache allocated; returns (executor,
     num_blocks). `drafter`: a DraftRunner whose KV cache shares the target's block ids (its
-    bytes per block count too) and which mirrors every step (single process only)."""
+    bytes per block count too; single process only)."""
     from kestrel.executor import UniProcExecutor
     from kestrel.runner.memory import _GRAPH_RESERVE_BYTES, plan_num_kv_blocks
 
@@ -106,7 +106,7 @@ def build_executor(config: EngineConfig, runner, tp_world, max_model_len: int, d
         runner.allocate_kv_cache(num_blocks)
         if drafter is not None:
             drafter.allocate_kv_cache(num_blocks)
-        return UniProcExecutor(runner, drafter), num_blocks
+        return UniProcExecutor(runner), num_blocks
     if drafter is not None:
         raise ValueError("a draft model runs in a single process only (tp = pp = 1)")
     from kestrel.executor.multiproc import MultiProcExecutor
@@ -221,7 +221,9 @@ def load_draft_runner(
         draft_mc.num_hidden_layers,
         spec.num_speculative_tokens,
     )
-    return DraftRunner(runner, spec.num_speculative_tokens, config.max_num_seqs)
+    return DraftRunner(
+        runner, spec.num_speculative_tokens, config.max_num_seqs, config.max_num_batched_tokens
+    )
 
 
 def check_draft_parallelism(spec, config: EngineConfig) -> None:

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from kestrel.runner.model_runner import ModelRunner, StepFuture, StepResult
     from kestrel.runner.prompt_logprobs import PromptLogprobRows
     from kestrel.sampling_params import SamplingParams
-    from kestrel.spec.draft_runner import DraftRunner
     from kestrel.structured import GrammarMask
 
 
@@ -66,12 +65,10 @@ class Executor(Protocol):
 
 
 class UniProcExecutor:
-    """Runs every step on the one ModelRunner of this process (and, with a draft model for
-    speculative decoding, the draft over the same rows: `kestrel/spec/draft_runner.py`)."""
+    """Runs every step on the one ModelRunner of this process."""
 
-    def __init__(self, runner: ModelRunner, drafter: DraftRunner | None = None) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.drafter = drafter
 
     def add_sequence(
         self,
@@ -100,7 +97,7 @@ class UniProcExecutor:
         prompt_rows: PromptLogprobRows | None = None,
         grammar_mask: GrammarMask | None = None,
     ) -> StepResult:
-        return self.launch(step, slots, prompt_rows, grammar_mask).result()
+        return self.runner.execute(step, slots, prompt_rows, grammar_mask)
 
     def launch(
         self,
@@ -109,10 +106,5 @@ class UniProcExecutor:
         prompt_rows: PromptLogprobRows | None = None,
         grammar_mask: GrammarMask | Callable[[], GrammarMask | None] | None = None,
     ) -> StepFuture:
-        """Enqueues the step and returns at once; `result()` waits for its tokens. A draft
-        model's pass over the step's rows is enqueued after the target's (its KV at the same
-        slots), so the step's tokens do not wait for it."""
-        future = self.runner.launch(step, slots, prompt_rows, grammar_mask)
-        if self.drafter is not None:
-            self.drafter.mirror(step)
-        return future
+        """Enqueues the step and returns at once; `result()` waits for its tokens."""
+        return self.runner.launch(step, slots, prompt_rows, grammar_mask)

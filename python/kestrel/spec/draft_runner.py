@@ -9,21 +9,24 @@ blocks, prefix hits, preemption and rollback are the one block manager's), plus 
 blocks past `num_blocks` for the chain (`kestrel/spec/draft_chain.py`). Memory planning counts
 the draft's bytes per block with the target's (fewer blocks) and the scratch blocks apart.
 
-The draft's KV stays current with two passes per engine step:
+The draft's KV stays current with two passes per engine step (`Speculator` drives both):
 
-1. `mirror(step)`: after the target's forward pass (`UniProcExecutor.launch`), the draft runs
-   over exactly the rows the target ran (prefill chunks, decodes, verify rows: same token ids,
-   positions and slots), writing its KV where the target wrote its own. So draft KV is valid
-   exactly where target KV is: positions the scheduler counts as computed, prefix-cached blocks
-   (computed by some earlier request's step, mirrored then), recomputation after preemption;
-   positions of rejected drafts are rolled back by the scheduler and overwritten later, as the
-   target's are.
+1. `mirror(step)`: right after the target's step is enqueued (`Speculator.after_launch`), the
+   draft runs over the rows the target ran (prefill chunks, verify rows, the decodes of
+   sequences drafting this step: same token ids, positions and slots), writing its KV where the
+   target wrote its own. Plain decode rows of sequences that are not drafting (speculation off
+   for the step or for them) are left out, so a step without drafts costs (almost) no draft
+   forward; `kestrel/spec/draft_kv.py` records how far each sequence's draft KV lags.
+   Rejected drafts' positions are rolled back by the scheduler and overwritten later, as the
+   target's are; preemption recomputes (and mirrors) from the prefix hit.
 2. `propose(...)`: before the next `schedule()`, for the requests that speculate (in decode: all
    T tokens but the newest computed), k greedy decode steps, batched (one forward per draft
-   position over all of them): step 0 feeds the newest token at position T - 1, step j its
-   draft j - 1 (on the device, no host round trip); the drafts come back in one copy. Chain KV
-   goes to the request's own uncomputed slots or its scratch blocks (never a block of another
-   request); the target's verify step then recomputes those positions in both caches.
+   position over all of them): step 0 feeds the tokens from the first position whose draft KV
+   lags (usually just the newest, at T - 1), step j its draft j - 1 (on the device, no host
+   round trip); the drafts come back in one copy. Chain KV goes to the request's own
+   uncomputed slots or its scratch blocks (never a block of another request); the target's
+   verify step then recomputes those positions in both caches. A sequence lagging more than
+   `max_catch_up_tokens` catches up in parts (`catch_up`, KV only) before it drafts.
 
 The proposer is greedy (the draft's argmax), hence deterministic: its q is one-hot, and the
 runner's rejection sampler for one-hot q (`kestrel/spec/rejection.py`: a row accepts iff its
@@ -31,8 +34,9 @@ draw from the target distribution equals the draft) keeps sampled requests exact
 ones reproducible. The seam for a sampled draft: `propose` would return q's rows ([n, V]
 probabilities of each draft) for `rejection_sample(draft_probs=q, uniform=u)`.
 
-CUDA graphs: chain steps and all-decode mirror passes replay the draft's `DecodeGraphs`
-(captured like the target's); verify-row and prefill mirror passes run eagerly.
+CUDA graphs: chain steps without catch-up rows and all-decode mirror passes replay the draft's
+`DecodeGraphs` (captured like the target's; they compute logits a mirror pass ignores);
+verify-row, prefill and catch-up passes run eagerly.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 
 from kestrel.runner.model_runner import ModelRunner, kv_block_bytes
-from kestrel.spec.draft_chain import plan_chain, scratch_blocks_per_seq
+from kestrel.spec.draft_chain import plan_catch_up, plan_chain, scratch_blocks_per_seq
 
 if TYPE_CHECKING:
     from kestrel.executor.step_input import StepInput
@@ -54,8 +58,17 @@ logger = logging.getLogger(__name__)
 
 
 class DraftRunner:
-    def __init__(self, runner: ModelRunner, num_speculative_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        num_speculative_tokens: int,
+        max_num_seqs: int,
+        max_catch_up_tokens: int = 8192,
+    ) -> None:
+        """`max_catch_up_tokens`: the most catch-up rows (stale draft KV) one step feeds the
+        draft (the engine's max_num_batched_tokens: memory planning covers such a pass)."""
         self.runner = runner
+        self.max_catch_up_tokens = max_catch_up_tokens
         self.k = num_speculative_tokens
         self.block_size = runner.block_size
         self.scratch_per_seq = scratch_blocks_per_seq(num_speculative_tokens, runner.block_size)
@@ -102,42 +115,61 @@ class DraftRunner:
         positions = stage(step.positions, torch.int64)
         r.model(ids, positions, r.kv_caches, r.build_attention_metadata(step))
 
+    @torch.inference_mode()
+    def catch_up(
+        self,
+        token_runs: Sequence[np.ndarray],
+        starts: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> None:
+        """Draft KV only (no drafts): request b's `token_runs[b]` at positions starts[b]
+        onwards, positions the target has computed (a sequence far behind catches up in parts
+        before it drafts again)."""
+        self.mirror(plan_catch_up(token_runs, starts, block_tables, block_size=self.block_size))
+
     # ---- pass 2: the chain ----------------------------------------------------------------
 
     @torch.inference_mode()
     def propose(
         self,
-        last_tokens: Sequence[int],
+        token_runs: Sequence[np.ndarray],
         num_tokens: Sequence[int],
         num_steps: Sequence[int],
         block_tables: Sequence[Sequence[int]],
     ) -> list[np.ndarray]:
-        """Greedy drafts per request: `num_steps[b]` tokens following its `num_tokens[b]` known
-        ones (the newest is `last_tokens[b]`), its blocks `block_tables[b]` (now, after the
-        last update()). Requests beyond max_num_seqs are refused (the scratch is sized so)."""
-        num_reqs = len(last_tokens)
+        """Greedy drafts per request: `num_steps[b]` tokens following its `num_tokens[b]` (T)
+        known ones. `token_runs[b]`: its tokens from the first position whose draft KV is stale
+        to its newest (usually just the newest token); `block_tables[b]`: its blocks now (after
+        the last update()). At most max_num_seqs requests (the scratch is sized so)."""
+        num_reqs = len(token_runs)
         if num_reqs > self.max_num_seqs:
             raise ValueError(f"{num_reqs} chain rows exceed max_num_seqs={self.max_num_seqs}")
         if num_reqs == 0:
             return []
+        lens = np.asarray(num_tokens, dtype=np.int64)
         plan = plan_chain(
-            num_tokens,
+            lens,
             num_steps,
             block_tables,
             block_size=self.block_size,
             scratch_base=self.num_shared_blocks,
             scratch_per_seq=self.scratch_per_seq,
+            starts=lens - np.asarray([len(t) for t in token_runs], dtype=np.int64),
         )
         r = self.runner
         r.stager.begin_step()
         stage = r.stager.to_device
-        ids = stage(np.asarray(last_tokens, dtype=np.int64))
+        first_ids = np.concatenate([np.asarray(token_runs[b]) for b in plan[0].rows.tolist()])
+        ids = stage(first_ids.astype(np.int64))
         drafts = torch.full((num_reqs, len(plan)), -1, dtype=torch.int64, device=r.device)
         prev: torch.Tensor | None = None
         for j, chain_step in enumerate(plan):
             if prev is not None:  # this step's inputs: the previous step's argmax
-                same = chain_step.keep.shape[0] == prev.shape[0]
-                ids = prev if same else prev.index_select(0, stage(chain_step.keep))
+                keep = chain_step.keep
+                same = keep.shape[0] == prev.shape[0] and bool(
+                    (keep == np.arange(keep.shape[0])).all()
+                )
+                ids = prev if same else prev.index_select(0, stage(keep))
             prev = self._logits(chain_step.step, ids, stage).argmax(dim=-1)  # [n_j]
             drafts[:, j].index_copy_(0, stage(chain_step.rows), prev)
         host = drafts.cpu().numpy()
@@ -150,4 +182,6 @@ class DraftRunner:
             return r.graphs.run(step, ids, stage)
         positions = stage(step.positions, torch.int64)
         hidden = r.model(ids, positions, r.kv_caches, r.build_attention_metadata(step))
+        if step.num_decodes != step.num_reqs:  # catch-up rows: the last row of each request
+            hidden = hidden[stage(step.logits_indices, torch.int64)]
         return r.model.compute_logits(hidden)

@@ -15,12 +15,13 @@ drafts before it (`spec/draft_rows.py`; for n-gram drafts that is the rejection 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kestrel.spec.config import SpeculativeConfig
+from kestrel.spec.draft_kv import DraftKV
 from kestrel.spec.greedy import SpecCounters, verify_greedy
 from kestrel.spec.ngram import NgramProposer
 
@@ -48,16 +49,22 @@ class Speculator:
         self.rates: dict[int, float] = {}  # seq_id -> moving acceptance rate of its drafts
         self.num_skipped_steps = 0  # steps not speculated because the batch was large
         self._step = 0
+        self.draft_kv = DraftKV()  # draft model: where its KV cache is current
+        self._chained: set[int] = set()  # draft model: the sequences drafting this step
 
     def propose(
         self,
         scheduler: Any,
         candidates: Iterable[tuple[int, Sequence[int], Sequence[int]]],
         num_seqs: int = 0,
+        live: Collection[int] | None = None,
     ) -> None:
         """`candidates`: (seq_id, prompt ids, output ids) of sequences that may speculate;
-        `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size)."""
+        `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size);
+        `live`: the seq_ids in the engine (the draft model's bookkeeping forgets the others)."""
         self._step += 1
+        if live is not None and self.drafter is not None:
+            self.draft_kv.retain(live)
         limit = self.config.disable_by_batch_size
         if limit is not None and num_seqs > limit:
             self.num_skipped_steps += 1
@@ -93,23 +100,47 @@ class Speculator:
     def _propose_with_draft_model(
         self, scheduler: Any, ready: list[tuple[int, Sequence[int], Sequence[int]]]
     ) -> None:
-        """One batched chain of the draft model over the sequences in decode."""
-        assert self.drafter is not None
+        """One batched chain of the draft model over the sequences in decode (each first
+        catching up over the positions its draft KV missed: `spec/draft_kv.py`). Catch-up rows
+        are bounded by the drafter's `max_catch_up_tokens` per step; a sequence further behind
+        only catches up (part of) its gap this step and drafts the next."""
+        drafter = self.drafter
+        assert drafter is not None
         placeholder = np.zeros(self.config.num_speculative_tokens, dtype=np.int64)
-        chosen: list[tuple[int, int, int, int]] = []  # (seq_id, tokens, newest token, steps)
+        chosen: list[tuple[int, np.ndarray, int, int]] = []  # (seq_id, run, tokens, steps)
+        behind: list[tuple[int, np.ndarray, int]] = []  # (seq_id, catch-up run, its start)
+        budget = drafter.max_catch_up_tokens
         for seq_id, prompt, output in ready:
+            num_tokens = len(prompt) + len(output)
+            start = self.draft_kv.start_of(seq_id, num_tokens)
+            if num_tokens - 1 - start > budget:  # too far behind to draft this step
+                run = _tokens(prompt, output, start, start + max(budget, 0))
+                if run.shape[0]:
+                    behind.append((seq_id, run, start))
+                    budget -= run.shape[0]
+                continue
             try:  # is it in decode, and how many drafts may it take?
                 kept = int(scheduler.set_draft_tokens(seq_id, placeholder))
             except ValueError:  # not in decode this step (recomputing after a preemption)
                 continue
             if kept > 0:
-                chosen.append((seq_id, len(prompt) + len(output), int(output[-1]), kept))
-        if not chosen:
-            return
+                budget -= num_tokens - 1 - start
+                run = _tokens(prompt, output, start, num_tokens)
+                chosen.append((seq_id, run, num_tokens, kept))
         try:
-            drafts = self.drafter.propose(
-                [c[2] for c in chosen],
+            if behind:
+                drafter.catch_up(
+                    [b[1] for b in behind],
+                    [b[2] for b in behind],
+                    [scheduler.block_table(b[0]) for b in behind],
+                )
+                for seq_id, run, start in behind:
+                    self.draft_kv.valid[seq_id] = start + run.shape[0]
+            if not chosen:
+                return
+            drafts = drafter.propose(
                 [c[1] for c in chosen],
+                [c[2] for c in chosen],
                 [c[3] for c in chosen],
                 [scheduler.block_table(c[0]) for c in chosen],
             )
@@ -117,8 +148,20 @@ class Speculator:
             for c in chosen:  # no placeholder draft may reach schedule()
                 scheduler.set_draft_tokens(c[0], placeholder[:0])
             raise
-        for c, d in zip(chosen, drafts):
-            scheduler.set_draft_tokens(c[0], d)
+        for (seq_id, _, num_tokens, _), d in zip(chosen, drafts):
+            scheduler.set_draft_tokens(seq_id, d)
+            self.draft_kv.caught_up(seq_id, num_tokens)
+            self._chained.add(seq_id)
+
+    def after_launch(self, out: Any) -> None:
+        """The draft model's pass over the rows of the step just launched (`out`: its
+        SchedulerOutput), enqueued after the target's: its KV at the same slots."""
+        if self.drafter is None:
+            return
+        chained, self._chained = self._chained, set()
+        step = self.draft_kv.rows_to_mirror(out, chained)
+        if step is not None:
+            self.drafter.mirror(step)
 
     def accept(self, out: Any, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """update()'s arguments for a step: the sampled tokens as they are (no drafts), or the
@@ -144,3 +187,11 @@ class Speculator:
 
     def as_stats(self) -> dict[str, Any]:
         return {**self.counters.as_stats(), "spec_decode_num_skipped_steps": self.num_skipped_steps}
+
+
+def _tokens(prompt: Sequence[int], output: Sequence[int], start: int, end: int) -> np.ndarray:
+    """Tokens start .. end - 1 of prompt + output, without joining the whole sequence."""
+    n = len(prompt)
+    head = list(prompt[start:end]) if start < n else []
+    tail = list(output[max(start - n, 0) : max(end - n, 0)])
+    return np.asarray(head + tail, dtype=np.int64)
