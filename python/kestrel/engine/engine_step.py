@@ -160,7 +160,7 @@ class EngineStep:
         """Schedules a step and enqueues it on the device (not waiting for it)."""
         if self._speculator is not None:
             self._speculator.propose(
-                self.scheduler, self._spec_candidates(), len(self._seqs), live=self._seqs
+                self.scheduler, self._spec_candidates(), len(self._seqs), live_seq_ids=self._seqs
             )
         out = self.scheduler.schedule()
         scheduled_at = time.time()  # a request's first scheduling ends its queue time

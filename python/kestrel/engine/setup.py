@@ -182,9 +182,9 @@ def load_draft_runner(
     max_model_len: int,
 ):
     """The draft model of `spec` (a SpeculativeConfig of method "draft_model") in a
-    DraftRunner: loaded like the target (dtype, load_format, seed; no quantization), and
-    refused unless its vocabulary fits the target's (see `check_draft_vocab`) and its context
-    covers max_model_len."""
+    DraftRunner: loaded like the target (dtype, seed; dummy weights for a dummy target, no
+    quantization), and refused unless its vocabulary fits the target's (see
+    `check_draft_vocab`) and its context covers max_model_len."""
     import dataclasses
 
     from kestrel.layers.parallel import SINGLE_RANK
@@ -192,9 +192,12 @@ def load_draft_runner(
     from kestrel.runner.model_runner import ModelRunner
     from kestrel.spec.draft_runner import DraftRunner
 
+    # Dummy weights for a dummy target (benchmarks); else the draft's own format.
+    load_format = "dummy" if config.load_format == "dummy" else "auto"
     draft_config = dataclasses.replace(
         config, model=spec.model, revision=None, tokenizer=None, quantization=None,
         speculative_config=None, tensor_parallel_size=1, pipeline_parallel_size=1,
+        load_format=load_format,
     )  # fmt: skip
     source = resolve_model(spec.model)
     model, draft_mc, _, _ = load_engine_model(draft_config, source, device, SINGLE_RANK)

@@ -57,14 +57,15 @@ class Speculator:
         scheduler: Any,
         candidates: Iterable[tuple[int, Sequence[int], Sequence[int]]],
         num_seqs: int = 0,
-        live: Collection[int] | None = None,
+        live_seq_ids: Collection[int] | None = None,
     ) -> None:
         """`candidates`: (seq_id, prompt ids, output ids) of sequences that may speculate;
         `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size);
-        `live`: the seq_ids in the engine (the draft model's bookkeeping forgets the others)."""
+        `live_seq_ids`: the seq_ids in the engine (the draft model's bookkeeping forgets the
+        others)."""
         self._step += 1
-        if live is not None and self.drafter is not None:
-            self.draft_kv.retain(live)
+        if live_seq_ids is not None and self.drafter is not None:
+            self.draft_kv.retain(live_seq_ids)
         limit = self.config.disable_by_batch_size
         if limit is not None and num_seqs > limit:
             self.num_skipped_steps += 1
