@@ -139,7 +139,7 @@ def run_draft_cost(args) -> list[dict]:
             always = {**spec, "min_acceptance_rate": 0, "disable_by_batch_size": None}
             forced = _engine(target, always, batch, args)
             spec_step = median(_step_times(forced, batch, args, f"s{batch}-{k}"))
-            drafter = forced.executor.drafter
+            drafter = forced._drafter
             chain, mirror = [], []
             drafter.propose = _timed(drafter.propose, chain)
             drafter.mirror = _timed(drafter.mirror, mirror)
