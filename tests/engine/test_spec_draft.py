@@ -88,9 +88,11 @@ def test_the_target_as_its_own_draft_accepts_every_draft(engines):
     prompts = repetitive_prompts([12, 30, 7], seed=1) + prompts_of([45, 20, 3], seed=1)
     tag = next(_serial)
     requests = {f"a{tag}-{i}": (p, greedy(40, ignore_eos=True)) for i, p in enumerate(prompts)}
-    preempted = engines["self"].engine.stats()["num_preemptions"]
+    before = engines["self"].engine.stats()
     drafts, draft_tokens, accepted = run_both(engines, "self", requests)
-    assert engines["self"].engine.stats()["num_preemptions"] > preempted
+    after = engines["self"].engine.stats()
+    assert after["num_preemptions"] > before["num_preemptions"]
+    assert after["prefix_hit_tokens"] > before["prefix_hit_tokens"]
     assert drafts > 20 and draft_tokens >= 3 * drafts
     assert accepted >= 0.97 * draft_tokens
     # Drafts are trimmed near max_tokens only: the mean acceptance length is close to k + 1.
