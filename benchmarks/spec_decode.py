@@ -8,6 +8,11 @@ process; a warm-up pass per engine comes first.
 
     python benchmarks/spec_decode.py                       # the default model (SmolLM2-135M)
     python benchmarks/spec_decode.py --model M.gguf --batch-size 1 64 --k 2 4 --json spec.json
+
+`--draft-cost` times the draft-model proposer's machinery instead (7B-shape target, 0.5B-shape
+draft, dummy weights; `benchmarks/spec_draft_cost.py` says what each column is):
+
+    python benchmarks/spec_decode.py --draft-cost --k 2 4 --batch-size 1 8 --json draft.json
 """
 
 from __future__ import annotations
@@ -116,7 +121,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--json", default=None)
+    cost = ap.add_argument_group("--draft-cost", "the draft-model proposer's mechanism cost")
+    cost.add_argument("--draft-cost", action="store_true")
+    cost.add_argument("--target", default="qwen2.5-7b", help="a preset shape (dummy weights)")
+    cost.add_argument("--draft", default="qwen2.5-0.5b", help="a preset shape (dummy weights)")
+    cost.add_argument("--input-len", type=int, default=512)
+    cost.add_argument("--steps", type=int, default=40, help="timed engine steps per config")
+    cost.add_argument("--tpot-tokens", type=int, default=256, help="batch-1 off-switch run")
     args = ap.parse_args(argv)
+    if args.draft_cost:
+        from spec_draft_cost import run_draft_cost
+
+        results = run_draft_cost(args)
+        if args.json:
+            payload = {"device": device_name(), "commit": commit(), "results": results}
+            Path(args.json).write_text(json.dumps(payload, indent=2))
+        return
     model = args.model
     if model is None:
         from kestrel.default_model import default_model_path

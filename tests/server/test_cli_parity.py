@@ -90,7 +90,7 @@ def test_a_speculative_method_not_built_exits_2_naming_the_allowed_ones(capsys):
         main(["serve", "m", "--speculative-config", '{"method": "eagle"}'])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "--speculative-config" in err and "allowed: ['ngram']" in err, err
+    assert "--speculative-config" in err and "allowed: ['ngram', 'draft_model']" in err, err
 
 
 def test_model_flag_and_positional_must_agree(capsys):

@@ -159,7 +159,9 @@ class EngineStep:
     def _launch(self) -> Launched:
         """Schedules a step and enqueues it on the device (not waiting for it)."""
         if self._speculator is not None:
-            self._speculator.propose(self.scheduler, self._spec_candidates(), len(self._seqs))
+            self._speculator.propose(
+                self.scheduler, self._spec_candidates(), len(self._seqs), live_seq_ids=self._seqs
+            )
         out = self.scheduler.schedule()
         scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()
@@ -182,6 +184,8 @@ class EngineStep:
                 plan.rows() if plan else None,
                 grammar_mask=mask,
             )
+            if self._speculator is not None:  # a draft model's pass over the same rows
+                self._speculator.after_launch(out)
         except Exception:
             abort_steps(self, [x.out for x in (self._inflight,) if x is not None] + [out])
             self._inflight = None
@@ -283,7 +287,9 @@ class EngineStep:
                     seq.text_delta += step.text_delta
                     if step.stop_reason is not None:
                         seq.stop_reason = step.stop_reason
-                        if reason is None:
+                        # Not finished by update() (which may have ended it at a later token
+                        # of this step's accepted run: it is gone from the scheduler then).
+                        if reason is None and seq_id not in finished:
                             self.scheduler.finish(seq.core_id, "stop")
                         reason = "stop"
             except Exception as exc:  # noqa: BLE001 - this sequence's fault: fail its request only

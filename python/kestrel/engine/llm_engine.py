@@ -34,7 +34,9 @@ from kestrel.engine.request_state import (
 from kestrel.engine.setup import (
     as_id_list,
     build_executor,
+    check_draft_parallelism,
     check_quantization_device,
+    load_draft_runner,
     load_engine_model,
     peek_model_config,
     resolve_device,
@@ -74,6 +76,10 @@ class LLMEngine(EngineStep):
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
         check_quantization_device(config, self.model_source, self.device)
+        spec = None
+        if config.speculative_config is not None:
+            spec = SpeculativeConfig.parse(config.speculative_config)
+            check_draft_parallelism(spec, config)
         # Tensor or pipeline parallelism: rank 0 here, worker processes for the other ranks.
         self._tp_world = None
         if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
@@ -114,10 +120,16 @@ class LLMEngine(EngineStep):
             seed=config.seed,
             max_num_seqs=config.max_num_seqs,
         )
+        # Speculation with a draft model: its KV cache shares the target's block ids.
+        self._drafter = None
+        if spec is not None and spec.method == "draft_model":
+            self._drafter = load_draft_runner(
+                config, spec, self.device, mc, self.tokenizer, self.max_model_len
+            )
         # Every step goes through the executor; it allocates the KV cache (every rank's).
         self.executor: Executor
         self.executor, num_blocks = build_executor(
-            config, self.runner, self._tp_world, self.max_model_len
+            config, self.runner, self._tp_world, self.max_model_len, self._drafter
         )
         if self._tp_world is not None:
             weakref.finalize(self, self.executor.shutdown)  # type: ignore[attr-defined]
@@ -142,9 +154,8 @@ class LLMEngine(EngineStep):
         )
         self._async = async_scheduling
         self._speculator: Speculator | None = None
-        if config.speculative_config is not None:
-            spec = SpeculativeConfig.parse(config.speculative_config)
-            self._speculator = Speculator(spec)
+        if spec is not None:
+            self._speculator = Speculator(spec, self._drafter)
             logger.info("speculative decoding: %s", spec)
         self._inflight: Launched | None = None  # overlap scheduling: the step on the device
         self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
@@ -169,6 +180,8 @@ class LLMEngine(EngineStep):
                         self._speculator.config.num_speculative_tokens,
                         self.max_model_len,
                     )
+                if self._drafter is not None:
+                    self._drafter.capture_graphs(config.max_num_seqs, self.max_model_len)
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         limits = GrammarLimits(max_chars=config.max_grammar_chars)

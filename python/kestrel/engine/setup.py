@@ -87,18 +87,28 @@ def as_id_list(value: object) -> list[int]:
     return [int(v) for v in value]  # type: ignore[union-attr]
 
 
-def build_executor(config: EngineConfig, runner, tp_world, max_model_len: int):
+def build_executor(config: EngineConfig, runner, tp_world, max_model_len: int, drafter=None):
     """The engine's executor over its rank-0 `runner` (a MultiProcExecutor when `tp_world`
     holds tensor-parallel workers: their shards checked against rank 0's model, the KV cache
     sized as the minimum over the ranks) with the KV cache allocated; returns (executor,
-    num_blocks)."""
+    num_blocks). `drafter`: a DraftRunner whose KV cache shares the target's block ids (its
+    bytes per block count too; single process only)."""
     from kestrel.executor import UniProcExecutor
-    from kestrel.runner.memory import plan_num_kv_blocks
+    from kestrel.runner.memory import _GRAPH_RESERVE_BYTES, plan_num_kv_blocks
 
     if tp_world is None:
-        num_blocks = plan_num_kv_blocks(config, runner, max_model_len)
+        extra, reserved = 0, 0
+        if drafter is not None:
+            extra, reserved = drafter.block_bytes(), drafter.scratch_bytes()
+            if runner.device.type == "cuda" and not config.enforce_eager:
+                reserved += _GRAPH_RESERVE_BYTES  # the draft's decode graphs
+        num_blocks = plan_num_kv_blocks(config, runner, max_model_len, extra, reserved)
         runner.allocate_kv_cache(num_blocks)
+        if drafter is not None:
+            drafter.allocate_kv_cache(num_blocks)
         return UniProcExecutor(runner), num_blocks
+    if drafter is not None:
+        raise ValueError("a draft model runs in a single process only (tp = pp = 1)")
     from kestrel.executor.multiproc import MultiProcExecutor
 
     executor = MultiProcExecutor(runner, tp_world)
@@ -161,6 +171,94 @@ def load_engine_model(
     )
     tokenizer = load_tokenizer(config, source, gguf_file)
     return model, model_config, tokenizer, gguf_generation_config(gguf_file)
+
+
+def load_draft_runner(
+    config: EngineConfig,
+    spec,
+    device: torch.device,
+    target_config: ModelConfig,
+    target_tokenizer: Tokenizer | None,
+    max_model_len: int,
+):
+    """The draft model of `spec` (a SpeculativeConfig of method "draft_model") in a
+    DraftRunner: loaded like the target (dtype, seed; dummy weights for a dummy target, no
+    quantization), and refused unless its vocabulary fits the target's (see
+    `check_draft_vocab`) and its context covers max_model_len."""
+    import dataclasses
+
+    from kestrel.layers.parallel import SINGLE_RANK
+    from kestrel.model_source import resolve_model
+    from kestrel.runner.model_runner import ModelRunner
+    from kestrel.spec.draft_runner import DraftRunner
+
+    # Dummy weights for a dummy target (benchmarks); else the draft's own format.
+    load_format = "dummy" if config.load_format == "dummy" else "auto"
+    draft_config = dataclasses.replace(
+        config, model=spec.model, revision=None, tokenizer=None, quantization=None,
+        speculative_config=None, tensor_parallel_size=1, pipeline_parallel_size=1,
+        load_format=load_format,
+    )  # fmt: skip
+    source = resolve_model(spec.model)
+    model, draft_mc, _, _ = load_engine_model(draft_config, source, device, SINGLE_RANK)
+    check_draft_vocab(draft_mc.vocab_size, target_config.vocab_size, target_tokenizer)
+    if draft_mc.max_position_embeddings < max_model_len:
+        raise ValueError(
+            f"speculative_config model {spec.model!r} has max_position_embeddings="
+            f"{draft_mc.max_position_embeddings} < max_model_len={max_model_len}; allowed: a "
+            "draft whose context covers max_model_len (or lower max_model_len)"
+        )
+    runner = ModelRunner(
+        model,
+        draft_mc,
+        device=device,
+        dtype=next(model.parameters()).dtype,
+        block_size=config.block_size,
+        seed=config.seed,
+        max_num_seqs=config.max_num_seqs,
+    )
+    logger.info(
+        "draft model: %s (%s, %d layers) proposes %d tokens per step",
+        spec.model,
+        draft_mc.architecture,
+        draft_mc.num_hidden_layers,
+        spec.num_speculative_tokens,
+    )
+    return DraftRunner(
+        runner, spec.num_speculative_tokens, config.max_num_seqs, config.max_num_batched_tokens
+    )
+
+
+def check_draft_parallelism(spec, config: EngineConfig) -> None:
+    """A draft model runs with one process only (not built for tensor / pipeline parallelism):
+    refused before any worker starts."""
+    if spec.method != "draft_model":
+        return
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if tp != 1 or pp != 1:
+        raise ValueError(
+            f"speculative_config method 'draft_model' with tensor_parallel_size={tp}, "
+            f"pipeline_parallel_size={pp} is not supported (not built yet); allowed: both 1, "
+            "or method 'ngram'"
+        )
+
+
+def check_draft_vocab(draft_vocab: int, target_vocab: int, target_tokenizer) -> None:
+    """The draft must propose only ids the target has, and every token of the target's
+    tokenizer: equal vocab sizes, or a draft no larger than the target that still covers the
+    tokenizer (checkpoints pad their embeddings differently: Qwen2.5-7B has 152064 rows,
+    0.5B 151936, one tokenizer of 151665 tokens)."""
+    if draft_vocab == target_vocab:
+        return
+    tokens = len(target_tokenizer) if target_tokenizer is not None else None
+    if tokens is not None and tokens <= draft_vocab < target_vocab:
+        return
+    have = f" (the target's tokenizer has {tokens} tokens)" if tokens is not None else ""
+    raise ValueError(
+        f"speculative_config model has vocab_size={draft_vocab}, the target {target_vocab}"
+        f"{have}; allowed: a draft with the target's vocabulary (the same vocab_size, or one "
+        "between the tokenizer's size and the target's)"
+    )
 
 
 def peek_model_config(config: EngineConfig, source: ModelSource) -> ModelConfig:

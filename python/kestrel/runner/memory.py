@@ -23,10 +23,18 @@ _GIB = float(1 << 30)
 _GRAPH_RESERVE_BYTES = 1 << 29  # decode graphs' private pool (measured well under this)
 
 
-def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: int) -> int:
+def plan_num_kv_blocks(
+    cfg: EngineConfig,
+    runner: ModelRunner,
+    max_model_len: int,
+    extra_block_bytes: int = 0,
+    reserved_bytes: int = 0,
+) -> int:
+    """`extra_block_bytes`: more bytes per block (a draft model's KV of the same block ids);
+    `reserved_bytes`: taken from the budget first (the draft's scratch blocks and graphs)."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    per_block = kv_block_bytes(
+    per_block = extra_block_bytes + kv_block_bytes(
         runner.model_config, cfg.block_size, runner.dtype, runner.num_kv_heads, runner.num_layers
     )
     if runner.device.type == "cuda":
@@ -53,6 +61,7 @@ def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: in
         )
     else:
         budget = cfg.kv_cache_memory_gib * _GIB
+    budget -= reserved_bytes
     blocks_per_seq = -(-max_model_len // cfg.block_size)
     num_blocks = min(int(budget // per_block), cfg.max_num_seqs * blocks_per_seq)
     if num_blocks < blocks_per_seq:

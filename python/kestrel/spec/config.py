@@ -1,13 +1,16 @@
 """SpeculativeConfig: `--speculative-config '{"method": "ngram", ...}'`, in vLLM's words.
 
-Only `method: "ngram"` (prompt lookup, no draft model) is built; other methods are refused with
-the list of those that exist. Keys: `num_speculative_tokens` (k, drafts per step, 1..64),
-`prompt_lookup_max` / `prompt_lookup_min` (the longest / shortest n-gram matched; default 5
-and 1). Never a slowdown: `disable_by_batch_size` (vLLM's key; default 32, null: never) skips
-speculation for a step with more sequences than that in the engine, and `min_acceptance_rate`
-(default 0.1, 0 disables) stops drafting for a sequence whose recent acceptance (accepted /
-proposed draft tokens, a moving average) fell below it, probing it again every
-`PROBE_INTERVAL` steps."""
+Methods: "ngram" (prompt lookup, no model) and "draft_model" (a smaller model with the same
+tokenizer proposes by greedy decoding: `kestrel/spec/draft_runner.py`). Without "method", a
+config naming a "model" means "draft_model" (vLLM's older spelling); other methods are refused
+with the list of those that exist. Keys: `num_speculative_tokens` (k, drafts per step, 1..64);
+ngram: `prompt_lookup_max` / `prompt_lookup_min` (the longest / shortest n-gram matched;
+default 5 and 1); draft_model: `model` (a path or id, as `--model` takes),
+`draft_tensor_parallel_size` (1 only). Never a slowdown: `disable_by_batch_size` (vLLM's key;
+default 32, null: never) skips speculation for a step with more sequences than that in the
+engine, and `min_acceptance_rate` (default 0.1, 0 disables) stops drafting for a sequence whose
+recent acceptance (accepted / proposed draft tokens, a moving average) fell below it, probing
+it again every `PROBE_INTERVAL` steps."""
 
 from __future__ import annotations
 
@@ -15,16 +18,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 64
-_KEYS = (
-    "method",
-    "num_speculative_tokens",
-    "prompt_lookup_max",
-    "prompt_lookup_min",
-    "disable_by_batch_size",
-    "min_acceptance_rate",
-)
+_COMMON_KEYS = ("method", "num_speculative_tokens", "disable_by_batch_size", "min_acceptance_rate")
+_KEYS = {
+    "ngram": _COMMON_KEYS + ("prompt_lookup_max", "prompt_lookup_min"),
+    "draft_model": _COMMON_KEYS + ("model", "draft_tensor_parallel_size"),
+}
 DEFAULT_DISABLE_BY_BATCH_SIZE = 32
 DEFAULT_MIN_ACCEPTANCE_RATE = 0.1
 
@@ -41,6 +41,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
     min_acceptance_rate: float = DEFAULT_MIN_ACCEPTANCE_RATE
+    model: str | None = None  # draft_model: the draft's path or id
 
     @classmethod
     def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
@@ -56,15 +57,18 @@ class SpeculativeConfig:
             raise SpeculativeConfigError(
                 f"speculative_config must be a JSON object, got {type(value).__name__}"
             )
-        unknown = sorted(set(value) - set(_KEYS))
-        if unknown:
-            raise SpeculativeConfigError(
-                f"speculative_config has unknown keys {unknown}; allowed: {list(_KEYS)}"
-            )
         method = value.get("method")
+        if method is None and "model" in value:
+            method = "draft_model"  # vLLM infers the method from a draft model's presence
         if method not in METHODS:
             raise SpeculativeConfigError(
                 f"speculative_config method = {method!r} is not supported; allowed: {list(METHODS)}"
+            )
+        unknown = sorted(set(value) - set(_KEYS[method]))
+        if unknown:
+            raise SpeculativeConfigError(
+                f"speculative_config has unknown keys {unknown} for method {method!r}; "
+                f"allowed: {list(_KEYS[method])}"
             )
         k = _int(value, "num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
         hi = _int(value, "prompt_lookup_max", 5, 1, 1024)
@@ -78,7 +82,16 @@ class SpeculativeConfig:
                 f"speculative_config min_acceptance_rate = {rate!r} is invalid; allowed: a "
                 "number in [0, 1]"
             )
-        return cls(method, k, hi, lo, batch, float(rate))
+        model = None
+        if method == "draft_model":
+            model = value.get("model")
+            if not isinstance(model, str) or not model:
+                raise SpeculativeConfigError(
+                    f"speculative_config model = {model!r} is invalid; allowed: the draft "
+                    "model's path or id (a non-empty string; method 'draft_model' needs one)"
+                )
+            _int(value, "draft_tensor_parallel_size", 1, 1, 1)
+        return cls(method, k, hi, lo, batch, float(rate), model)
 
 
 def _int(value: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int:

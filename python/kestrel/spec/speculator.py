@@ -4,8 +4,10 @@
 scheduling is off: a drafted step is never scheduled one step ahead, so the two do not mix yet).
 Before each schedule() the engine passes the running sequences that may speculate (greedy or
 sampled, penalties and min_tokens included; no grammar, no logprobs): each gets the n-gram
-proposer's drafts through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them
-and is skipped). The runner samples each verify row from its target distribution given the
+proposer's drafts, or the draft model's (`spec/draft_runner.py`: one batched chain for all of
+them), through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them and is
+skipped; for the draft model that is asked first, with placeholder drafts whose kept count is
+also the number of chain steps worth running, so no chain step is spent on it). The runner samples each verify row from its target distribution given the
 drafts before it (`spec/draft_rows.py`; for n-gram drafts that is the rejection sampler:
 `spec/rejection.py`), and `accept()` turns the rows' tokens into update()'s accepted tokens
 (the drafts up to the first row whose token differs, then that row's token) and counts."""
@@ -13,14 +15,18 @@ drafts before it (`spec/draft_rows.py`; for n-gram drafts that is the rejection 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kestrel.spec.config import SpeculativeConfig
+from kestrel.spec.draft_kv import DraftKV
 from kestrel.spec.greedy import SpecCounters, verify_greedy
 from kestrel.spec.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from kestrel.spec.draft_runner import DraftRunner
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +38,10 @@ _RATE_WEIGHT = 0.5
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, drafter: DraftRunner | None = None) -> None:
+        """`drafter`: the draft model (method "draft_model"); None: n-gram lookup."""
         self.config = config
+        self.drafter = drafter
         self.proposer = NgramProposer(
             config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max
         )
@@ -41,16 +49,23 @@ class Speculator:
         self.rates: dict[int, float] = {}  # seq_id -> moving acceptance rate of its drafts
         self.num_skipped_steps = 0  # steps not speculated because the batch was large
         self._step = 0
+        self.draft_kv = DraftKV()  # draft model: where its KV cache is current
+        self._chained: set[int] = set()  # draft model: the sequences drafting this step
 
     def propose(
         self,
         scheduler: Any,
         candidates: Iterable[tuple[int, Sequence[int], Sequence[int]]],
         num_seqs: int = 0,
+        live_seq_ids: Collection[int] | None = None,
     ) -> None:
         """`candidates`: (seq_id, prompt ids, output ids) of sequences that may speculate;
-        `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size)."""
+        `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size);
+        `live_seq_ids`: the seq_ids in the engine (the draft model's bookkeeping forgets the
+        others)."""
         self._step += 1
+        if live_seq_ids is not None and self.drafter is not None:
+            self.draft_kv.retain(live_seq_ids)
         limit = self.config.disable_by_batch_size
         if limit is not None and num_seqs > limit:
             self.num_skipped_steps += 1
@@ -58,14 +73,20 @@ class Speculator:
         floor = self.config.min_acceptance_rate
         probing = self._step % PROBE_INTERVAL == 0
         live: dict[int, float] = {}
+        ready = []
         for seq_id, prompt, output in candidates:
             rate = self.rates.get(seq_id)
             if rate is not None:
                 live[seq_id] = rate
                 if rate < floor and not probing:
                     continue  # its drafts have been rejected lately
-            if not output:  # still in prefill (its first token is not sampled yet)
-                continue
+            if output:  # else still in prefill (its first token is not sampled yet)
+                ready.append((seq_id, prompt, output))
+        self.rates = live  # finished sequences drop out
+        if self.drafter is not None:
+            self._propose_with_draft_model(scheduler, ready)
+            return
+        for seq_id, prompt, output in ready:
             tokens = np.concatenate(
                 (np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64))
             )
@@ -76,7 +97,72 @@ class Speculator:
                 scheduler.set_draft_tokens(seq_id, drafts)
             except ValueError:  # not in decode this step (recomputing after a preemption)
                 continue
-        self.rates = live  # finished sequences drop out
+
+    def _propose_with_draft_model(
+        self, scheduler: Any, ready: list[tuple[int, Sequence[int], Sequence[int]]]
+    ) -> None:
+        """One batched chain of the draft model over the sequences in decode (each first
+        catching up over the positions its draft KV missed: `spec/draft_kv.py`). Catch-up rows
+        are bounded by the drafter's `max_catch_up_tokens` per step; a sequence further behind
+        only catches up (part of) its gap this step and drafts the next."""
+        drafter = self.drafter
+        assert drafter is not None
+        placeholder = np.zeros(self.config.num_speculative_tokens, dtype=np.int64)
+        chosen: list[tuple[int, np.ndarray, int, int]] = []  # (seq_id, run, tokens, steps)
+        behind: list[tuple[int, np.ndarray, int]] = []  # (seq_id, catch-up run, its start)
+        budget = drafter.max_catch_up_tokens
+        for seq_id, prompt, output in ready:
+            num_tokens = len(prompt) + len(output)
+            start = self.draft_kv.start_of(seq_id, num_tokens)
+            if num_tokens - 1 - start > budget:  # too far behind to draft this step
+                run = _tokens(prompt, output, start, start + max(budget, 0))
+                if run.shape[0]:
+                    behind.append((seq_id, run, start))
+                    budget -= run.shape[0]
+                continue
+            try:  # is it in decode, and how many drafts may it take?
+                kept = int(scheduler.set_draft_tokens(seq_id, placeholder))
+            except ValueError:  # not in decode this step (recomputing after a preemption)
+                continue
+            if kept > 0:
+                budget -= num_tokens - 1 - start
+                run = _tokens(prompt, output, start, num_tokens)
+                chosen.append((seq_id, run, num_tokens, kept))
+        try:
+            if behind:
+                drafter.catch_up(
+                    [b[1] for b in behind],
+                    [b[2] for b in behind],
+                    [scheduler.block_table(b[0]) for b in behind],
+                )
+                for seq_id, run, start in behind:
+                    self.draft_kv.valid[seq_id] = start + run.shape[0]
+            if not chosen:
+                return
+            drafts = drafter.propose(
+                [c[1] for c in chosen],
+                [c[2] for c in chosen],
+                [c[3] for c in chosen],
+                [scheduler.block_table(c[0]) for c in chosen],
+            )
+        except BaseException:
+            for c in chosen:  # no placeholder draft may reach schedule()
+                scheduler.set_draft_tokens(c[0], placeholder[:0])
+            raise
+        for (seq_id, _, num_tokens, _), d in zip(chosen, drafts):
+            scheduler.set_draft_tokens(seq_id, d)
+            self.draft_kv.caught_up(seq_id, num_tokens)
+            self._chained.add(seq_id)
+
+    def after_launch(self, out: Any) -> None:
+        """The draft model's pass over the rows of the step just launched (`out`: its
+        SchedulerOutput), enqueued after the target's: its KV at the same slots."""
+        if self.drafter is None:
+            return
+        chained, self._chained = self._chained, set()
+        step = self.draft_kv.rows_to_mirror(out, chained)
+        if step is not None:
+            self.drafter.mirror(step)
 
     def accept(self, out: Any, sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """update()'s arguments for a step: the sampled tokens as they are (no drafts), or the
@@ -102,3 +188,11 @@ class Speculator:
 
     def as_stats(self) -> dict[str, Any]:
         return {**self.counters.as_stats(), "spec_decode_num_skipped_steps": self.num_skipped_steps}
+
+
+def _tokens(prompt: Sequence[int], output: Sequence[int], start: int, end: int) -> np.ndarray:
+    """Tokens start .. end - 1 of prompt + output, without joining the whole sequence."""
+    n = len(prompt)
+    head = list(prompt[start:end]) if start < n else []
+    tail = list(output[max(start - n, 0) : max(end - n, 0)])
+    return np.asarray(head + tail, dtype=np.int64)
