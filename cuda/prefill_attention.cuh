@@ -8,6 +8,11 @@
 // zero-filled, so no stale or NaN data reaches the products. Each of the 4 warps owns 16 query
 // rows: S = Q K^T and O += P V on tensor cores, online softmax in fp32 registers (log2 domain).
 //
+// An FP8 cache (KV = __nv_fp8_e4m3) is read into registers one tile ahead (8 codes per load),
+// widened to T exactly and stored into the same swizzled tiles after the current tile's math,
+// so the MMAs are those of a 16-bit cache; k_scale rides in scale_log2 and v_scale in the
+// epilogue (PrefillParams).
+//
 // Capturable in a CUDA graph: no host synchronization, no allocation.
 #pragma once
 
@@ -36,7 +41,7 @@ __device__ __forceinline__ int swz(int r, int c) {
   return r * D + ((c ^ (r & 7)) << 3);
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(const PrefillParams p) {
   constexpr int BM = kPrefillBM;
   constexpr int BN = prefill_bn<D>();
@@ -62,8 +67,8 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   const int first_masked = (tile.ctx0 + tile.m0) / BN;  // tiles >= this may hold hidden keys
 
   const T* qg = static_cast<const T*>(p.q);
-  const T* kg = static_cast<const T*>(p.key_cache);
-  const T* vg = static_cast<const T*>(p.value_cache);
+  const KV* kg = static_cast<const KV*>(p.key_cache);
+  const KV* vg = static_cast<const KV*>(p.value_cache);
   const int32_t* bt = p.block_tables + tile.seq * p.bt_stride;
 
   // ---- prologue: Q tile (group 0), K/V tile 0 (group 1) ----
@@ -76,20 +81,60 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   }
   mma::cp_async_commit();
 
-  auto load_kv = [&](int buf, int j) {
-    T* kd = k_s + buf * BN * D;
-    T* vd = v_s + buf * BN * D;
-    for (int i = tid; i < BN * CH; i += kPrefillThreads) {
-      const int r = i / CH, c = i % CH;
-      const int pos = j * BN + r;
-      const bool valid = pos < kv_end;
-      const int64_t off = valid ? kv_offset(p, bt, pos, kvh, D, c) : 0;
-      mma::cp_async16(mma::smem_addr(kd + swz<D>(r, c)), kg + off, valid);
-      mma::cp_async16(mma::smem_addr(vd + swz<D>(r, c)), vg + off, valid);
+  auto load_kv = [&](int buf, int j) {  // 16-bit caches: cp.async straight into the tiles
+    if constexpr (!kIsFp8<KV>) {
+      T* kd = k_s + buf * BN * D;
+      T* vd = v_s + buf * BN * D;
+      for (int i = tid; i < BN * CH; i += kPrefillThreads) {
+        const int r = i / CH, c = i % CH;
+        const int pos = j * BN + r;
+        const bool valid = pos < kv_end;
+        const int64_t off = valid ? kv_offset(p, bt, pos, kvh, D, c) : 0;
+        mma::cp_async16(mma::smem_addr(kd + swz<D>(r, c)), kg + off, valid);
+        mma::cp_async16(mma::smem_addr(vd + swz<D>(r, c)), vg + off, valid);
+      }
+    }
+  };
+  // FP8 caches: tile j's codes into registers (fetch_fp8), widened into buffer buf later
+  // (store_fp8); rows past kv_end are zeros, as the cp.async path's zero fill.
+  constexpr int kFp8Loads = kIsFp8<KV> ? BN * CH / kPrefillThreads : 1;
+  static_assert(!kIsFp8<KV> || (BN * CH) % kPrefillThreads == 0, "whole copy rounds");
+  uint2 k8[kFp8Loads], v8[kFp8Loads];
+  auto fetch_fp8 = [&](int j) {
+    if constexpr (kIsFp8<KV>) {
+#pragma unroll
+      for (int l = 0; l < kFp8Loads; ++l) {
+        const int i = tid + l * kPrefillThreads;
+        const int r = i / CH, c = i % CH;
+        const int pos = j * BN + r;
+        if (pos < kv_end) {
+          const int64_t off = kv_offset(p, bt, pos, kvh, D, c);
+          k8[l] = *reinterpret_cast<const uint2*>(kg + off);
+          v8[l] = *reinterpret_cast<const uint2*>(vg + off);
+        } else {
+          k8[l] = make_uint2(0u, 0u);
+          v8[l] = make_uint2(0u, 0u);
+        }
+      }
+    }
+  };
+  auto store_fp8 = [&](int buf) {
+    if constexpr (kIsFp8<KV>) {
+      T* kd = k_s + buf * BN * D;
+      T* vd = v_s + buf * BN * D;
+#pragma unroll
+      for (int l = 0; l < kFp8Loads; ++l) {
+        const int i = tid + l * kPrefillThreads;
+        const int r = i / CH, c = i % CH;
+        *reinterpret_cast<uint4*>(kd + swz<D>(r, c)) = fp8x8_to<T>(k8[l]);
+        *reinterpret_cast<uint4*>(vd + swz<D>(r, c)) = fp8x8_to<T>(v8[l]);
+      }
     }
   };
   load_kv(0, 0);
-  mma::cp_async_commit();
+  fetch_fp8(0);
+  store_fp8(0);            // visible after the barrier below
+  mma::cp_async_commit();  // (empty for FP8: keeps the group count of the 16-bit path)
 
   const int r0 = warp * 16 + lane / 4;         // this thread's first row in the tile
   const int qpos0 = tile.ctx0 + tile.m0 + r0;  // its position (the second row: + 8)
@@ -121,6 +166,7 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   for (int j = 0; j < n_tiles; ++j) {
     if (j + 1 < n_tiles) {
       load_kv((j + 1) & 1, j + 1);
+      fetch_fp8(j + 1);  // registers; stored after this tile's math
       mma::cp_async_commit();
       mma::cp_async_wait<1>();
     } else {
@@ -175,13 +221,15 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
         mma::mma_16816<T>(o[2 * dn + 1], a, b[2], b[3]);
       }
     }
+    // FP8: buffer (j + 1) & 1 was last read in tile j - 1, before that tile's final barrier.
+    if (j + 1 < n_tiles) store_fp8((j + 1) & 1);
     __syncthreads();  // every warp is done with buffer j & 1 before it is refilled
   }
 
   store_output<T>(p, tile, head, r0, o, row_sum);
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 cudaError_t launch_prefill_attention(PrefillParams p, int64_t num_tokens, cudaStream_t stream) {
   if (p.num_seqs == 0 || num_tokens == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
@@ -192,11 +240,11 @@ cudaError_t launch_prefill_attention(PrefillParams p, int64_t num_tokens, cudaSt
   if (slots >= (1LL << 31)) return cudaErrorInvalidValue;
   p.tile_slots = static_cast<int>(slots);
   constexpr int smem = prefill_smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(prefill_attention_kernel<T, D>,
+  cudaError_t err = cudaFuncSetAttribute(prefill_attention_kernel<T, KV, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.tile_slots, p.num_q_heads);
-  prefill_attention_kernel<T, D><<<grid, kPrefillThreads, smem, stream>>>(p);
+  prefill_attention_kernel<T, KV, D><<<grid, kPrefillThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -47,6 +47,7 @@ from kestrel.executor.multiproc import start_tensor_parallel, stop_tensor_parall
 from kestrel.layers.parallel import SINGLE_RANK
 from kestrel.model_source import resolve_model
 from kestrel.ops._dispatch import kernels_available
+from kestrel.ops.kv_quant import require_fp8_kv_device, resolve_kv_cache_dtype
 from kestrel.outputs import RequestMetrics
 from kestrel.runner import ModelRunner
 from kestrel.runner.cpu_threads import configure_cpu_threads
@@ -74,6 +75,8 @@ class LLMEngine(EngineStep):
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
         check_quantization_device(config, self.model_source, self.device)
+        if config.kv_cache_dtype != "auto":
+            require_fp8_kv_device(self.device)  # before any weight is read
         # Tensor or pipeline parallelism: rank 0 here, worker processes for the other ranks.
         self._tp_world = None
         if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
@@ -113,6 +116,7 @@ class LLMEngine(EngineStep):
             block_size=config.block_size,
             seed=config.seed,
             max_num_seqs=config.max_num_seqs,
+            kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype),
         )
         # Every step goes through the executor; it allocates the KV cache (every rank's).
         self.executor: Executor

@@ -37,6 +37,10 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        # An FP8 KV cache's per-layer scales (stored = x / scale); a checkpoint's calibrated
+        # ones are set by kestrel.layers.kv_scales at load. Ignored by 16-bit caches.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         reference = dtype is not None and not _dispatch.kernels_for(device, dtype)
         self._rotary_and_cache = (
             ops.rotary_embedding_and_cache_reference
@@ -58,7 +62,11 @@ class PagedAttention(nn.Module):
         kv_cache = (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads,
         head_dim]. q and k are rotated in place. Returns [T, num_heads, head_dim]."""
         key_cache, value_cache = kv_cache
+        slots = attn_metadata.slot_mapping
         self._rotary_and_cache(
-            positions, q, k, v, cos_sin_cache, key_cache, value_cache, attn_metadata.slot_mapping
+            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slots,
+            self.k_scale, self.v_scale,
+        )  # fmt: skip
+        return ops.paged_attention(
+            q, key_cache, value_cache, attn_metadata, self.scale, self.k_scale, self.v_scale
         )
-        return ops.paged_attention(q, key_cache, value_cache, attn_metadata, self.scale)

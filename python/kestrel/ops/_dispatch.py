@@ -90,6 +90,7 @@ def _load_kernels() -> ModuleType | None:
 kernels: ModuleType | None = _load_kernels()
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+FP8_CODE = 2  # kestrel::kFloat8E4M3: a KV cache's (kv_dtype) or a weight's storage type
 
 
 class KernelError(RuntimeError):

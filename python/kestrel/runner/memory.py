@@ -26,8 +26,9 @@ _GRAPH_RESERVE_BYTES = 1 << 29  # decode graphs' private pool (measured well und
 def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: int) -> int:
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
+    kv_dtype = runner.kv_cache_dtype  # an FP8 cache: half the bytes, twice the blocks
     per_block = kv_block_bytes(
-        runner.model_config, cfg.block_size, runner.dtype, runner.num_kv_heads, runner.num_layers
+        runner.model_config, cfg.block_size, kv_dtype, runner.num_kv_heads, runner.num_layers
     )
     if runner.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(runner.device)
@@ -59,8 +60,12 @@ def plan_num_kv_blocks(cfg: EngineConfig, runner: ModelRunner, max_model_len: in
         )
     tokens = num_blocks * cfg.block_size
     logger.info(
-        "KV cache: %d blocks, %d tokens, up to %d sequences of max_model_len",
+        "KV cache: %s, %d blocks of %d tokens (%.2f GiB): %d tokens, up to %d sequences of "
+        "max_model_len",
+        str(kv_dtype).removeprefix("torch."),
         num_blocks,
+        cfg.block_size,
+        num_blocks * per_block / _GIB,
         tokens,
         tokens // max_model_len,
     )
