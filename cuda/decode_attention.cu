@@ -1,5 +1,5 @@
 // Instantiates paged decode attention for fp16 / bf16, head dims 64, 128, 256 and caches of the
-// query dtype or float8 e4m3 (the CUDA-core kernel; the tensor-core one reads 16-bit caches).
+// query dtype or float8 e4m3 (both kernels: CUDA cores, and tensor cores for 64 / 128).
 #include <cmath>
 
 #include "decode_attention.cuh"
@@ -48,20 +48,13 @@ int paged_decode_attention(const DecodeAttentionArgs& a, ptr_t stream) {
     using T = typename decltype(tag)::type;
     using KV = typename decltype(kv_tag)::type;
     const bool tc = a.heads_per_block == attention::kTcHeads;  // tensor-core kernel
-    if constexpr (kIsFp8<KV>) {
-      if (tc) return cudaErrorInvalidValue;  // 16-bit caches only
-    }
     switch (a.head_dim) {
       case 64:
-        if constexpr (!kIsFp8<KV>) {
-          if (tc) return attention::launch_decode_tc<T, 64>(p, s);
-        }
-        return attention::launch_decode_attention<T, KV, 64>(p, s);
+        return tc ? attention::launch_decode_tc<T, KV, 64>(p, s)
+                  : attention::launch_decode_attention<T, KV, 64>(p, s);
       case 128:
-        if constexpr (!kIsFp8<KV>) {
-          if (tc) return attention::launch_decode_tc<T, 128>(p, s);
-        }
-        return attention::launch_decode_attention<T, KV, 128>(p, s);
+        return tc ? attention::launch_decode_tc<T, KV, 128>(p, s)
+                  : attention::launch_decode_attention<T, KV, 128>(p, s);
       case 256:
         return tc ? cudaErrorInvalidValue : attention::launch_decode_attention<T, KV, 256>(p, s);
       default:
@@ -80,14 +73,14 @@ int paged_decode_blocks_per_sm(int64_t head_dim, int64_t heads_per_block, int dt
   const cudaError_t err = dispatch_dtype_kv(dtype, kv_dtype, [&](auto tag, auto kv_tag) {
     using T = typename decltype(tag)::type;
     using KV = typename decltype(kv_tag)::type;
-    const bool tc = g == attention::kTcHeads && !kIsFp8<KV>;  // FP8: never the tensor-core one
+    const bool tc = g == attention::kTcHeads;
     switch (head_dim) {
       case 64:
-        blocks = tc ? attention::decode_tc_blocks_per_sm<T, 64>()
+        blocks = tc ? attention::decode_tc_blocks_per_sm<T, KV, 64>()
                     : attention::decode_blocks_per_sm<T, KV, 64>(g);
         return cudaSuccess;
       case 128:
-        blocks = tc ? attention::decode_tc_blocks_per_sm<T, 128>()
+        blocks = tc ? attention::decode_tc_blocks_per_sm<T, KV, 128>()
                     : attention::decode_blocks_per_sm<T, KV, 128>(g);
         return cudaSuccess;
       case 256:

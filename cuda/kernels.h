@@ -91,8 +91,7 @@ int rotary_embedding_and_cache(const RotaryCacheArgs& args, ptr_t stream);
 // one kv head. With num_splits > 1 each sequence is cut into at most num_splits even pieces of
 // at least min_split_len tokens (1..16384), chosen on the device from its own seq_len, merged
 // through `workspace` (fp32, at least num_splits * num_seqs * num_q_heads * (head_dim + 1)
-// floats, workspace_floats given). An FP8 cache (kv_dtype 2) takes heads_per_block 1..8 (the
-// CUDA-core kernel); the tensor-core one reads 16-bit caches only.
+// floats, workspace_floats given). Both kernels read FP8 caches (kv_dtype 2).
 struct DecodeAttentionArgs {
   ptr_t out = 0;
   int64_t out_stride = 0;

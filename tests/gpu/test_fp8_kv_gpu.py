@@ -9,13 +9,25 @@ import pytest
 import torch
 
 from kestrel import LLM, SamplingParams
-from kestrel.ops import compute_cos_sin_cache, paged_attention, rotary_embedding_and_cache
+from kestrel.ops import (
+    _dispatch,
+    compute_cos_sin_cache,
+    paged_attention,
+    rotary_embedding_and_cache,
+)
 from kestrel.ops.attention_backend import PagedAttentionBackend
 from kestrel.ops.kv_quant import FP8_KV_DTYPE, quantize_kv
 from kestrel.testing.tiny_models import make_tiny_model
-from tests.kernels.helpers import make_paged_batch
+from tests.kernels.helpers import make_paged_batch, set_kernel_env
 
 pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _run_unverified(monkeypatch):
+    """The FP8 KV-cache kernels are in _dispatch.UNVERIFIED_OPS until these tests pass."""
+    set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, "1")
+
 
 HQ, HKV, D = 28, 4, 128
 
@@ -99,3 +111,13 @@ def test_decode_graphs_with_an_fp8_cache_equal_eager(tiny_dir):
         del llm
         torch.cuda.empty_cache()
     assert outs[False] == outs[True]
+
+
+def test_until_verified_an_fp8_cache_runs_the_reference_without_graphs(tiny_dir, monkeypatch):
+    set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, None)
+    llm = LLM(tiny_dir, dtype="bfloat16", kv_cache_dtype="fp8", num_kv_blocks=64, max_num_seqs=4)
+    assert llm.engine.runner.graphs is None
+    assert not llm.engine.runner.attention.kernels
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8

@@ -31,6 +31,13 @@ from tests.kernels.helpers import (
 
 pytestmark = pytest.mark.cuda
 
+
+@pytest.fixture(autouse=True)
+def _run_unverified(monkeypatch):
+    """The FP8 KV-cache kernels are in _dispatch.UNVERIFIED_OPS until these tests pass."""
+    set_kernel_env(monkeypatch, _dispatch.UNVERIFIED_ENV, "1")
+
+
 HEAD_DIMS = [64, 128, 256]
 GQA = [(8, 8), (12, 4), (16, 4), (28, 4), (32, 2)]  # groups 1, 3, 4, 7, 16
 SCALES = [(1.0, 1.0), (0.02, 0.01)]  # (k_scale, v_scale); V x 0.5 below
@@ -76,14 +83,23 @@ def _check(batch, exact, rounded, k_scale, v_scale, dtype, spy, decodes, prefill
     assert loose < 0.06, f"{what}: relative error {loose:.3g} against the unrounded K/V"
 
 
+@pytest.fixture(params=["tc", "cuda_cores"])
+def decode_kernel(request, monkeypatch) -> str:
+    """Runs a test with the tensor-core decode for every GQA group >= 2 (head_dim 64 / 128)
+    and with none."""
+    monkeypatch.setattr(attention_cuda, "TC_MIN_GROUP", 2 if request.param == "tc" else 1000)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", GQA)
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
 def test_decode_over_fp8(
-    dtype, head_dim, num_q_heads, num_kv_heads, k_scale, v_scale, gen, spy, poison
+    dtype, head_dim, num_q_heads, num_kv_heads, k_scale, v_scale, decode_kernel, gen, spy, poison
 ):
-    """Long and short contexts (several splits, some empty) and single-split batches."""
+    """Long and short contexts (several splits, some empty) and single-split batches, on
+    either decode kernel."""
     for lens in ([(1, s) for s in (1, 15, 16, 17, 257, 1000, 4096)], [(1, 33), (1, 7)] * 20):
         batch, exact, rounded = _fp8_batch(
             lens, len(lens), num_q_heads, num_kv_heads, head_dim, dtype, gen, k_scale, v_scale
@@ -121,29 +137,29 @@ def test_prefill_over_fp8_odd_block_sizes(block_size, gen, spy, poison):
     _check(batch, exact, rounded, 0.02, 0.01, torch.bfloat16, spy, False, True, f"bs={block_size}")
 
 
-def test_fp8_decode_never_takes_the_tensor_core_kernel(gen):
-    """The planner gives FP8 caches the CUDA-core kernel for every group, and the launcher
-    refuses the tensor-core kernel (heads_per_block 16) for them."""
-    for group in (1, 4, 7, 16):
-        assert attention_cuda.heads_per_block(group, 128, fp8_cache=True) <= 8
-    assert attention_cuda.heads_per_block(7, 128) == 16
+def test_fp8_decode_launcher_checks_its_scales(gen):
+    """Scales must be > 0 for an FP8 cache (the op checks them first; so does the launcher)."""
     batch, _, _ = _fp8_batch([(1, 40)], 1, 16, 1, 128, torch.bfloat16, gen, 1.0, 1.0)
     kernels = _dispatch.kernels
-    out = torch.empty_like(batch.q)
-    args = _dispatch.kernel_args(
-        kernels.DecodeAttentionArgs, out=out.data_ptr(), out_stride=out.stride(0),
-        q=batch.q.data_ptr(), q_stride=batch.q.stride(0),
-        key_cache=batch.key_cache.data_ptr(), value_cache=batch.value_cache.data_ptr(),
-        block_tables=batch.metadata.block_tables.data_ptr(),
-        bt_stride=batch.metadata.block_tables.stride(0),
-        seq_lens=batch.metadata.seq_lens.data_ptr(), num_seqs=1, num_q_heads=16,
-        num_kv_heads=1, head_dim=128, block_size=16, scale=0.1, heads_per_block=16,
-        num_splits=1, min_split_len=64, dtype=1, kv_dtype=_dispatch.FP8_CODE,
-    )  # fmt: skip
-    assert kernels.paged_decode_attention(args, _dispatch.stream_handle(out.device)) != 0
-    args.heads_per_block = 8
-    args.k_scale = 0.0  # scales must be > 0
-    assert kernels.paged_decode_attention(args, _dispatch.stream_handle(out.device)) != 0
+    out = torch.zeros_like(batch.q)
+    stream = _dispatch.stream_handle(out.device)
+    meta = batch.metadata
+    for heads in (8, 16):  # CUDA cores, tensor cores
+        args = _dispatch.kernel_args(
+            kernels.DecodeAttentionArgs, out=out.data_ptr(), out_stride=out.stride(0),
+            q=batch.q.data_ptr(), q_stride=batch.q.stride(0),
+            key_cache=batch.key_cache.data_ptr(), value_cache=batch.value_cache.data_ptr(),
+            block_tables=meta.block_tables.data_ptr(), bt_stride=meta.block_tables.stride(0),
+            seq_lens=meta.seq_lens.data_ptr(), num_seqs=1, num_q_heads=16, num_kv_heads=1,
+            head_dim=128, block_size=16, scale=0.1, heads_per_block=heads, num_splits=1,
+            min_split_len=64, dtype=1, kv_dtype=_dispatch.FP8_CODE,
+        )  # fmt: skip
+        assert kernels.paged_decode_attention(args, stream) == 0
+        args.v_scale = 0.0
+        assert kernels.paged_decode_attention(args, stream) != 0
+        args.v_scale, args.kv_dtype = 1.0, 7  # no such cache dtype
+        assert kernels.paged_decode_attention(args, stream) != 0
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

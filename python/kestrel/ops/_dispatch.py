@@ -47,9 +47,14 @@ UNVERIFIED_ENV = "KESTREL_UNVERIFIED_KERNELS"
 # The skinny dense GEMM (ops/dense_gemv.py) for decode rows M <= 8 is gated per weight kind:
 # dense_gemv_fp8 (FP8 linears, W8A16) and dense_gemv_bf16 (fp16/bf16 linears); written without
 # a GPU, both wait for their tests and bench_kernels.py --only gemv on the H200.
+# fp8_kv_cache: the rotary + KV-write, decode and prefill kernels over float8 e4m3 KV caches
+# (--kv-cache-dtype fp8), written without a GPU; until their tests (tests/kernels/
+# test_fp8_kv_kernels.py, tests/gpu/test_fp8_kv_gpu.py) pass on the H200, an FP8 cache on
+# CUDA runs the torch references and the engine captures no decode graphs.
 UNVERIFIED_OPS: frozenset[str] = frozenset(
-    {"gguf_gemv", "gguf_dequantize", "dense_gemv_fp8", "dense_gemv_bf16"}
+    {"gguf_gemv", "gguf_dequantize", "dense_gemv_fp8", "dense_gemv_bf16", "fp8_kv_cache"}
 )
+FP8_KV_OP = "fp8_kv_cache"  # the UNVERIFIED_OPS name of the FP8 KV-cache kernels
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import torch
 from kestrel.ops import _dispatch, attention_cuda
 from kestrel.ops.attention_cuda import SUPPORTED_HEAD_DIMS, prefill_variant_code
 from kestrel.ops.attention_metadata import AttentionMetadata
+from kestrel.ops.kv_quant import is_fp8
 
 if TYPE_CHECKING:
     from kestrel.executor.step_input import StepInput
@@ -111,6 +112,7 @@ class PagedAttentionBackend:
             and _dispatch.dtype_code(dtype) is not None
             and attention_cuda.kv_dtype_code(dtype, self.kv_cache_dtype) is not None
             and head_dim in SUPPORTED_HEAD_DIMS
+            and (not is_fp8(self.kv_cache_dtype) or _dispatch.kernel_verified(_dispatch.FP8_KV_OP))
         )
         self.prefill_variant = prefill_variant_code(_dispatch.settings.prefill_kernel)
         self._probe = (

@@ -11,10 +11,10 @@ sequence's split length is computed on the device from its real seq_len
 (:func:`decode_split_len` mirrors the kernels' formula), so a graph planned for max_model_len
 spreads a short context over few full splits, not over one huge split.
 
-FP8 (e4m3) caches: the decode runs the CUDA-core kernel whatever the GQA group (the
-tensor-core one reads 16-bit caches) and the prefill the mma.sync kernel (the wgmma one reads
-16-bit caches; KESTREL_PREFILL_KERNEL=wgmma is not applied to them); both widen the codes to
-the query dtype in registers and apply k_scale / v_scale.
+FP8 (e4m3) caches: both decode kernels (CUDA cores; tensor cores for large GQA groups, as for
+16-bit caches) and the mma.sync prefill kernel read them (the wgmma prefill reads 16-bit
+caches only; KESTREL_PREFILL_KERNEL=wgmma is not applied to FP8 caches); the codes are widened
+to the query dtype in registers or shared memory, exactly, and k_scale / v_scale applied.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ PREFILL_KERNEL_ENV = _dispatch.PREFILL_KERNEL_ENV
 _PREFILL_VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
 
 
-def heads_per_block(group: int, head_dim: int, fp8_cache: bool = False) -> int:
+def heads_per_block(group: int, head_dim: int) -> int:
     """Query heads one decode block serves for a GQA group size: 1, 2, 4 or 8 (CUDA-core kernel,
     larger groups take several blocks per kv head) or 16 (tensor-core kernel, head_dim <= 128,
-    groups >= TC_MIN_GROUP, 16-bit caches)."""
-    if group >= TC_MIN_GROUP and head_dim <= 128 and not fp8_cache:
+    groups >= TC_MIN_GROUP); the same for 16-bit and FP8 caches."""
+    if group >= TC_MIN_GROUP and head_dim <= 128:
         return 16
     for heads in (1, 2, 4):
         if group <= heads:
@@ -151,8 +151,7 @@ def decode_plan(
     code = _dispatch.dtype_code(q.dtype)
     kv_code = kv_dtype_code(q.dtype, q.dtype if kv_dtype is None else kv_dtype)
     assert code is not None and kv_code is not None and q.device.index is not None
-    fp8 = kv_code == _dispatch.FP8_CODE
-    heads = heads_per_block(num_q_heads // num_kv_heads, head_dim, fp8)
+    heads = heads_per_block(num_q_heads // num_kv_heads, head_dim)
     wave = _wave_blocks(q.device.index, head_dim, heads, code, kv_code)
     return plan_decode_splits(num_decodes, num_q_heads, num_kv_heads, max_seq_len, wave, heads)
 
@@ -256,7 +255,7 @@ def paged_attention_cuda(
                 head_dim=head_dim,
                 block_size=block_size,
                 scale=float(scale),
-                heads_per_block=heads_per_block(num_q_heads // num_kv_heads, head_dim, fp8),
+                heads_per_block=heads_per_block(num_q_heads // num_kv_heads, head_dim),
                 num_splits=splits,
                 min_split_len=plan.decode_min_split_len,
                 workspace=0 if ws is None else ws.data_ptr(),

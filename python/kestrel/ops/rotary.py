@@ -269,6 +269,8 @@ def _rotary_kernel_dtype(
     input it cannot take is a logged fallback)."""
     if not _dispatch.use_kernels(q):
         return None
+    if is_fp8(key_cache.dtype) and not _dispatch.kernel_verified(_dispatch.FP8_KV_OP):
+        return None  # see _dispatch.UNVERIFIED_OPS
     _dispatch.require_same_device(
         "rotary_embedding_and_cache",
         positions=positions,
