@@ -8,10 +8,10 @@
 // zero-filled, so no stale or NaN data reaches the products. Each of the 4 warps owns 16 query
 // rows: S = Q K^T and O += P V on tensor cores, online softmax in fp32 registers (log2 domain).
 //
-// An FP8 cache (KV = __nv_fp8_e4m3) is read into registers one tile ahead (8 codes per load),
-// widened to T exactly and stored into the same swizzled tiles after the current tile's math,
-// so the MMAs are those of a 16-bit cache; k_scale rides in scale_log2 and v_scale in the
-// epilogue (PrefillParams).
+// An FP8 cache (KV = __nv_fp8_e4m3) is copied the same way, one tile ahead, into a second,
+// unswizzled double buffer of codes (16 per cp.async); once a tile has landed each thread widens
+// the chunks it copied to T, exactly, into the swizzled tiles, so the MMAs are those of a 16-bit
+// cache; k_scale rides in scale_log2 and v_scale in the epilogue (PrefillParams).
 //
 // Capturable in a CUDA graph: no host synchronization, no allocation.
 #pragma once
@@ -30,9 +30,10 @@ __host__ __device__ constexpr int prefill_bn() {
   return D == 256 ? 32 : 64;
 }
 
-template <int D>
+// Q + double-buffered K and V, 16-bit (+ double-buffered K and V codes for an FP8 cache).
+template <int D, bool FP8 = false>
 __host__ __device__ constexpr int prefill_smem_bytes() {
-  return (kPrefillBM + 4 * prefill_bn<D>()) * D * 2;  // Q + double-buffered K and V, 16-bit
+  return (kPrefillBM + 4 * prefill_bn<D>()) * D * 2 + (FP8 ? 4 * prefill_bn<D>() * D : 0);
 }
 
 // Offset (elements) of 16-byte chunk c of row r in a swizzled [rows][D] tile.
@@ -81,8 +82,22 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   }
   mma::cp_async_commit();
 
-  auto load_kv = [&](int buf, int j) {  // 16-bit caches: cp.async straight into the tiles
-    if constexpr (!kIsFp8<KV>) {
+  // FP8: the codes of K/V tile buffer buf, [BN][D] bytes each, after the 16-bit tiles.
+  unsigned char* k_raw = reinterpret_cast<unsigned char*>(v_s + 2 * BN * D);  // [2][BN][D]
+  unsigned char* v_raw = k_raw + 2 * BN * D;
+  constexpr int RAW_CH = D / 16;  // 16-byte chunks of codes per row
+  auto load_kv = [&](int buf, int j) {
+    if constexpr (kIsFp8<KV>) {  // codes; chunk c of row r at r * D + 16 c
+      for (int i = tid; i < BN * RAW_CH; i += kPrefillThreads) {
+        const int r = i / RAW_CH, c = i % RAW_CH;
+        const int pos = j * BN + r;
+        const bool valid = pos < kv_end;
+        const int64_t off = valid ? kv_offset(p, bt, pos, kvh, D, 0) + c * 16 : 0;
+        const int at = buf * BN * D + r * D + c * 16;
+        mma::cp_async16(mma::smem_addr(k_raw + at), kg + off, valid);
+        mma::cp_async16(mma::smem_addr(v_raw + at), vg + off, valid);
+      }
+    } else {  // straight into the swizzled tiles
       T* kd = k_s + buf * BN * D;
       T* vd = v_s + buf * BN * D;
       for (int i = tid; i < BN * CH; i += kPrefillThreads) {
@@ -95,46 +110,28 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
       }
     }
   };
-  // FP8 caches: tile j's codes into registers (fetch_fp8), widened into buffer buf later
-  // (store_fp8); rows past kv_end are zeros, as the cp.async path's zero fill.
-  constexpr int kFp8Loads = kIsFp8<KV> ? BN * CH / kPrefillThreads : 1;
-  static_assert(!kIsFp8<KV> || (BN * CH) % kPrefillThreads == 0, "whole copy rounds");
-  uint2 k8[kFp8Loads], v8[kFp8Loads];
-  auto fetch_fp8 = [&](int j) {
+  // FP8: widens the codes of buffer buf this thread copied (the chunks of load_kv) into the
+  // swizzled tiles: chunk c of codes becomes 16-bit chunks 2c and 2c + 1.
+  auto widen = [&](int buf) {
     if constexpr (kIsFp8<KV>) {
-#pragma unroll
-      for (int l = 0; l < kFp8Loads; ++l) {
-        const int i = tid + l * kPrefillThreads;
-        const int r = i / CH, c = i % CH;
-        const int pos = j * BN + r;
-        if (pos < kv_end) {
-          const int64_t off = kv_offset(p, bt, pos, kvh, D, c);
-          k8[l] = *reinterpret_cast<const uint2*>(kg + off);
-          v8[l] = *reinterpret_cast<const uint2*>(vg + off);
-        } else {
-          k8[l] = make_uint2(0u, 0u);
-          v8[l] = make_uint2(0u, 0u);
-        }
-      }
-    }
-  };
-  auto store_fp8 = [&](int buf) {
-    if constexpr (kIsFp8<KV>) {
-      T* kd = k_s + buf * BN * D;
-      T* vd = v_s + buf * BN * D;
-#pragma unroll
-      for (int l = 0; l < kFp8Loads; ++l) {
-        const int i = tid + l * kPrefillThreads;
-        const int r = i / CH, c = i % CH;
-        *reinterpret_cast<uint4*>(kd + swz<D>(r, c)) = fp8x8_to<T>(k8[l]);
-        *reinterpret_cast<uint4*>(vd + swz<D>(r, c)) = fp8x8_to<T>(v8[l]);
+      for (int i = tid; i < BN * RAW_CH; i += kPrefillThreads) {
+        const int r = i / RAW_CH, c = i % RAW_CH;
+        const int at = buf * BN * D + r * D + c * 16;
+        const uint4 kc8 = *reinterpret_cast<const uint4*>(k_raw + at);
+        const uint4 vc8 = *reinterpret_cast<const uint4*>(v_raw + at);
+        T* kd = k_s + buf * BN * D;
+        T* vd = v_s + buf * BN * D;
+        *reinterpret_cast<uint4*>(kd + swz<D>(r, 2 * c)) = fp8x8_to<T>(make_uint2(kc8.x, kc8.y));
+        *reinterpret_cast<uint4*>(kd + swz<D>(r, 2 * c + 1)) =
+            fp8x8_to<T>(make_uint2(kc8.z, kc8.w));
+        *reinterpret_cast<uint4*>(vd + swz<D>(r, 2 * c)) = fp8x8_to<T>(make_uint2(vc8.x, vc8.y));
+        *reinterpret_cast<uint4*>(vd + swz<D>(r, 2 * c + 1)) =
+            fp8x8_to<T>(make_uint2(vc8.z, vc8.w));
       }
     }
   };
   load_kv(0, 0);
-  fetch_fp8(0);
-  store_fp8(0);            // visible after the barrier below
-  mma::cp_async_commit();  // (empty for FP8: keeps the group count of the 16-bit path)
+  mma::cp_async_commit();
 
   const int r0 = warp * 16 + lane / 4;         // this thread's first row in the tile
   const int qpos0 = tile.ctx0 + tile.m0 + r0;  // its position (the second row: + 8)
@@ -166,12 +163,14 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   for (int j = 0; j < n_tiles; ++j) {
     if (j + 1 < n_tiles) {
       load_kv((j + 1) & 1, j + 1);
-      fetch_fp8(j + 1);  // registers; stored after this tile's math
       mma::cp_async_commit();
       mma::cp_async_wait<1>();
     } else {
       mma::cp_async_wait<0>();
     }
+    // FP8: this thread's codes of tile j have landed; 16-bit buffer j & 1 was last read in
+    // tile j - 2, before that tile's final barrier.
+    widen(j & 1);
     __syncthreads();
     const T* kb = k_s + (j & 1) * BN * D;
     const T* vb = v_s + (j & 1) * BN * D;
@@ -221,8 +220,6 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
         mma::mma_16816<T>(o[2 * dn + 1], a, b[2], b[3]);
       }
     }
-    // FP8: buffer (j + 1) & 1 was last read in tile j - 1, before that tile's final barrier.
-    if (j + 1 < n_tiles) store_fp8((j + 1) & 1);
     __syncthreads();  // every warp is done with buffer j & 1 before it is refilled
   }
 
@@ -239,7 +236,7 @@ cudaError_t launch_prefill_attention(PrefillParams p, int64_t num_tokens, cudaSt
   const int64_t slots = ceil_div(num_tokens, kPrefillBM) + p.num_seqs;
   if (slots >= (1LL << 31)) return cudaErrorInvalidValue;
   p.tile_slots = static_cast<int>(slots);
-  constexpr int smem = prefill_smem_bytes<D>();
+  constexpr int smem = prefill_smem_bytes<D, kIsFp8<KV>>();
   cudaError_t err = cudaFuncSetAttribute(prefill_attention_kernel<T, KV, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
