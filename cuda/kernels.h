@@ -128,7 +128,7 @@ int paged_decode_blocks_per_sm(int64_t head_dim, int64_t heads_per_block, int dt
 // [query_start_loc[i] - query_start_loc[0], query_start_loc[i + 1] - query_start_loc[0]),
 // the last rows of its seq_lens[i]-token context, causal. num_tokens: rows of q. variant: 0 picks
 // the kernel (wgmma on sm_90 for head_dim 64/128, else mma.sync), 1 forces mma.sync, 2 wgmma.
-// An FP8 cache runs the mma.sync kernel (variant 0 or 1; 2 is rejected).
+// Both kernels read FP8 caches.
 struct PrefillAttentionArgs {
   ptr_t out = 0;
   int64_t out_stride = 0;

@@ -1,5 +1,5 @@
 // Instantiates paged prefill attention for fp16 / bf16, head dims 64, 128, 256 and caches of the
-// query dtype or float8 e4m3 (mma.sync only: the wgmma kernel reads 16-bit caches).
+// query dtype or float8 e4m3 (both kernels).
 #include <cmath>
 
 #include "kernels.h"
@@ -17,9 +17,8 @@ int paged_prefill_attention(const PrefillAttentionArgs& a, ptr_t stream) {
   const int64_t head_dim = a.head_dim, num_tokens = a.num_tokens;
   const bool fp8 = a.kv_dtype == kFloat8E4M3;
   if (fp8 && !(a.k_scale > 0 && a.v_scale > 0)) return cudaErrorInvalidValue;
-  // variant 0: wgmma where it runs (sm_90, head_dim 64/128, 16-bit cache), else mma.sync;
-  // 1: mma.sync; 2: wgmma.
-  const bool sm90 = !fp8 && attention::use_sm90_prefill() && (head_dim == 64 || head_dim == 128);
+  // variant 0: wgmma where it runs (sm_90, head_dim 64/128), else mma.sync; 1: mma.sync; 2: wgmma.
+  const bool sm90 = attention::use_sm90_prefill() && (head_dim == 64 || head_dim == 128);
   if (a.variant == 2 && !sm90) return cudaErrorInvalidValue;
   const bool wgmma = a.variant == 2 || (a.variant == 0 && sm90);
   attention::PrefillParams p{};
@@ -50,15 +49,11 @@ int paged_prefill_attention(const PrefillAttentionArgs& a, ptr_t stream) {
     using KV = typename decltype(kv_tag)::type;
     switch (head_dim) {
       case 64:
-        if constexpr (!kIsFp8<KV>) {
-          if (wgmma) return attention::launch_prefill_attention_sm90<T, 64>(p, num_tokens, s);
-        }
-        return attention::launch_prefill_attention<T, KV, 64>(p, num_tokens, s);
+        return wgmma ? attention::launch_prefill_attention_sm90<T, KV, 64>(p, num_tokens, s)
+                     : attention::launch_prefill_attention<T, KV, 64>(p, num_tokens, s);
       case 128:
-        if constexpr (!kIsFp8<KV>) {
-          if (wgmma) return attention::launch_prefill_attention_sm90<T, 128>(p, num_tokens, s);
-        }
-        return attention::launch_prefill_attention<T, KV, 128>(p, num_tokens, s);
+        return wgmma ? attention::launch_prefill_attention_sm90<T, KV, 128>(p, num_tokens, s)
+                     : attention::launch_prefill_attention<T, KV, 128>(p, num_tokens, s);
       case 256:
         return attention::launch_prefill_attention<T, KV, 256>(p, num_tokens, s);
       default:

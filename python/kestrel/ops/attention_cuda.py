@@ -12,9 +12,9 @@ sequence's split length is computed on the device from its real seq_len
 spreads a short context over few full splits, not over one huge split.
 
 FP8 (e4m3) caches: both decode kernels (CUDA cores; tensor cores for large GQA groups, as for
-16-bit caches) and the mma.sync prefill kernel read them (the wgmma prefill reads 16-bit
-caches only; KESTREL_PREFILL_KERNEL=wgmma is not applied to FP8 caches); the codes are widened
-to the query dtype in registers or shared memory, exactly, and k_scale / v_scale applied.
+16-bit caches) and both prefill kernels (mma.sync; wgmma on sm_90, unless FP8_PREFILL_WGMMA is
+False, which sends FP8 prefills to mma.sync) read them; the codes are widened to the query
+dtype in registers or shared memory, exactly, and k_scale / v_scale applied.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ MIN_SPLIT_TOKENS = 64
 # the rows of an mma tile); smaller groups use the CUDA-core kernel. On the H100 the tensor-core
 # kernel was the faster one for groups 4 and 7 (docs/performance.md); 2 and 3 were not measured.
 TC_MIN_GROUP = 4
+# FP8 caches may take the wgmma prefill (sm_90); False runs their prefill on mma.sync.
+FP8_PREFILL_WGMMA = True
 # Split-planner cost of one wave of blocks beyond its tokens (launch, ramp, merge), in tokens.
 WAVE_OVERHEAD_TOKENS = 32
 
@@ -287,7 +289,7 @@ def paged_attention_cuda(
                 head_dim=head_dim,
                 block_size=block_size,
                 scale=float(scale),
-                variant=1 if fp8 else plan.prefill_variant,  # FP8: mma.sync (module docstring)
+                variant=1 if fp8 and not FP8_PREFILL_WGMMA else plan.prefill_variant,
                 dtype=code,
                 **scales,
             )
