@@ -31,6 +31,7 @@ NON_DEFAULTS: dict[str, Any] = {
     "max_model_len": 128,
     "block_size": 8,
     "num_kv_blocks": 64,
+    "kv_cache_dtype": "fp8",
     "kv_cache_memory_gib": 0.5,
     "gpu_memory_utilization": 0.5,
     "max_num_seqs": 3,
