@@ -223,6 +223,8 @@ def paged_attention_cuda(
     if not _metadata_supported(metadata):
         return None
     fp8 = is_fp8(key_cache.dtype)
+    if fp8 and not _dispatch.kernel_verified(_dispatch.FP8_KV_OP):
+        return None  # see _dispatch.UNVERIFIED_OPS
     kv_code = _dispatch.FP8_CODE if fp8 else code
     scales = {"kv_dtype": kv_code, "k_scale": float(k_scale), "v_scale": float(v_scale)}
     num_tokens, num_decodes = metadata.num_tokens, metadata.num_decodes
