@@ -18,6 +18,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.doc() = "Kestrel fused CUDA kernels (raw-pointer launchers; see kestrel.ops)";
   m.attr("DTYPE_FLOAT16") = 0;
   m.attr("DTYPE_BFLOAT16") = 1;
+  m.attr("DTYPE_FLOAT8_E4M3") = 2;  // KV caches (kv_dtype) and dense_gemv weights only
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("error_string", &error_string, py::arg("code"));
 
@@ -71,6 +72,9 @@ PYBIND11_MODULE(_kernels, m) {
       .KESTREL_FIELD(RotaryCacheArgs, num_tokens)
       .KESTREL_FIELD(RotaryCacheArgs, head_dim)
       .KESTREL_FIELD(RotaryCacheArgs, dtype)
+      .KESTREL_FIELD(RotaryCacheArgs, kv_dtype)
+      .KESTREL_FIELD(RotaryCacheArgs, k_scale)
+      .KESTREL_FIELD(RotaryCacheArgs, v_scale)
       .KESTREL_FIELD(RotaryCacheArgs, vec8);
   m.def("rotary_embedding_and_cache", &rotary_embedding_and_cache, nogil, py::arg("args"),
         py::arg("stream"));
@@ -97,11 +101,14 @@ PYBIND11_MODULE(_kernels, m) {
       .KESTREL_FIELD(DecodeAttentionArgs, min_split_len)
       .KESTREL_FIELD(DecodeAttentionArgs, workspace)
       .KESTREL_FIELD(DecodeAttentionArgs, workspace_floats)
-      .KESTREL_FIELD(DecodeAttentionArgs, dtype);
+      .KESTREL_FIELD(DecodeAttentionArgs, dtype)
+      .KESTREL_FIELD(DecodeAttentionArgs, kv_dtype)
+      .KESTREL_FIELD(DecodeAttentionArgs, k_scale)
+      .KESTREL_FIELD(DecodeAttentionArgs, v_scale);
   m.def("paged_decode_attention", &paged_decode_attention, nogil, py::arg("args"),
         py::arg("stream"));
   m.def("paged_decode_blocks_per_sm", &paged_decode_blocks_per_sm, py::arg("head_dim"),
-        py::arg("heads_per_block"), py::arg("dtype"));
+        py::arg("heads_per_block"), py::arg("dtype"), py::arg("kv_dtype") = -1);
 
   py::class_<PrefillAttentionArgs>(m, "PrefillAttentionArgs")
       .def(py::init<>())
@@ -123,7 +130,10 @@ PYBIND11_MODULE(_kernels, m) {
       .KESTREL_FIELD(PrefillAttentionArgs, block_size)
       .KESTREL_FIELD(PrefillAttentionArgs, scale)
       .KESTREL_FIELD(PrefillAttentionArgs, variant)
-      .KESTREL_FIELD(PrefillAttentionArgs, dtype);
+      .KESTREL_FIELD(PrefillAttentionArgs, dtype)
+      .KESTREL_FIELD(PrefillAttentionArgs, kv_dtype)
+      .KESTREL_FIELD(PrefillAttentionArgs, k_scale)
+      .KESTREL_FIELD(PrefillAttentionArgs, v_scale);
   m.def("paged_prefill_attention", &paged_prefill_attention, nogil, py::arg("args"),
         py::arg("stream"));
 

@@ -1,4 +1,5 @@
-// Instantiates paged decode attention for fp16 / bf16 and head dims 64, 128, 256.
+// Instantiates paged decode attention for fp16 / bf16, head dims 64, 128, 256 and caches of the
+// query dtype or float8 e4m3 (both kernels: CUDA cores, and tensor cores for 64 / 128).
 #include <cmath>
 
 #include "decode_attention.cuh"
@@ -31,25 +32,31 @@ int paged_decode_attention(const DecodeAttentionArgs& a, ptr_t stream) {
   p.num_q_heads = static_cast<int>(a.num_q_heads);
   p.num_kv_heads = static_cast<int>(a.num_kv_heads);
   p.block_size = static_cast<int>(a.block_size);
-  p.scale_log2 = static_cast<float>(a.scale * M_LOG2E);
+  const bool fp8 = a.kv_dtype == kFloat8E4M3;
+  if (fp8 && !(a.k_scale > 0 && a.v_scale > 0)) return cudaErrorInvalidValue;
+  // An FP8 cache holds K / k_scale and V / v_scale: k_scale joins the softmax scale, v_scale
+  // multiplies the output.
+  p.scale_log2 = static_cast<float>(a.scale * (fp8 ? a.k_scale : 1.0) * M_LOG2E);
+  p.v_scale = fp8 ? static_cast<float>(a.v_scale) : 1.f;
   p.heads_per_block = static_cast<int>(a.heads_per_block);
   p.num_splits = static_cast<int>(a.num_splits);
   p.min_split_len = static_cast<int>(a.min_split_len);
   p.partial_out = reinterpret_cast<float*>(a.workspace);
   p.partial_lse = p.partial_out + rows * a.head_dim;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype(a.dtype, [&](auto tag) {
+  return dispatch_dtype_kv(a.dtype, a.kv_dtype, [&](auto tag, auto kv_tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
+    using KV = typename decltype(kv_tag)::type;
     const bool tc = a.heads_per_block == attention::kTcHeads;  // tensor-core kernel
     switch (a.head_dim) {
       case 64:
-        return tc ? attention::launch_decode_tc<T, 64>(p, s)
-                  : attention::launch_decode_attention<T, 64>(p, s);
+        return tc ? attention::launch_decode_tc<T, KV, 64>(p, s)
+                  : attention::launch_decode_attention<T, KV, 64>(p, s);
       case 128:
-        return tc ? attention::launch_decode_tc<T, 128>(p, s)
-                  : attention::launch_decode_attention<T, 128>(p, s);
+        return tc ? attention::launch_decode_tc<T, KV, 128>(p, s)
+                  : attention::launch_decode_attention<T, KV, 128>(p, s);
       case 256:
-        return tc ? cudaErrorInvalidValue : attention::launch_decode_attention<T, 256>(p, s);
+        return tc ? cudaErrorInvalidValue : attention::launch_decode_attention<T, KV, 256>(p, s);
       default:
         return cudaErrorInvalidValue;
     }
@@ -60,22 +67,24 @@ int paged_decode_attention(const DecodeAttentionArgs& a, ptr_t stream) {
 
 namespace kestrel::api {
 
-int paged_decode_blocks_per_sm(int64_t head_dim, int64_t heads_per_block, int dtype) {
+int paged_decode_blocks_per_sm(int64_t head_dim, int64_t heads_per_block, int dtype, int kv_dtype) {
   const int g = static_cast<int>(heads_per_block);
   int blocks = 0;
-  const cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
+  const cudaError_t err = dispatch_dtype_kv(dtype, kv_dtype, [&](auto tag, auto kv_tag) {
     using T = typename decltype(tag)::type;
+    using KV = typename decltype(kv_tag)::type;
+    const bool tc = g == attention::kTcHeads;
     switch (head_dim) {
       case 64:
-        blocks = g == attention::kTcHeads ? attention::decode_tc_blocks_per_sm<T, 64>()
-                                          : attention::decode_blocks_per_sm<T, 64>(g);
+        blocks = tc ? attention::decode_tc_blocks_per_sm<T, KV, 64>()
+                    : attention::decode_blocks_per_sm<T, KV, 64>(g);
         return cudaSuccess;
       case 128:
-        blocks = g == attention::kTcHeads ? attention::decode_tc_blocks_per_sm<T, 128>()
-                                          : attention::decode_blocks_per_sm<T, 128>(g);
+        blocks = tc ? attention::decode_tc_blocks_per_sm<T, KV, 128>()
+                    : attention::decode_blocks_per_sm<T, KV, 128>(g);
         return cudaSuccess;
       case 256:
-        blocks = attention::decode_blocks_per_sm<T, 256>(g);
+        blocks = attention::decode_blocks_per_sm<T, KV, 256>(g);
         return cudaSuccess;
       default:
         return cudaErrorInvalidValue;

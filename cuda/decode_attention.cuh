@@ -18,6 +18,10 @@
 // online-softmax state (max, sum, 8 accumulators per head); the slots are merged through shared
 // memory at the end (reusing the ring).
 //
+// The cache element type KV is T or float8 e4m3 (kIsFp8): an FP8 lane chunk is 8 bytes (8
+// codes, an 8-byte cp.async), converted to fp32 in registers; k_scale is folded into the query
+// (scale_log2 carries it) and v_scale into the output (DecodeParams::v_scale).
+//
 // Capturable in a CUDA graph: no host synchronization, no allocation; the launch shape depends
 // only on (num_seqs, heads, num_splits), all fixed by the caller.
 #pragma once
@@ -46,6 +50,7 @@ struct DecodeParams {
   int min_split_len;    // >= 1: the shortest split of a sequence (see decode_split_len)
   float* partial_out;   // [num_splits, num_seqs, Hq, D] fp32 (num_splits > 1 only)
   float* partial_lse;   // [num_splits, num_seqs, Hq] fp32, log2 domain
+  float v_scale;        // the output is multiplied by it (1 unless the cache is FP8)
 };
 
 // Tokens per split of a sequence of seq_len tokens over num_splits splits: even splits, none
@@ -71,6 +76,7 @@ template <typename T>
 __device__ __forceinline__ void store_decode_result(const DecodeParams& p, int split, int seq,
                                                     int h, int D, int d, float o, float mx,
                                                     float sum) {
+  o *= p.v_scale;  // an FP8 cache's V codes are V / v_scale (the merge is linear in o)
   if (p.num_splits == 1) {
     T* out = static_cast<T*>(p.out) + seq * p.out_stride + h * D + d;
     *out = from_float<T>(o / sum);
@@ -85,23 +91,26 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kTableChunk = 1024;  // block-table entries staged in shared memory at a time
 
-template <int D, int G>
+// EB: bytes per cache element (2: T, 1: float8 e4m3).
+template <int D, int G, int EB = 2>
 struct DecodeShape {
-  static constexpr int LPT = D / 8;                     // lanes per token
-  static constexpr int TPW = 32 / LPT;                  // tokens per warp per step
-  static constexpr int SLOTS = kDecodeWarps * TPW;      // token slots per block
-  static constexpr int U = 4;                           // tokens per slot per tile
-  static constexpr int TILE = SLOTS * U;                // tokens per tile (stage)
-  static constexpr int STAGES = G >= 8 ? 4 : 3;         // 2 blocks/SM at G = 8, 3-4 below
-  static constexpr int STAGE_BYTES = TILE * D * 2 * 2;  // K and V, 16-bit: 16 KB
+  static constexpr int LPT = D / 8;                      // lanes per token
+  static constexpr int TPW = 32 / LPT;                   // tokens per warp per step
+  static constexpr int SLOTS = kDecodeWarps * TPW;       // token slots per block
+  static constexpr int U = 4;                            // tokens per slot per tile
+  static constexpr int TILE = SLOTS * U;                 // tokens per tile (stage)
+  static constexpr int STAGES = G >= 8 ? 4 : 3;          // 2 blocks/SM at G = 8, 3-4 below
+  static constexpr int CHUNK = 8 * EB;                   // bytes a lane copies per token
+  static constexpr int STAGE_BYTES = TILE * D * EB * 2;  // K and V: 16 KB (8 KB for FP8)
   static constexpr int MERGE_BYTES = SLOTS * G * (D + 2) * 4;
   static constexpr int SMEM =
       STAGES * STAGE_BYTES > MERGE_BYTES ? STAGES * STAGE_BYTES : MERGE_BYTES;
 };
 
-template <typename T, int D, int G>
+template <typename T, typename KV, int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const DecodeParams p) {
-  using S = DecodeShape<D, G>;
+  using S = DecodeShape<D, G, sizeof(KV)>;
+  constexpr int EB = sizeof(KV);
   constexpr int LPT = S::LPT, TPW = S::TPW, SLOTS = S::SLOTS, U = S::U, TILE = S::TILE;
   constexpr int STAGES = S::STAGES;
   static_assert(D % 64 == 0 && D <= 256, "head_dim must be 64, 128 or 256");
@@ -151,16 +160,16 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
     for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
   }
 
-  const T* kc = static_cast<const T*>(p.key_cache);
-  const T* vc = static_cast<const T*>(p.value_cache);
+  const KV* kc = static_cast<const KV*>(p.key_cache);
+  const KV* vc = static_cast<const KV*>(p.value_cache);
   const int64_t head_off = static_cast<int64_t>(kvh) * D + lt * 8;
   const int64_t row_elems = static_cast<int64_t>(p.num_kv_heads) * D;  // one cache row (token)
   const int bs = p.block_size;
   const int32_t* bt = p.block_tables + seq * p.bt_stride;
   const int chunk_tokens = (kTableChunk - 1) * bs;  // any chunk spans <= kTableChunk blocks
   const uint32_t ring = mma::smem_addr(smem_decode);
-  // This thread's chunk of token u of a tile, within a stage; V follows K by TILE * D * 2 bytes.
-  const uint32_t my_off = static_cast<uint32_t>(slot * D * 2 + lt * 16);
+  // This thread's chunk of token u of a tile, within a stage; V follows K by TILE * D * EB bytes.
+  const uint32_t my_off = static_cast<uint32_t>(slot * D * EB + lt * S::CHUNK);
 
   for (int c0 = start; c0 < end; c0 += chunk_tokens) {
     const int c1 = min(end, c0 + chunk_tokens);
@@ -185,9 +194,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
             off = (static_cast<int64_t>(table_s[b - first_blk]) * bs + (pos - b * bs)) * row_elems +
                   head_off;
           }
-          const uint32_t dst = stage + u * SLOTS * D * 2;
-          mma::cp_async16(dst, kc + off, valid);
-          mma::cp_async16(dst + TILE * D * 2, vc + off, valid);
+          const uint32_t dst = stage + u * SLOTS * D * EB;
+          if constexpr (kIsFp8<KV>) {
+            mma::cp_async8(dst, kc + off, valid);
+            mma::cp_async8(dst + TILE * D * EB, vc + off, valid);
+          } else {
+            mma::cp_async16(dst, kc + off, valid);
+            mma::cp_async16(dst + TILE * D * EB, vc + off, valid);
+          }
         }
       }
       mma::cp_async_commit();  // possibly empty: keeps the group count uniform
@@ -206,7 +220,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
       for (int u = 0; u < U; ++u) {
         ok[u] = p0 + u * SLOTS + slot < c1;
         float kf[8];
-        unpack8<T>(*reinterpret_cast<const uint4*>(stage + u * SLOTS * D * 2), kf);
+        load_kv8<T, KV>(stage + u * SLOTS * D * EB, kf);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           float d = 0.f;
@@ -238,7 +252,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(const 
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         float vf[8];
-        unpack8<T>(*reinterpret_cast<const uint4*>(stage + u * SLOTS * D * 2 + TILE * D * 2), vf);
+        load_kv8<T, KV>(stage + u * SLOTS * D * EB + TILE * D * EB, vf);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           const float pr = ok[u] ? fast_exp2(s[u][g] - m[g]) : 0.f;
@@ -307,22 +321,22 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(const DecodeParams p) {
   *out = from_float<T>(o / sum);
 }
 
-template <typename T, int D, int G>
+template <typename T, typename KV, int D, int G>
 cudaError_t launch_decode_g(const DecodeParams& p, cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const dim3 grid(p.num_kv_heads * ((group + G - 1) / G), p.num_seqs, p.num_splits);
-  constexpr int smem = DecodeShape<D, G>::SMEM;
-  cudaError_t err = cudaFuncSetAttribute(decode_attention_kernel<T, D, G>,
+  constexpr int smem = DecodeShape<D, G, sizeof(KV)>::SMEM;
+  cudaError_t err = cudaFuncSetAttribute(decode_attention_kernel<T, KV, D, G>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  decode_attention_kernel<T, D, G><<<grid, kDecodeThreads, smem, stream>>>(p);
+  decode_attention_kernel<T, KV, D, G><<<grid, kDecodeThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   decode_merge_kernel<T, D><<<dim3(p.num_q_heads, p.num_seqs), D, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
@@ -331,13 +345,13 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   }
   switch (p.heads_per_block) {
     case 1:
-      return launch_decode_g<T, D, 1>(p, stream);
+      return launch_decode_g<T, KV, D, 1>(p, stream);
     case 2:
-      return launch_decode_g<T, D, 2>(p, stream);
+      return launch_decode_g<T, KV, D, 2>(p, stream);
     case 4:
-      return launch_decode_g<T, D, 4>(p, stream);
+      return launch_decode_g<T, KV, D, 4>(p, stream);
     case 8:
-      return launch_decode_g<T, D, 8>(p, stream);
+      return launch_decode_g<T, KV, D, 8>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -345,30 +359,30 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
 
 // Resident decode blocks per multiprocessor for this (dtype, head_dim, heads per block), 0 on
 // error.
-template <typename T, int D, int G>
+template <typename T, typename KV, int D, int G>
 int decode_blocks_per_sm_g() {
   int blocks = 0;
-  constexpr int smem = DecodeShape<D, G>::SMEM;
-  if (cudaFuncSetAttribute(decode_attention_kernel<T, D, G>,
+  constexpr int smem = DecodeShape<D, G, sizeof(KV)>::SMEM;
+  if (cudaFuncSetAttribute(decode_attention_kernel<T, KV, D, G>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return 0;
   }
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, decode_attention_kernel<T, D, G>, kDecodeThreads, smem);
+      &blocks, decode_attention_kernel<T, KV, D, G>, kDecodeThreads, smem);
   return err == cudaSuccess ? blocks : 0;
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 int decode_blocks_per_sm(int heads_per_block) {
   switch (heads_per_block) {
     case 1:
-      return decode_blocks_per_sm_g<T, D, 1>();
+      return decode_blocks_per_sm_g<T, KV, D, 1>();
     case 2:
-      return decode_blocks_per_sm_g<T, D, 2>();
+      return decode_blocks_per_sm_g<T, KV, D, 2>();
     case 4:
-      return decode_blocks_per_sm_g<T, D, 4>();
+      return decode_blocks_per_sm_g<T, KV, D, 4>();
     case 8:
-      return decode_blocks_per_sm_g<T, D, 8>();
+      return decode_blocks_per_sm_g<T, KV, D, 8>();
     default:
       return 0;
   }

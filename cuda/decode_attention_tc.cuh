@@ -11,6 +11,11 @@
 // barriers run in the main loop. Each warp keeps an online softmax over its tokens; the warps
 // are merged through shared memory at the end.
 //
+// An FP8 (e4m3) cache (KV = __nv_fp8_e4m3) streams its codes through the same per-warp ring
+// (16 codes per 16-byte cp.async, unswizzled); before a tile's MMAs each lane widens the chunks
+// it copied itself to T, exactly, into one per-warp swizzled K/V tile, which the ldmatrix calls
+// read as for a 16-bit cache. k_scale rides in scale_log2, v_scale in the epilogue.
+//
 // Capturable in a CUDA graph: no host synchronization, no allocation.
 #pragma once
 
@@ -26,20 +31,28 @@ constexpr int kTcHeads = 16;  // query heads (mma rows) per block
 constexpr int kTcSlice = 16;  // tokens per warp per tile
 constexpr int kTcStages = 3;
 
-template <int D>
+template <int D, bool FP8 = false>
 struct DecodeTcShape {
-  static constexpr int CH = D / 8;                      // 16-byte chunks per row
-  static constexpr int SLICE_BYTES = kTcSlice * D * 2;  // K (or V) of one warp slice
+  static constexpr int CH = D / 8;                      // 16-byte chunks per row (16-bit)
+  static constexpr int SLICE_BYTES = kTcSlice * D * 2;  // K (or V) of one warp slice, 16-bit
   static constexpr int WARP_STAGE = 2 * SLICE_BYTES;    // K and V
-  static constexpr int RING = kDecodeWarps * kTcStages * WARP_STAGE;
+  // FP8: the ring holds codes (RAW_SLICE bytes per K or V slice); one widened tile (CONV
+  // bytes, K and V) precedes it in each warp's region.
+  static constexpr int RAW_CH = D / 16;  // 16-byte chunks per row of codes
+  static constexpr int RAW_SLICE = kTcSlice * D;
+  static constexpr int RAW_STAGE = 2 * RAW_SLICE;
+  static constexpr int CONV = FP8 ? WARP_STAGE : 0;
+  static constexpr int PER_WARP = FP8 ? CONV + kTcStages * RAW_STAGE : kTcStages * WARP_STAGE;
+  static constexpr int RING = kDecodeWarps * PER_WARP;
   static constexpr int MERGE = kDecodeWarps * kTcHeads * (D + 2) * 4;
   static constexpr int SMEM = RING > MERGE ? RING : MERGE;
 };
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(kDecodeThreads, 2)
     decode_attention_tc_kernel(const DecodeParams p) {
-  using S = DecodeTcShape<D>;
+  constexpr bool kFp8 = kIsFp8<KV>;
+  using S = DecodeTcShape<D, kFp8>;
   constexpr int CH = S::CH;
   static_assert(D == 64 || D == 128, "the tensor-core decode handles head_dim 64 and 128");
 
@@ -85,13 +98,15 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain; rows g and g + 8
   float row_sum[2] = {0.f, 0.f};              // this thread's share of its rows
 
-  const T* kc = static_cast<const T*>(p.key_cache);
-  const T* vc = static_cast<const T*>(p.value_cache);
+  const KV* kc = static_cast<const KV*>(p.key_cache);
+  const KV* vc = static_cast<const KV*>(p.value_cache);
   const int64_t row_elems = static_cast<int64_t>(p.num_kv_heads) * D;
   const int bs = p.block_size;
   const int32_t* bt = p.block_tables + seq * p.bt_stride;
   const int chunk_tokens = (kTableChunk - 1) * bs;
-  const uint32_t ring = mma::smem_addr(smem_tc) + warp * kTcStages * S::WARP_STAGE;
+  // 16-bit: this warp's ring of K/V tiles. FP8: its widened tile, then its ring of codes.
+  unsigned char* warp_smem = smem_tc + warp * S::PER_WARP;
+  const uint32_t ring = mma::smem_addr(warp_smem) + S::CONV;
   // ldmatrix lane roles (mma.cuh): K rows for B of Q K^T, V rows (transposed) for P V.
   const int k_row = (lane & 7) + ((lane >> 4) << 3);
   const int k_chunk = (lane >> 3) & 1;
@@ -110,7 +125,24 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
 
     // Copies this warp's slice of tile t (K and V) into its stage t % kTcStages.
     auto issue = [&](int t) {
-      if (t < ntiles) {
+      if (kFp8 && t < ntiles) {  // codes, row r's chunk c at r * D + 16 c (no swizzle)
+        const uint32_t stage = ring + (t % kTcStages) * S::RAW_STAGE;
+        const int base = c0 + t * kTile + warp * kTcSlice;
+        for (int i = lane; i < kTcSlice * S::RAW_CH; i += 32) {
+          const int r = i / S::RAW_CH, c = i % S::RAW_CH;
+          const int pos = base + r;
+          const bool valid = pos < c1;
+          int64_t off = 0;
+          if (valid) {
+            const int b = pos / bs;
+            off = (static_cast<int64_t>(table_s[b - first_blk]) * bs + (pos - b * bs)) * row_elems +
+                  static_cast<int64_t>(kvh) * D + c * 16;
+          }
+          const uint32_t at = r * D + c * 16;
+          mma::cp_async16(stage + at, kc + off, valid);
+          mma::cp_async16(stage + S::RAW_SLICE + at, vc + off, valid);
+        }
+      } else if (!kFp8 && t < ntiles) {
         const uint32_t stage = ring + (t % kTcStages) * S::WARP_STAGE;
         const int base = c0 + t * kTile + warp * kTcSlice;
         for (int i = lane; i < kTcSlice * CH; i += 32) {
@@ -130,6 +162,26 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
       }
       mma::cp_async_commit();
     };
+    // FP8: widens the codes of tile t this lane copied (the same chunks as in issue) into the
+    // warp's swizzled 16-bit tile, chunk c of the codes becoming 16-bit chunks 2c and 2c + 1.
+    auto widen = [&](int t) {
+      if constexpr (kFp8) {
+        const unsigned char* raw = warp_smem + S::CONV + (t % kTcStages) * S::RAW_STAGE;
+        for (int i = lane; i < kTcSlice * S::RAW_CH; i += 32) {
+          const int r = i / S::RAW_CH, c = i % S::RAW_CH;
+          const int at0 = r * D * 2 + (((2 * c) ^ (r & 7)) << 4);
+          const int at1 = r * D * 2 + (((2 * c + 1) ^ (r & 7)) << 4);
+#pragma unroll
+          for (int kv = 0; kv < 2; ++kv) {  // K, then V
+            const uint4 codes =
+                *reinterpret_cast<const uint4*>(raw + kv * S::RAW_SLICE + r * D + c * 16);
+            unsigned char* dst = warp_smem + kv * S::SLICE_BYTES;
+            *reinterpret_cast<uint4*>(dst + at0) = fp8x8_to<T>(make_uint2(codes.x, codes.y));
+            *reinterpret_cast<uint4*>(dst + at1) = fp8x8_to<T>(make_uint2(codes.z, codes.w));
+          }
+        }
+      }
+    };
 #pragma unroll
     for (int t = 0; t < kTcStages - 1; ++t) issue(t);
 
@@ -137,7 +189,14 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
       mma::cp_async_wait<kTcStages - 2>();
       __syncwarp();  // the warp's copies of tile t are visible; tile t - 1 is no longer read
       issue(t + kTcStages - 1);
-      const uint32_t kb = ring + (t % kTcStages) * S::WARP_STAGE;
+      uint32_t kb;
+      if constexpr (kFp8) {
+        widen(t);      // this lane's own copies of tile t have landed (the wait above)
+        __syncwarp();  // the widened tile is visible to the warp
+        kb = mma::smem_addr(warp_smem);
+      } else {
+        kb = ring + (t % kTcStages) * S::WARP_STAGE;
+      }
       const uint32_t vb = kb + S::SLICE_BYTES;
       const int base = c0 + t * kTile + warp * kTcSlice;
 
@@ -255,31 +314,31 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   }
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 cudaError_t launch_decode_tc(const DecodeParams& p, cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const dim3 grid(p.num_kv_heads * ((group + kTcHeads - 1) / kTcHeads), p.num_seqs, p.num_splits);
-  constexpr int smem = DecodeTcShape<D>::SMEM;
-  cudaError_t err = cudaFuncSetAttribute(decode_attention_tc_kernel<T, D>,
+  constexpr int smem = DecodeTcShape<D, kIsFp8<KV>>::SMEM;
+  cudaError_t err = cudaFuncSetAttribute(decode_attention_tc_kernel<T, KV, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  decode_attention_tc_kernel<T, D><<<grid, kDecodeThreads, smem, stream>>>(p);
+  decode_attention_tc_kernel<T, KV, D><<<grid, kDecodeThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   decode_merge_kernel<T, D><<<dim3(p.num_q_heads, p.num_seqs), D, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 int decode_tc_blocks_per_sm() {
   int blocks = 0;
-  constexpr int smem = DecodeTcShape<D>::SMEM;
-  if (cudaFuncSetAttribute(decode_attention_tc_kernel<T, D>,
+  constexpr int smem = DecodeTcShape<D, kIsFp8<KV>>::SMEM;
+  if (cudaFuncSetAttribute(decode_attention_tc_kernel<T, KV, D>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return 0;
   }
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, decode_attention_tc_kernel<T, D>, kDecodeThreads, smem);
+      &blocks, decode_attention_tc_kernel<T, KV, D>, kDecodeThreads, smem);
   return err == cudaSuccess ? blocks : 0;
 }
 

@@ -1,8 +1,10 @@
 // Host entry points of kestrel._kernels: plain C++ types only (no CUDA or pybind11 headers), so
 // bindings.cpp compiles with the host compiler. Pointers are device addresses as integers
 // (torch's data_ptr()), strides are in elements, `stream` is a cudaStream_t as an integer and
-// `dtype` a kestrel::DTypeCode (0 = fp16, 1 = bf16). Each returns a cudaError_t as int
-// (0 = success); error_string() turns it into text.
+// `dtype` a kestrel::DTypeCode (0 = fp16, 1 = bf16). `kv_dtype` names a KV cache's element
+// type: -1 (the default) or dtype itself, or 2 = float8 e4m3 (codes of x / scale, saturated to
+// +-448; k_scale and v_scale > 0, read back as code * scale). Each returns a cudaError_t as
+// int (0 = success); error_string() turns it into text.
 //
 // The launches with many arguments take a parameter struct (bound to Python with named fields,
 // e.g. _kernels.DecodeAttentionArgs, set by name; an unknown name is an AttributeError). Fields
@@ -76,6 +78,9 @@ struct RotaryCacheArgs {
   int64_t num_tokens = 0;
   int64_t head_dim = 0;
   int dtype = -1;
+  int kv_dtype = -1;  // the caches' element type (see the top of this file)
+  double k_scale = 1.0;
+  double v_scale = 1.0;
   bool vec8 = false;
 };
 int rotary_embedding_and_cache(const RotaryCacheArgs& args, ptr_t stream);
@@ -86,7 +91,7 @@ int rotary_embedding_and_cache(const RotaryCacheArgs& args, ptr_t stream);
 // one kv head. With num_splits > 1 each sequence is cut into at most num_splits even pieces of
 // at least min_split_len tokens (1..16384), chosen on the device from its own seq_len, merged
 // through `workspace` (fp32, at least num_splits * num_seqs * num_q_heads * (head_dim + 1)
-// floats, workspace_floats given).
+// floats, workspace_floats given). Both kernels read FP8 caches (kv_dtype 2).
 struct DecodeAttentionArgs {
   ptr_t out = 0;
   int64_t out_stride = 0;
@@ -109,17 +114,21 @@ struct DecodeAttentionArgs {
   ptr_t workspace = 0;
   int64_t workspace_floats = 0;
   int dtype = -1;
+  int kv_dtype = -1;
+  double k_scale = 1.0;  // FP8 caches only
+  double v_scale = 1.0;
 };
 int paged_decode_attention(const DecodeAttentionArgs& args, ptr_t stream);
 
 // Resident decode-attention blocks per multiprocessor of the current device for this head_dim,
-// heads per block and dtype (0 when unsupported): the split planner's wave size.
-int paged_decode_blocks_per_sm(int64_t head_dim, int64_t heads_per_block, int dtype);
+// heads per block, dtype and cache dtype (0 when unsupported): the split planner's wave size.
+int paged_decode_blocks_per_sm(int64_t head_dim, int64_t heads_per_block, int dtype, int kv_dtype);
 
 // paged_prefill_attention over query chunks: sequence i owns q rows
 // [query_start_loc[i] - query_start_loc[0], query_start_loc[i + 1] - query_start_loc[0]),
 // the last rows of its seq_lens[i]-token context, causal. num_tokens: rows of q. variant: 0 picks
 // the kernel (wgmma on sm_90 for head_dim 64/128, else mma.sync), 1 forces mma.sync, 2 wgmma.
+// Both kernels read FP8 caches.
 struct PrefillAttentionArgs {
   ptr_t out = 0;
   int64_t out_stride = 0;
@@ -140,6 +149,9 @@ struct PrefillAttentionArgs {
   double scale = 0.0;
   int variant = 0;
   int dtype = -1;
+  int kv_dtype = -1;
+  double k_scale = 1.0;  // FP8 caches only
+  double v_scale = 1.0;
 };
 int paged_prefill_attention(const PrefillAttentionArgs& args, ptr_t stream);
 

@@ -23,6 +23,13 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
                "r"(src_bytes));
 }
 
+// Copies 8 bytes (the L1-allocating variant: .cg takes 16 only); zero-fills when !valid.
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most N of this thread's committed cp.async groups are still pending.

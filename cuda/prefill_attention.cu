@@ -1,4 +1,5 @@
-// Instantiates paged prefill attention for fp16 / bf16 and head dims 64, 128, 256.
+// Instantiates paged prefill attention for fp16 / bf16, head dims 64, 128, 256 and caches of the
+// query dtype or float8 e4m3 (both kernels).
 #include <cmath>
 
 #include "kernels.h"
@@ -14,6 +15,8 @@ int paged_prefill_attention(const PrefillAttentionArgs& a, ptr_t stream) {
     return cudaErrorInvalidValue;
   }
   const int64_t head_dim = a.head_dim, num_tokens = a.num_tokens;
+  const bool fp8 = a.kv_dtype == kFloat8E4M3;
+  if (fp8 && !(a.k_scale > 0 && a.v_scale > 0)) return cudaErrorInvalidValue;
   // variant 0: wgmma where it runs (sm_90, head_dim 64/128), else mma.sync; 1: mma.sync; 2: wgmma.
   const bool sm90 = attention::use_sm90_prefill() && (head_dim == 64 || head_dim == 128);
   if (a.variant == 2 && !sm90) return cudaErrorInvalidValue;
@@ -37,19 +40,22 @@ int paged_prefill_attention(const PrefillAttentionArgs& a, ptr_t stream) {
   for (int shift = 0; shift < 21; ++shift) {
     if ((int64_t{1} << shift) == a.block_size) p.block_shift = shift;
   }
-  p.scale_log2 = static_cast<float>(a.scale * M_LOG2E);
+  // An FP8 cache holds K / k_scale and V / v_scale (see decode_attention.cu).
+  p.scale_log2 = static_cast<float>(a.scale * (fp8 ? a.k_scale : 1.0) * M_LOG2E);
+  p.v_scale = fp8 ? static_cast<float>(a.v_scale) : 1.f;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype(a.dtype, [&](auto tag) {
+  return dispatch_dtype_kv(a.dtype, a.kv_dtype, [&](auto tag, auto kv_tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
+    using KV = typename decltype(kv_tag)::type;
     switch (head_dim) {
       case 64:
-        return wgmma ? attention::launch_prefill_attention_sm90<T, 64>(p, num_tokens, s)
-                     : attention::launch_prefill_attention<T, 64>(p, num_tokens, s);
+        return wgmma ? attention::launch_prefill_attention_sm90<T, KV, 64>(p, num_tokens, s)
+                     : attention::launch_prefill_attention<T, KV, 64>(p, num_tokens, s);
       case 128:
-        return wgmma ? attention::launch_prefill_attention_sm90<T, 128>(p, num_tokens, s)
-                     : attention::launch_prefill_attention<T, 128>(p, num_tokens, s);
+        return wgmma ? attention::launch_prefill_attention_sm90<T, KV, 128>(p, num_tokens, s)
+                     : attention::launch_prefill_attention<T, KV, 128>(p, num_tokens, s);
       case 256:
-        return attention::launch_prefill_attention<T, 256>(p, num_tokens, s);
+        return attention::launch_prefill_attention<T, KV, 256>(p, num_tokens, s);
       default:
         return cudaErrorInvalidValue;
     }

@@ -8,6 +8,11 @@
 // zero-filled, so no stale or NaN data reaches the products. Each of the 4 warps owns 16 query
 // rows: S = Q K^T and O += P V on tensor cores, online softmax in fp32 registers (log2 domain).
 //
+// An FP8 cache (KV = __nv_fp8_e4m3) is copied the same way, one tile ahead, into a second,
+// unswizzled double buffer of codes (16 per cp.async); once a tile has landed each thread widens
+// the chunks it copied to T, exactly, into the swizzled tiles, so the MMAs are those of a 16-bit
+// cache; k_scale rides in scale_log2 and v_scale in the epilogue (PrefillParams).
+//
 // Capturable in a CUDA graph: no host synchronization, no allocation.
 #pragma once
 
@@ -25,9 +30,10 @@ __host__ __device__ constexpr int prefill_bn() {
   return D == 256 ? 32 : 64;
 }
 
-template <int D>
+// Q + double-buffered K and V, 16-bit (+ double-buffered K and V codes for an FP8 cache).
+template <int D, bool FP8 = false>
 __host__ __device__ constexpr int prefill_smem_bytes() {
-  return (kPrefillBM + 4 * prefill_bn<D>()) * D * 2;  // Q + double-buffered K and V, 16-bit
+  return (kPrefillBM + 4 * prefill_bn<D>()) * D * 2 + (FP8 ? 4 * prefill_bn<D>() * D : 0);
 }
 
 // Offset (elements) of 16-byte chunk c of row r in a swizzled [rows][D] tile.
@@ -36,7 +42,7 @@ __device__ __forceinline__ int swz(int r, int c) {
   return r * D + ((c ^ (r & 7)) << 3);
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(const PrefillParams p) {
   constexpr int BM = kPrefillBM;
   constexpr int BN = prefill_bn<D>();
@@ -62,8 +68,8 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   const int first_masked = (tile.ctx0 + tile.m0) / BN;  // tiles >= this may hold hidden keys
 
   const T* qg = static_cast<const T*>(p.q);
-  const T* kg = static_cast<const T*>(p.key_cache);
-  const T* vg = static_cast<const T*>(p.value_cache);
+  const KV* kg = static_cast<const KV*>(p.key_cache);
+  const KV* vg = static_cast<const KV*>(p.value_cache);
   const int32_t* bt = p.block_tables + tile.seq * p.bt_stride;
 
   // ---- prologue: Q tile (group 0), K/V tile 0 (group 1) ----
@@ -76,16 +82,52 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   }
   mma::cp_async_commit();
 
+  // FP8: the codes of K/V tile buffer buf, [BN][D] bytes each, after the 16-bit tiles.
+  unsigned char* k_raw = reinterpret_cast<unsigned char*>(v_s + 2 * BN * D);  // [2][BN][D]
+  unsigned char* v_raw = k_raw + 2 * BN * D;
+  constexpr int RAW_CH = D / 16;  // 16-byte chunks of codes per row
   auto load_kv = [&](int buf, int j) {
-    T* kd = k_s + buf * BN * D;
-    T* vd = v_s + buf * BN * D;
-    for (int i = tid; i < BN * CH; i += kPrefillThreads) {
-      const int r = i / CH, c = i % CH;
-      const int pos = j * BN + r;
-      const bool valid = pos < kv_end;
-      const int64_t off = valid ? kv_offset(p, bt, pos, kvh, D, c) : 0;
-      mma::cp_async16(mma::smem_addr(kd + swz<D>(r, c)), kg + off, valid);
-      mma::cp_async16(mma::smem_addr(vd + swz<D>(r, c)), vg + off, valid);
+    if constexpr (kIsFp8<KV>) {  // codes; chunk c of row r at r * D + 16 c
+      for (int i = tid; i < BN * RAW_CH; i += kPrefillThreads) {
+        const int r = i / RAW_CH, c = i % RAW_CH;
+        const int pos = j * BN + r;
+        const bool valid = pos < kv_end;
+        const int64_t off = valid ? kv_offset(p, bt, pos, kvh, D, 0) + c * 16 : 0;
+        const int at = buf * BN * D + r * D + c * 16;
+        mma::cp_async16(mma::smem_addr(k_raw + at), kg + off, valid);
+        mma::cp_async16(mma::smem_addr(v_raw + at), vg + off, valid);
+      }
+    } else {  // straight into the swizzled tiles
+      T* kd = k_s + buf * BN * D;
+      T* vd = v_s + buf * BN * D;
+      for (int i = tid; i < BN * CH; i += kPrefillThreads) {
+        const int r = i / CH, c = i % CH;
+        const int pos = j * BN + r;
+        const bool valid = pos < kv_end;
+        const int64_t off = valid ? kv_offset(p, bt, pos, kvh, D, c) : 0;
+        mma::cp_async16(mma::smem_addr(kd + swz<D>(r, c)), kg + off, valid);
+        mma::cp_async16(mma::smem_addr(vd + swz<D>(r, c)), vg + off, valid);
+      }
+    }
+  };
+  // FP8: widens the codes of buffer buf this thread copied (the chunks of load_kv) into the
+  // swizzled tiles: chunk c of codes becomes 16-bit chunks 2c and 2c + 1.
+  auto widen = [&](int buf) {
+    if constexpr (kIsFp8<KV>) {
+      for (int i = tid; i < BN * RAW_CH; i += kPrefillThreads) {
+        const int r = i / RAW_CH, c = i % RAW_CH;
+        const int at = buf * BN * D + r * D + c * 16;
+        const uint4 kc8 = *reinterpret_cast<const uint4*>(k_raw + at);
+        const uint4 vc8 = *reinterpret_cast<const uint4*>(v_raw + at);
+        T* kd = k_s + buf * BN * D;
+        T* vd = v_s + buf * BN * D;
+        *reinterpret_cast<uint4*>(kd + swz<D>(r, 2 * c)) = fp8x8_to<T>(make_uint2(kc8.x, kc8.y));
+        *reinterpret_cast<uint4*>(kd + swz<D>(r, 2 * c + 1)) =
+            fp8x8_to<T>(make_uint2(kc8.z, kc8.w));
+        *reinterpret_cast<uint4*>(vd + swz<D>(r, 2 * c)) = fp8x8_to<T>(make_uint2(vc8.x, vc8.y));
+        *reinterpret_cast<uint4*>(vd + swz<D>(r, 2 * c + 1)) =
+            fp8x8_to<T>(make_uint2(vc8.z, vc8.w));
+      }
     }
   };
   load_kv(0, 0);
@@ -126,6 +168,9 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
     } else {
       mma::cp_async_wait<0>();
     }
+    // FP8: this thread's codes of tile j have landed; 16-bit buffer j & 1 was last read in
+    // tile j - 2, before that tile's final barrier.
+    widen(j & 1);
     __syncthreads();
     const T* kb = k_s + (j & 1) * BN * D;
     const T* vb = v_s + (j & 1) * BN * D;
@@ -181,7 +226,7 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_attention_kernel(cons
   store_output<T>(p, tile, head, r0, o, row_sum);
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 cudaError_t launch_prefill_attention(PrefillParams p, int64_t num_tokens, cudaStream_t stream) {
   if (p.num_seqs == 0 || num_tokens == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.block_size <= 0 ||
@@ -191,12 +236,12 @@ cudaError_t launch_prefill_attention(PrefillParams p, int64_t num_tokens, cudaSt
   const int64_t slots = ceil_div(num_tokens, kPrefillBM) + p.num_seqs;
   if (slots >= (1LL << 31)) return cudaErrorInvalidValue;
   p.tile_slots = static_cast<int>(slots);
-  constexpr int smem = prefill_smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(prefill_attention_kernel<T, D>,
+  constexpr int smem = prefill_smem_bytes<D, kIsFp8<KV>>();
+  cudaError_t err = cudaFuncSetAttribute(prefill_attention_kernel<T, KV, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.tile_slots, p.num_q_heads);
-  prefill_attention_kernel<T, D><<<grid, kPrefillThreads, smem, stream>>>(p);
+  prefill_attention_kernel<T, KV, D><<<grid, kPrefillThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

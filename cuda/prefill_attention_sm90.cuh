@@ -20,6 +20,13 @@
 // 16-byte chunk c of row r at chunk c ^ (r % 8): the wgmma 128-byte swizzle. The Q tile is
 // staged in stage 2 during the prologue, before tile 2 is loaded there.
 //
+// An FP8 (e4m3) cache (KV = __nv_fp8_e4m3) goes through a 3-stage ring of codes instead (16
+// codes per cp.async, rows unswizzled), and two 16-bit stages hold the widened tiles the wgmma
+// reads: after the barrier that frees widened stage (j + 1) % 2 (every warpgroup is past
+// P_{j-1} V_{j-1}), each thread widens the codes of tile j + 1 it copied itself, exactly, then
+// a proxy fence and a barrier precede S_{j+1}. k_scale rides in scale_log2, v_scale in the
+// epilogue (PrefillParams). Q is staged in widened stage 1 during the prologue.
+//
 // Capturable in a CUDA graph: no host synchronization, no allocation.
 #pragma once
 
@@ -47,9 +54,12 @@ __host__ __device__ constexpr int sm90_stage_bytes() {
   return 2 * BN * D * 2;  // K and V tiles, 16-bit
 }
 
-template <int D, int BN>
+// FP8: two widened 16-bit stages, then kSm90Stages stages of codes (K and V, 1 byte each).
+template <int D, int BN, bool FP8 = false>
 __host__ __device__ constexpr int sm90_smem_bytes() {
-  return kSm90Stages * sm90_stage_bytes<D, BN>() + 1024;  // slack for 1 KB alignment
+  return (FP8 ? 2 * sm90_stage_bytes<D, BN>() + kSm90Stages * 2 * BN * D
+              : kSm90Stages * sm90_stage_bytes<D, BN>()) +
+         1024;  // slack for 1 KB alignment
 }
 
 // Byte offset of 16-byte chunk c (of D / 8) of row r in a swizzled [ROWS][D] tile.
@@ -122,25 +132,37 @@ __device__ __forceinline__ void softmax_scores_tree(float (&s)[NS][4], float (&r
   row_sum[1] = fmaf(row_sum[1], alpha[1], m1[0]);
 }
 
-template <typename T, int D, int NWG, int BN>
+template <typename T, typename KV, int D, int NWG, int BN>
 __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
     prefill_attention_sm90_kernel(const PrefillParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kFp8 = kIsFp8<KV>;
   constexpr int NT = 128 * NWG;                           // threads
   constexpr int BM = 64 * NWG;                            // query rows of the block
-  constexpr int CH = D / 8;                               // 16-byte chunks per row
+  constexpr int CH = D / 8;                               // 16-byte chunks per row (16-bit)
   constexpr uint32_t kStage = sm90_stage_bytes<D, BN>();  // multiple of 1024
   constexpr uint32_t kKBytes = BN * D * 2;
-  constexpr int kLoads = BN * CH / NT;  // 16-byte chunks of K (and of V) a thread copies a tile
-  constexpr int kRowStep = NT / CH;     // rows between a thread's chunks
+  // 16-byte chunks per row a thread copies: of T, or of codes (FP8).
+  constexpr int kCH = kFp8 ? D / 16 : CH;
+  constexpr uint32_t kRawStage = 2 * BN * D;  // FP8: K and V codes of one tile
+  constexpr int kLoads = BN * kCH / NT;  // 16-byte chunks of K (and of V) a thread copies a tile
+  constexpr int kRowStep = NT / kCH;     // rows between a thread's chunks
   static_assert(D == 64 || D == 128, "the wgmma kernel handles head_dim 64 and 128");
   static_assert(BN == 64 || BN == 128, "key tiles of 64 or 128");
   static_assert(BM * D * 2 <= kStage, "the Q tile is staged in one K/V stage");
-  static_assert(NT % CH == 0 && (BN * CH) % NT == 0, "whole rows per copy round");
+  static_assert(NT % kCH == 0 && (BN * kCH) % NT == 0, "whole rows per copy round");
 
   extern __shared__ __align__(128) unsigned char smem_sm90[];
   const uint32_t stage0 = (mma::smem_addr(smem_sm90) + 1023) & ~1023u;  // 1 KB-aligned atoms
-  const uint32_t q_s = stage0 + 2 * kStage;                             // prologue only
+  // 16-bit: tile t in stage t % 3, Q staged in stage 2. FP8: tile t widened into stage t % 2,
+  // its codes in raw stage t % 3 (after the two widened stages), Q staged in stage 1.
+  const uint32_t q_s = stage0 + (kFp8 ? 1 : 2) * kStage;  // prologue only
+  const uint32_t raw0 = stage0 + 2 * kStage;              // FP8 only
+  unsigned char* const smem_gen = smem_sm90 + (stage0 - mma::smem_addr(smem_sm90));
+  // Byte address of tile j's widened (FP8) or copied (16-bit) stage.
+  auto tile_stage = [&](int j) -> uint32_t {
+    return stage0 + (kFp8 ? j % 2 : j % kSm90Stages) * kStage;
+  };
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;  // warp w of the block: rows 16 w .. 16 w + 15 (warpgroup w / 4)
@@ -155,14 +177,14 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
   const int first_masked = (tile.ctx0 + tile.m0 + 64 * (warp / 4)) / BN;
 
   const T* qg = static_cast<const T*>(p.q);
-  const T* kg = static_cast<const T*>(p.key_cache);
-  const T* vg = static_cast<const T*>(p.value_cache);
+  const KV* kg = static_cast<const KV*>(p.key_cache);
+  const KV* vg = static_cast<const KV*>(p.value_cache);
   const int32_t* bt = p.block_tables + tile.seq * p.bt_stride;
 
   // Copy work: thread tid copies chunk ld_c of rows ld_r + i kRowStep (i < kLoads) of a tile.
   // The block-table entries of a tile are fetched (fetch_blocks) well before the copies are
   // issued (issue_kv), so the table loads' latency hides behind the softmax.
-  const int ld_c = tid % CH, ld_r = tid / CH;
+  const int ld_c = tid % kCH, ld_r = tid / kCH;
   int blk[kLoads];
   auto fetch_blocks = [&](int j) {
 #pragma unroll
@@ -175,7 +197,10 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
   // Copies key tile j (K and V, its entries fetched) into its stage; commits one group.
   auto issue_kv = [&](int j) {
     if (j < n_tiles) {
-      const uint32_t k_dst = stage0 + (j % kSm90Stages) * kStage;
+      // 16-bit: straight into the swizzled stage; FP8: codes, row r's chunk at r * D + 16 c.
+      const uint32_t k_dst =
+          kFp8 ? raw0 + (j % kSm90Stages) * kRawStage : stage0 + (j % kSm90Stages) * kStage;
+      const uint32_t v_off = kFp8 ? BN * D : kKBytes;
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) {
         const int r = ld_r + i * kRowStep;
@@ -183,16 +208,40 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
         const bool valid = pos < tile.kv_end;
         const int in_block = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos % p.block_size;
         const int64_t row = static_cast<int64_t>(blk[i]) * p.block_size + in_block;
-        const int64_t off = valid ? (row * p.num_kv_heads + kvh) * D + ld_c * 8 : 0;
-        const uint32_t at = sw128<BN>(r, ld_c);
+        const int64_t off = valid ? (row * p.num_kv_heads + kvh) * D + ld_c * (kFp8 ? 16 : 8) : 0;
+        const uint32_t at = kFp8 ? static_cast<uint32_t>(r * D + ld_c * 16) : sw128<BN>(r, ld_c);
         mma::cp_async16(k_dst + at, kg + off, valid);
-        mma::cp_async16(k_dst + kKBytes + at, vg + off, valid);
+        mma::cp_async16(k_dst + v_off + at, vg + off, valid);
       }
     }
     mma::cp_async_commit();  // possibly empty: keeps the group count uniform
   };
+  // FP8: widens the codes of tile j this thread copied (its issue_kv chunks, landed) into
+  // widened stage j % 2: chunk c of codes becomes 16-bit chunks 2c and 2c + 1 of the row.
+  auto widen = [&](int j) {
+    if constexpr (kFp8) {
+      if (j < n_tiles) {
+        const unsigned char* src = smem_gen + (raw0 - stage0) + (j % kSm90Stages) * kRawStage;
+        unsigned char* dst = smem_gen + (j % 2) * kStage;
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) {
+          const int r = ld_r + i * kRowStep;
+#pragma unroll
+          for (int kv = 0; kv < 2; ++kv) {  // K, then V
+            const uint4 codes =
+                *reinterpret_cast<const uint4*>(src + kv * BN * D + r * D + ld_c * 16);
+            unsigned char* d = dst + kv * kKBytes;
+            *reinterpret_cast<uint4*>(d + sw128<BN>(r, 2 * ld_c)) =
+                fp8x8_to<T>(make_uint2(codes.x, codes.y));
+            *reinterpret_cast<uint4*>(d + sw128<BN>(r, 2 * ld_c + 1)) =
+                fp8x8_to<T>(make_uint2(codes.z, codes.w));
+          }
+        }
+      }
+    }
+  };
   auto k_desc = [&](int j, int kk) {  // K-major K tile j, k-step kk (16 dims)
-    const uint32_t k = stage0 + (j % kSm90Stages) * kStage + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+    const uint32_t k = tile_stage(j) + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
     return wgmma::make_desc(k, 16, 1024);
   };
   auto mma_s = [&](float (&acc)[BN / 8][4], const uint32_t (&a)[4], uint64_t desc, int scale_d) {
@@ -224,9 +273,10 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
   for (int kk = 0; kk < D / 16; ++kk) {
     mma::ldmatrix_x4(qf[kk], q_s + sw128<BM>(q_row, 2 * kk + (lane >> 4)));
   }
-  __syncthreads();  // the Q staging area (stage 2) is free
+  __syncthreads();  // the Q staging area (stage 2; FP8: widened stage 1) is free
   issue_kv(2);
-  wgmma::fence_proxy_async();  // tile 0 (cp.async writes) -> wgmma reads
+  widen(0);                    // FP8: this thread's codes of tile 0 landed (the wait above)
+  wgmma::fence_proxy_async();  // tile 0 (cp.async or widening writes) -> wgmma reads
   __syncthreads();
 
   float s[BN / 8][4];
@@ -273,6 +323,12 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
     }
     wgmma::fence_proxy_async();
     __syncthreads();  // every warpgroup is past P_{j-1} V_{j-1}: stage (j - 1) % 3 is free
+    if constexpr (kFp8) {
+      // Widened stage (j + 1) % 2 held tile j - 1, free now; raw stage (j + 1) % 3 landed.
+      widen(j + 1);
+      wgmma::fence_proxy_async();
+      __syncthreads();
+    }
     if (j >= 1) issue_kv(j + 2);  // into stage (j - 1) % 3; tiles 0..2 came with the prologue
 
     wgmma::fence();
@@ -282,7 +338,7 @@ __global__ void __launch_bounds__(128 * NWG, NWG == 1 ? 2 : 1)
       for (int kk = 0; kk < D / 16; ++kk) mma_s(s, qf[kk], k_desc(j + 1, kk), kk);
     }
     wgmma::commit();
-    const uint32_t v = stage0 + (j % kSm90Stages) * kStage + kKBytes;
+    const uint32_t v = tile_stage(j) + kKBytes;
 #pragma unroll
     for (int kc = 0; kc < BN / 16; ++kc) {
       // Keys 16 kc .. 16 kc + 15 are rows of V; 64-dim column blocks lie BN * 128 bytes apart.
@@ -317,19 +373,20 @@ inline bool use_sm90_prefill() {
 #endif
 }
 
-template <typename T, int D, int NWG = Sm90Shape<D>::kWarpgroups, int BN = Sm90Shape<D>::kBN>
+template <typename T, typename KV, int D, int NWG = Sm90Shape<D>::kWarpgroups,
+          int BN = Sm90Shape<D>::kBN>
 cudaError_t launch_prefill_attention_sm90(PrefillParams p, int64_t num_tokens,
                                           cudaStream_t stream) {
   constexpr int BM = 64 * NWG;
   const int64_t slots = ceil_div(num_tokens, BM) + p.num_seqs;
   if (slots >= (1LL << 31)) return cudaErrorInvalidValue;
   p.tile_slots = static_cast<int>(slots);
-  constexpr int smem = sm90_smem_bytes<D, BN>();
-  cudaError_t err = cudaFuncSetAttribute(prefill_attention_sm90_kernel<T, D, NWG, BN>,
+  constexpr int smem = sm90_smem_bytes<D, BN, kIsFp8<KV>>();
+  cudaError_t err = cudaFuncSetAttribute(prefill_attention_sm90_kernel<T, KV, D, NWG, BN>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.tile_slots, p.num_q_heads);
-  prefill_attention_sm90_kernel<T, D, NWG, BN><<<grid, 128 * NWG, smem, stream>>>(p);
+  prefill_attention_sm90_kernel<T, KV, D, NWG, BN><<<grid, 128 * NWG, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

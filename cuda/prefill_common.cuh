@@ -32,7 +32,8 @@ struct PrefillParams {
   const int32_t* seq_lens;         // [num_seqs]
   int num_seqs, num_q_heads, num_kv_heads, block_size;
   int block_shift;   // log2(block_size) when it is a power of two, else -1
-  float scale_log2;  // softmax scale * log2(e)
+  float scale_log2;  // softmax scale * log2(e) (* k_scale for an FP8 cache)
+  float v_scale;     // the output is multiplied by it (1 unless the cache is FP8)
   int tile_slots;    // gridDim.x
 };
 
@@ -162,7 +163,7 @@ __device__ __forceinline__ void store_output(const PrefillParams& p, const Prefi
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+  const float inv0 = p.v_scale / l0, inv1 = p.v_scale / l1;
   using T2 = typename Pair<T>::type;
   T* out = static_cast<T*>(p.out) + head * (NO * 8) + 2 * (threadIdx.x % 4);
   if (r0 < tile.rows) {

@@ -1,4 +1,5 @@
-// Instantiates the fused rotary + KV-cache write for fp16 / bf16 and both vector widths.
+// Instantiates the fused rotary + KV-cache write for fp16 / bf16, caches of that dtype or
+// float8 e4m3, and both vector widths.
 #include "kernels.h"
 #include "rotary.cuh"
 
@@ -27,10 +28,14 @@ int rotary_embedding_and_cache(const RotaryCacheArgs& a, ptr_t stream) {
   p.slots_int64 = a.slots_int64;
   p.num_tokens = a.num_tokens;
   p.head_dim = static_cast<int>(a.head_dim);
+  p.k_scale = static_cast<float>(a.k_scale);
+  p.v_scale = static_cast<float>(a.v_scale);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_dtype(a.dtype, [&](auto tag) {
+  return dispatch_dtype_kv(a.dtype, a.kv_dtype, [&](auto tag, auto kv_tag) {
     using T = typename decltype(tag)::type;
-    return a.vec8 ? rotary::launch_rotary_kv<T, 8>(p, s) : rotary::launch_rotary_kv<T, 1>(p, s);
+    using KV = typename decltype(kv_tag)::type;
+    return a.vec8 ? rotary::launch_rotary_kv<T, KV, 8>(p, s)
+                  : rotary::launch_rotary_kv<T, KV, 1>(p, s);
   });
 }
 

@@ -4,8 +4,10 @@
 // For a head vector x = (x1, x2) (halves of head_dim) and the row cos_sin[pos] = (c, s):
 // x <- (x1 * c - x2 * s, x2 * c + x1 * s), in fp32, rounded to T (as kestrel.ops.rotary).
 // q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]: head stride D, token strides given (views into a
-// fused qkv projection need no copy). Caches [num_blocks, block_size, Hkv, D] contiguous; slot
-// s < 0 skips the cache write of that token (q and k are still rotated).
+// fused qkv projection need no copy). Caches [num_blocks, block_size, Hkv, D] contiguous, of
+// element type KV: T, or float8 e4m3 codes of k / k_scale and v / v_scale (store_kv in
+// common.cuh: the value rounded to T first, then saturated to +-448); slot s < 0 skips the
+// cache write of that token (q and k are still rotated).
 #pragma once
 
 #include "common.cuh"
@@ -30,6 +32,8 @@ struct RotaryParams {
   bool slots_int64;
   int64_t num_tokens;
   int head_dim;
+  float k_scale;  // FP8 caches only: stored = k / k_scale (> 0)
+  float v_scale;
 };
 
 __device__ __forceinline__ int64_t read_index(const void* p, bool is_int64, int64_t i) {
@@ -37,7 +41,7 @@ __device__ __forceinline__ int64_t read_index(const void* p, bool is_int64, int6
 }
 
 // One block per token; threads stride over (head, VEC-chunk of the first half) pairs.
-template <typename T, int VEC>
+template <typename T, typename KV, int VEC>
 __global__ void __launch_bounds__(256) rotary_kv_kernel(const RotaryParams p) {
   const int64_t t = blockIdx.x;
   const int64_t pos = read_index(p.positions, p.positions_int64, t);
@@ -86,9 +90,9 @@ __global__ void __launch_bounds__(256) rotary_kv_kernel(const RotaryParams p) {
     store_vec<T, VEC>(base + c, y1);
     store_vec<T, VEC>(base + half_dim + c, y2);
     if (is_k && slot >= 0) {
-      T* dst = static_cast<T*>(p.key_cache) + cache_row + kh * D;
-      store_vec<T, VEC>(dst + c, y1);
-      store_vec<T, VEC>(dst + half_dim + c, y2);
+      KV* dst = static_cast<KV*>(p.key_cache) + cache_row + kh * D;
+      store_kv<T, KV, VEC>(dst + c, y1, p.k_scale);
+      store_kv<T, KV, VEC>(dst + half_dim + c, y2, p.k_scale);
     }
   }
   if (slot < 0) return;
@@ -97,8 +101,12 @@ __global__ void __launch_bounds__(256) rotary_kv_kernel(const RotaryParams p) {
     const int h = w / v_chunks;
     const int c = (w - h * v_chunks) * VEC;
     const T* src = static_cast<const T*>(p.v) + t * p.v_stride + h * D + c;
-    T* dst = static_cast<T*>(p.value_cache) + cache_row + h * D + c;
-    if constexpr (VEC == 8) {
+    KV* dst = static_cast<KV*>(p.value_cache) + cache_row + h * D + c;
+    if constexpr (kIsFp8<KV>) {
+      float vf[VEC];
+      load_vec<T, VEC>(src, vf);
+      store_kv<T, KV, VEC>(dst, vf, p.v_scale);
+    } else if constexpr (VEC == 8) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
     } else {
 #pragma unroll
@@ -107,16 +115,18 @@ __global__ void __launch_bounds__(256) rotary_kv_kernel(const RotaryParams p) {
   }
 }
 
-// VEC = 8 needs D % 16 == 0 and 16-byte aligned rows and strides (checked by the caller).
-template <typename T, int VEC>
+// VEC = 8 needs D % 16 == 0 and 16-byte aligned rows and strides (checked by the caller); an
+// FP8 cache's rows are then 8-byte aligned.
+template <typename T, typename KV, int VEC>
 cudaError_t launch_rotary_kv(const RotaryParams& p, cudaStream_t stream) {
   if (p.head_dim <= 0 || p.head_dim % (2 * VEC) != 0 || p.num_tokens >= (1LL << 31)) {
     return cudaErrorInvalidValue;
   }
+  if (kIsFp8<KV> && !(p.k_scale > 0.f && p.v_scale > 0.f)) return cudaErrorInvalidValue;
   if (p.num_tokens == 0) return cudaSuccess;
   const int items = (p.num_q_heads + p.num_kv_heads) * (p.head_dim / 2 / VEC);
   const int block = items >= 256 ? 256 : ((items + 31) / 32) * 32;
-  rotary_kv_kernel<T, VEC><<<static_cast<unsigned>(p.num_tokens), block, 0, stream>>>(p);
+  rotary_kv_kernel<T, KV, VEC><<<static_cast<unsigned>(p.num_tokens), block, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

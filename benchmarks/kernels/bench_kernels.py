@@ -4,6 +4,7 @@ the share of the ceiling. Kernels are timed as CUDA-graph replays (no Python lau
 rotating inputs when one call's data would fit in L2.
 
     python benchmarks/kernels/bench_kernels.py --out kernels.json
+    python benchmarks/kernels/bench_kernels.py --only decode,prefill --kv-cache-dtype fp8
 
 Baselines: eager torch (the kestrel.ops references) for norm / rotary / activation, the
 gathered-KV reference for decode attention, torch SDPA (flash backend) on contiguous equivalents
@@ -32,6 +33,7 @@ from kestrel.ops import AttentionMetadata
 DT = torch.bfloat16
 ROTATE_BYTES = 256 << 20  # rotate inputs until one pass over them exceeds the 50 MB L2 well
 RESULTS: list[dict] = []
+KV_DT: list[torch.dtype] = [DT]  # the attention benchmarks' cache dtype (--kv-cache-dtype)
 
 
 def _row(kernel, case, seconds, amount, unit, ceiling, baseline_s=None, note=""):
@@ -109,8 +111,8 @@ def _paged(num_seqs, ctx, query_len, hkv, d, bs, sets):
     shuffled; returns (key_cache, value_cache, [metadata per set])."""
     per_seq = -(-ctx // bs)
     num_blocks = sets * num_seqs * per_seq
-    kc = torch.randn(num_blocks, bs, hkv, d, device="cuda", dtype=DT)
-    vc = torch.randn(num_blocks, bs, hkv, d, device="cuda", dtype=DT)
+    kc = torch.randn(num_blocks, bs, hkv, d, device="cuda", dtype=DT).to(KV_DT[0])
+    vc = torch.randn(num_blocks, bs, hkv, d, device="cuda", dtype=DT).to(KV_DT[0])
     perm = torch.randperm(num_blocks, device="cuda").int().view(sets, num_seqs, per_seq)
     qsl = torch.arange(num_seqs + 1, dtype=torch.int32) * query_len
     lens = torch.full((num_seqs,), ctx, dtype=torch.int32)
@@ -135,7 +137,7 @@ def _paged(num_seqs, ctx, query_len, hkv, d, bs, sets):
 def _decode_case(bw: float, batch: int, ctx: int, hq: int, hkv: int, tc_min: int = 4) -> None:
     ops.attention_cuda.TC_MIN_GROUP = tc_min
     d, bs = 128, 16
-    kv_bytes = batch * ctx * hkv * d * 2 * 2
+    kv_bytes = batch * ctx * hkv * d * 2 * KV_DT[0].itemsize
     sets = max(1, math.ceil(ROTATE_BYTES / kv_bytes))
     kc, vc, metas = _paged(batch, ctx, 1, hkv, d, bs, sets)
     qs = [torch.randn(batch, hq, d, device="cuda", dtype=DT) for _ in metas]
@@ -148,7 +150,7 @@ def _decode_case(bw: float, batch: int, ctx: int, hq: int, hkv: int, tc_min: int
     )
     splits = ops.attention_cuda.decode_plan(qs[0], hkv, batch, ctx)
     total = kv_bytes + 2 * batch * hq * d * 2
-    case = f"B={batch} ctx={ctx} Hq={hq} Hkv={hkv} D={d}"
+    case = f"B={batch} ctx={ctx} Hq={hq} Hkv={hkv} D={d}" + _kv_label()
     note = f"splits={splits} heads/block={ops.attention_cuda.heads_per_block(hq // hkv, d)}"
     _row("decode_attention", case, t, total, "GB/s", bw, base, note)
 
@@ -163,8 +165,9 @@ def _prefill_case(peak: float, variant: str, n: int, hq: int, hkv: int, d: int) 
     # Contiguous equivalent for SDPA: [1, H, N, D], K/V expanded to the query heads.
     table = metas[0].block_tables[0].long()
     group = hq // hkv
-    k = kc[table].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(group, 0)[None].contiguous()
-    v = vc[table].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(group, 0)[None].contiguous()
+    k = kc[table].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(group, 0)[None].to(DT)
+    v = vc[table].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(group, 0)[None].to(DT)
+    k, v = k.contiguous(), v.contiguous()
     qd = q.transpose(0, 1)[None].contiguous()  # [1, Hq, N, D]
 
     def sdpa() -> torch.Tensor:
@@ -177,8 +180,12 @@ def _prefill_case(peak: float, variant: str, n: int, hq: int, hkv: int, d: int) 
     err = float((got.float() - ref.float()).norm() / ref.float().norm())
     flops = 4 * d * hq * n * (n + 1) / 2
     note = f"relerr_vs_sdpa={err:.1e} sdpa={flops / base / 1e12:.0f}TFLOP/s"
-    case = f"N={n} Hq={hq} Hkv={hkv} D={d} causal {variant}"
+    case = f"N={n} Hq={hq} Hkv={hkv} D={d} causal {variant}" + _kv_label()
     _row("prefill_attention", case, t, flops, "TFLOP/s", peak, base, note)
+
+
+def _kv_label() -> str:
+    return "" if KV_DT[0] == DT else " kv=fp8"
 
 
 def main() -> None:
@@ -188,7 +195,17 @@ def main() -> None:
     parser.add_argument(
         "--prefill-kernels", default="auto,mma", help="KESTREL_PREFILL_KERNEL values to time"
     )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8"),
+        help="the decode / prefill attention caches: bf16 (auto) or float8 e4m3 (scales 1)",
+    )
     args = parser.parse_args()
+    if args.kv_cache_dtype == "fp8":
+        KV_DT[0] = torch.float8_e4m3fn
+        os.environ[ops._dispatch.UNVERIFIED_ENV] = "1"  # the FP8 KV kernels, until verified
+        ops._dispatch.refresh_settings()
     assert ops.kernels_available(), "kestrel._kernels is not built"
     torch.manual_seed(0)
     bw, peak = copy_bandwidth(), gemm_flops()

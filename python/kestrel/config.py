@@ -17,6 +17,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _POLICIES = ("fcfs", "priority")
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 QUANTIZATIONS = (None, "fp8", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,13 @@ class EngineConfig:
         None,
         "KV-cache blocks to allocate; default: sized from memory (--kv-cache-memory-gib on "
         "CPU, --gpu-memory-utilization on GPU)",
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "KV-cache element type: auto (the model's dtype), fp8 / fp8_e4m3 (float8 e4m3 codes of "
+        "K / k_scale and V / v_scale, saturated to +-448; scales from the checkpoint, else 1.0): "
+        "half the bytes per block, twice the tokens; a GPU needs compute capability 8.9+",
+        choices=KV_CACHE_DTYPES,
     )
     kv_cache_memory_gib: float = setting(
         1.0, "CPU only: memory for the KV cache, in GiB (when --num-kv-blocks is not set)"

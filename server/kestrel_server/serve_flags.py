@@ -2,9 +2,10 @@
 the HTTP front end's (CORS, root path, TLS, uvicorn's log level, request logging, the logprobs
 limit), `--model`, `--config FILE.yaml`, and the flags of features not built yet.
 
-A feature not built yet keeps its vLLM flag: the value that means "off" (`-tp 1`,
-`--kv-cache-dtype auto`) is accepted, any other fails with exit 2 and a message naming the
-feature (`not_built_yet`), never argparse's "unrecognized arguments".
+A feature not built yet keeps its vLLM flag: the value that means "off" is accepted, any other
+fails with exit 2 and a message naming the feature (`not_built_yet`, over `NOT_BUILT`; empty
+now that `--kv-cache-dtype` is an EngineConfig field), never argparse's "unrecognized
+arguments".
 
 `--config FILE.yaml` (vLLM's semantics): a mapping of flag names (`port`, `max-num-seqs` or
 `max_num_seqs`) to values; `true` sets a switch, `false` its `--no-` form (or leaves a plain
@@ -22,9 +23,7 @@ from typing import Any
 from kestrel.sampling_params import MAX_LOGPROBS
 
 # flag dest -> (the feature, the values that ask for nothing)
-NOT_BUILT: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "kv_cache_dtype": ("a KV cache in another dtype than the model's (e.g. fp8)", ("auto",)),
-}
+NOT_BUILT: dict[str, tuple[str, tuple[Any, ...]]] = {}
 
 
 def not_built_yet(args: argparse.Namespace) -> str | None:
@@ -136,12 +135,6 @@ def add_serve_compat_arguments(p: argparse.ArgumentParser, log_levels: Sequence[
     )
     http.add_argument("--ssl-keyfile", default=None, help="TLS: the private key file (PEM)")
     http.add_argument("--ssl-certfile", default=None, help="TLS: the certificate file (PEM)")
-    later = p.add_argument_group(
-        "not built yet",
-        "vllm serve flags of features Kestrel has not built: the value that asks for nothing "
-        "is accepted, any other fails naming the feature",
-    )
-    later.add_argument("--kv-cache-dtype", default="auto", help="KV-cache dtype (auto only)")
 
 
 def resolve_model_flag(args: argparse.Namespace) -> str | None:

@@ -48,7 +48,8 @@ from kestrel.executor import Executor
 from kestrel.executor.multiproc import start_tensor_parallel, stop_tensor_parallel
 from kestrel.layers.parallel import SINGLE_RANK
 from kestrel.model_source import resolve_model
-from kestrel.ops._dispatch import kernels_available
+from kestrel.ops._dispatch import FP8_KV_OP, UNVERIFIED_ENV, kernel_verified, kernels_available
+from kestrel.ops.kv_quant import is_fp8, require_fp8_kv_device, resolve_kv_cache_dtype
 from kestrel.outputs import RequestMetrics
 from kestrel.runner import ModelRunner
 from kestrel.runner.cpu_threads import configure_cpu_threads
@@ -76,6 +77,8 @@ class LLMEngine(EngineStep):
             configure_cpu_threads()  # physical cores, unless OMP_NUM_THREADS says otherwise
         self.model_source = resolve_model(config.model, revision=config.revision)
         check_quantization_device(config, self.model_source, self.device)
+        if config.kv_cache_dtype != "auto":
+            require_fp8_kv_device(self.device)  # before any weight is read
         spec = None
         if config.speculative_config is not None:
             spec = SpeculativeConfig.parse(config.speculative_config)
@@ -119,6 +122,7 @@ class LLMEngine(EngineStep):
             block_size=config.block_size,
             seed=config.seed,
             max_num_seqs=config.max_num_seqs,
+            kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype),
         )
         # Speculation with a draft model: its KV cache shares the target's block ids.
         self._drafter = None
@@ -169,6 +173,12 @@ class LLMEngine(EngineStep):
                 logger.warning(
                     "kernels run fp16/bf16 only: %s runs without CUDA graphs", self.dtype
                 )
+            elif is_fp8(self.runner.kv_cache_dtype) and not kernel_verified(FP8_KV_OP):
+                logger.warning(
+                    "the FP8 KV-cache kernels are not verified on a GPU yet (%s=1 runs them): "
+                    "running the torch reference without CUDA graphs",
+                    UNVERIFIED_ENV,
+                )
             else:
                 self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
                 pw_tokens = min(config.piecewise_graph_max_tokens, config.max_num_batched_tokens)
@@ -194,11 +204,13 @@ class LLMEngine(EngineStep):
         self._step_counters = StepCounters()
         self.num_kv_blocks = num_blocks
         logger.info(
-            "engine ready: %s on %s (%s), %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+            "engine ready: %s on %s (%s), %d KV blocks (%s) of %d tokens (%d tokens), "
+            "max_model_len %d",
             mc.architecture,
             self.device,
             self.dtype,
             num_blocks,
+            str(self.runner.kv_cache_dtype).removeprefix("torch."),
             config.block_size,
             num_blocks * config.block_size,
             self.max_model_len,

@@ -124,6 +124,7 @@ def _join_group(
 def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
     """A worker process: join the group, load this rank's shard, then run what rank 0 sends."""
     from kestrel.loader import load_model
+    from kestrel.ops.kv_quant import resolve_kv_cache_dtype
     from kestrel.runner.memory import plan_num_kv_blocks
     from kestrel.runner.model_runner import ModelRunner
     from kestrel.sampling_params import SamplingParams
@@ -147,6 +148,7 @@ def _worker_main(spec: _WorkerSpec, conn: Any) -> None:
         runner = ModelRunner(
             model, mc, device=device, dtype=dtype, block_size=cfg.block_size, seed=cfg.seed,
             max_num_seqs=cfg.max_num_seqs,
+            kv_cache_dtype=resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype),
         )  # fmt: skip
         conn.send(("ready", _model_signature(mc)))
         greedy = SamplingParams(temperature=0.0)

@@ -37,6 +37,10 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        # An FP8 KV cache's per-layer scales (stored = x / scale); a checkpoint's calibrated
+        # ones are set by kestrel.layers.kv_scales at load. Ignored by 16-bit caches.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         reference = dtype is not None and not _dispatch.kernels_for(device, dtype)
         self._rotary_and_cache = (
             ops.rotary_embedding_and_cache_reference
@@ -75,8 +79,9 @@ class PagedAttention(nn.Module):
         metadata beyond the slots, so it can sit inside a CUDA graph of fixed token count."""
         key_cache, value_cache = kv_cache
         self._rotary_and_cache(
-            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping
-        )
+            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping,
+            self.k_scale, self.v_scale,
+        )  # fmt: skip
 
     def attend(
         self,
@@ -88,4 +93,7 @@ class PagedAttention(nn.Module):
         """The second half: attention of (rotated) q over the cache; into `out` when given
         (q's shape; rows past the step's tokens zeroed)."""
         key_cache, value_cache = kv_cache
-        return ops.paged_attention(q, key_cache, value_cache, attn_metadata, self.scale, out=out)
+        return ops.paged_attention(
+            q, key_cache, value_cache, attn_metadata, self.scale, self.k_scale, self.v_scale,
+            out=out,
+        )  # fmt: skip

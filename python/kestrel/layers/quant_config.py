@@ -160,13 +160,7 @@ def _compressed_tensors(d: Mapping[str, Any]) -> Fp8Config:
     groups = d.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
         raise ConfigError(_FIELD, "quantization_config.config_groups must be a non-empty object")
-    kv = d.get("kv_cache_scheme")
-    if kv is not None:
-        raise ConfigError(
-            _FIELD,
-            f"quantization_config.kv_cache_scheme={kv!r} is not supported (KV-cache scales "
-            "from a checkpoint); supported: null",
-        )
+    _check_kv_cache_scheme(d.get("kv_cache_scheme"))
     strategies: set[str] = set()
     targets: list[str] = []
     static = False
@@ -201,6 +195,20 @@ def _compressed_tensors(d: Mapping[str, Any]) -> Fp8Config:
         ignored_checkpoint_suffixes=(_INPUT_SCALE,) if static else (),
         description=f"compressed-tensors float-quantized (per-{strategy} weight scales)",
     )
+
+
+def _check_kv_cache_scheme(kv: Any) -> None:
+    """llm-compressor's FP8 KV-cache scheme: its `self_attn.k_scale` / `v_scale` tensors are
+    read by kestrel.layers.kv_scales (used with --kv-cache-dtype fp8, ignored otherwise)."""
+    if kv is None:
+        return
+    where = "quantization_config.kv_cache_scheme"
+    if not isinstance(kv, Mapping):
+        raise ConfigError(_FIELD, f"{where} must be an object or null")
+    _expect(kv, where, "type", ("float",))
+    _expect(kv, where, "num_bits", (8,))
+    _expect(kv, where, "dynamic", (False, None))
+    _expect(kv, where, "strategy", ("tensor", "attn_head", None))
 
 
 def _weights_strategy(w: Any, where: str) -> str:

@@ -38,6 +38,7 @@ from kestrel.layers import (
     TensorParallelGroup,
     VocabParallelEmbedding,
 )
+from kestrel.layers.kv_scales import take_kv_scales
 from kestrel.layers.pipeline import SINGLE_STAGE, PipelineStage
 from kestrel.layers.quant_config import Fp8Config, LinearMethods
 from kestrel.model_config import ModelConfig
@@ -422,6 +423,7 @@ class DecoderForCausalLM(nn.Module):
         what = f"{type(self).__name__} ({self.config.architecture})"
         if self.pp_stage.size > 1:
             weights = self._stage_weights(weights)
+        weights = take_kv_scales(self, weights)  # FP8 KV-cache scales: set on the layers
         return load_packed_weights(self, weights, self.packed_modules_mapping, skip, what)
 
     def _stage_weights(

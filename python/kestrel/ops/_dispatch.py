@@ -48,7 +48,14 @@ UNVERIFIED_ENV = "KESTREL_UNVERIFIED_KERNELS"
 # dense_gemv_fp8 (FP8 linears, W8A16) passed its tests on the H200 and is on (7B FP8 batch-1 TPOT
 # 5.91 -> 3.82 ms); dense_gemv_bf16 (fp16/bf16 linears) passes too but made the 7B BF16 step
 # slower (4.50 -> 4.61 ms, same run), so it stays opt-in.
-UNVERIFIED_OPS: frozenset[str] = frozenset({"gguf_gemv", "gguf_dequantize", "dense_gemv_bf16"})
+# fp8_kv_cache: the rotary + KV-write, decode and prefill kernels over float8 e4m3 KV caches
+# (--kv-cache-dtype fp8), written without a GPU; until their tests (tests/kernels/
+# test_fp8_kv_kernels.py, tests/gpu/test_fp8_kv_gpu.py) pass on the H200, an FP8 cache on
+# CUDA runs the torch references and the engine captures no decode graphs.
+UNVERIFIED_OPS: frozenset[str] = frozenset(
+    {"gguf_gemv", "gguf_dequantize", "dense_gemv_bf16", "fp8_kv_cache"}
+)
+FP8_KV_OP = "fp8_kv_cache"  # the UNVERIFIED_OPS name of the FP8 KV-cache kernels
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ def _load_kernels() -> ModuleType | None:
 kernels: ModuleType | None = _load_kernels()
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+FP8_CODE = 2  # kestrel::kFloat8E4M3: a KV cache's (kv_dtype) or a weight's storage type
 
 
 class KernelError(RuntimeError):

@@ -7,6 +7,9 @@ block block_tables[i, p // block_size], offset p % block_size.
 Batch layout: the first `num_decodes` sequences are decodes (one query token each, rows
 [0, num_decode_tokens) of q); the remaining sequences are prefill chunks, possibly with a cached
 prefix. The query tokens of a sequence are the LAST query_len positions of its context.
+
+A float8 e4m3 cache (ops/kv_quant.py) holds K / k_scale and V / v_scale: the reference
+dequantizes the blocks it gathers (code * scale, in fp32); scales of other caches are ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from kestrel.ops import _dispatch
 from kestrel.ops.attention_backend import ad_hoc_plan
 from kestrel.ops.attention_cuda import paged_attention_cuda
 from kestrel.ops.attention_metadata import AttentionMetadata
+from kestrel.ops.kv_quant import check_scale, dequantize_kv
 
 __all__ = [
     "AttentionMetadata",
@@ -77,6 +81,8 @@ def paged_decode_attention(
     metadata: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Attention for the decode sequences (the first ``metadata.num_decodes``).
 
@@ -88,6 +94,7 @@ def paged_decode_attention(
         metadata: the step's batch context (only decode sequences are read).
         scale: softmax scale applied to q.k (usually head_dim ** -0.5).
         out: same shape as q; written in place (cast to out.dtype). Returns None.
+        k_scale, v_scale: an FP8 cache's dequantization scales (ignored for other caches).
     """
     _check_attention_args(q, key_cache, value_cache, out)
     num_decodes = metadata.num_decodes
@@ -105,8 +112,9 @@ def paged_decode_attention(
     table = metadata.block_tables[:num_decodes, :num_blocks].long()
     table = torch.where(used, table, torch.zeros_like(table))
     kv_shape = (num_decodes, num_blocks * block_size, *key_cache.shape[2:])
-    k = key_cache[table].reshape(kv_shape)  # [num_decodes, max_len, num_kv_heads, head_dim]
-    v = value_cache[table].reshape(kv_shape)
+    # [num_decodes, max_len, num_kv_heads, head_dim] fp32
+    k = dequantize_kv(key_cache[table].reshape(kv_shape), k_scale)
+    v = dequantize_kv(value_cache[table].reshape(kv_shape), v_scale)
     positions = torch.arange(num_blocks * block_size, device=seq_lens.device)
     visible = (positions[None, :] < seq_lens[:, None])[:, None, :]  # [num_decodes, 1, max_len]
     result = _attend(q[:, None], k, v, visible, scale)  # [num_decodes, 1, num_q_heads, head_dim]
@@ -120,6 +128,8 @@ def paged_prefill_attention(
     metadata: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Causal attention for the prefill-chunk sequences (index >= ``metadata.num_decodes``).
 
@@ -130,7 +140,7 @@ def paged_prefill_attention(
             positions 0..that position (the cached prefix and the chunk's own earlier tokens,
             whose K/V must already be in the cache).
         key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]; read only.
-        metadata, scale: as in :func:`paged_decode_attention`.
+        metadata, scale, k_scale, v_scale: as in :func:`paged_decode_attention`.
         out: same shape as q; written in place (cast to out.dtype). Returns None.
     """
     _check_attention_args(q, key_cache, value_cache, out)
@@ -149,8 +159,9 @@ def paged_prefill_attention(
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = metadata.block_tables[seq, :num_blocks].long()
-        k = key_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
-        v = value_cache[blocks].flatten(0, 1)[:seq_len]
+        # [seq_len, num_kv_heads, head_dim] fp32
+        k = dequantize_kv(key_cache[blocks].flatten(0, 1)[:seq_len], k_scale)
+        v = dequantize_kv(value_cache[blocks].flatten(0, 1)[:seq_len], v_scale)
         q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)  # [query_len]
         kv_pos = torch.arange(seq_len, device=q.device)  # [seq_len]
         visible = kv_pos[None, :] <= q_pos[:, None]  # [query_len, seq_len]
@@ -173,6 +184,8 @@ def paged_attention(
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a mixed batch (decodes first, then prefill chunks) over a paged cache.
@@ -185,6 +198,8 @@ def paged_attention(
             K/V of every context position, this step's tokens included, must already be written.
         metadata: the step's batch context.
         scale: softmax scale applied to q.k.
+        k_scale, v_scale: dequantization scales of a float8 e4m3 cache (K = code * k_scale;
+            finite, > 0; ignored for a cache of another dtype).
         out: where to write the result (contiguous, q's shape, dtype and device); None: a new
             tensor.
 
@@ -192,11 +207,12 @@ def paged_attention(
         `out` or a new [num_tokens_padded, num_q_heads, head_dim] tensor in q's dtype; softmax
         and accumulation in fp32; padding rows (>= metadata.num_tokens) are zero.
 
-    On CUDA fp16/bf16 inputs with head_dim 64, 128 or 256 (caches of q's dtype, contiguous; q
-    with head stride head_dim, any token stride; int32 metadata tensors) this runs the decode
-    and prefill kernels, with no host synchronization (CUDA-graph capturable); other inputs run
-    the reference below.
+    On CUDA fp16/bf16 inputs with head_dim 64, 128 or 256 (caches of q's dtype or float8
+    e4m3, contiguous; q with head stride head_dim, any token stride; int32 metadata tensors)
+    this runs the decode and prefill kernels, with no host synchronization (CUDA-graph
+    capturable); other inputs run the reference below.
     """
+    k_scale, v_scale = check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)
     plan = metadata.plan
     if plan is None:  # metadata built by hand: validate and plan here, for this call
         metadata.validate(block_size=key_cache.shape[1])
@@ -223,7 +239,9 @@ def paged_attention(
         )
     if plan.use_kernels:
         _check_attention_args(q, key_cache, value_cache, q)
-        kernel_out = paged_attention_cuda(q, key_cache, value_cache, metadata, scale, plan, out)
+        kernel_out = paged_attention_cuda(
+            q, key_cache, value_cache, metadata, scale, plan, k_scale, v_scale, out
+        )
         if kernel_out is not None:
             return kernel_out
         _reference_fallback(q, key_cache)
@@ -232,7 +250,14 @@ def paged_attention(
     else:
         out.zero_()
     paged_decode_attention(
-        q[:num_decode_tokens], key_cache, value_cache, metadata, scale, out[:num_decode_tokens]
+        q[:num_decode_tokens],
+        key_cache,
+        value_cache,
+        metadata,
+        scale,
+        out[:num_decode_tokens],
+        k_scale,
+        v_scale,
     )
     paged_prefill_attention(
         q[num_decode_tokens:num_tokens],
@@ -241,5 +266,7 @@ def paged_attention(
         metadata,
         scale,
         out[num_decode_tokens:num_tokens],
+        k_scale,
+        v_scale,
     )
     return out

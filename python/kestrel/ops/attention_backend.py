@@ -37,6 +37,7 @@ import torch
 from kestrel.ops import _dispatch, attention_cuda
 from kestrel.ops.attention_cuda import SUPPORTED_HEAD_DIMS, prefill_variant_code
 from kestrel.ops.attention_metadata import AttentionMetadata
+from kestrel.ops.kv_quant import is_fp8
 
 if TYPE_CHECKING:
     from kestrel.executor.step_input import StepInput
@@ -88,9 +89,11 @@ class PagedAttentionBackend:
         dtype: torch.dtype,
         device: torch.device,
         allocate_in_capture: bool = False,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         """`allocate_in_capture`: a one-off backend may allocate its workspace while a graph is
-        captured (the graph's pool then owns it); a long-lived one must not (see _workspace)."""
+        captured (the graph's pool then owns it); a long-lived one must not (see _workspace).
+        `kv_cache_dtype`: the caches' element type (default: dtype; or float8 e4m3)."""
         if num_q_heads % num_kv_heads != 0:
             raise ValueError(
                 f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
@@ -100,12 +103,16 @@ class PagedAttentionBackend:
         self.head_dim = head_dim
         self.block_size = block_size
         self.device = device
-        # Chosen once: the kernels run for CUDA fp16/bf16 with a supported head dim.
+        self.kv_cache_dtype = dtype if kv_cache_dtype is None else kv_cache_dtype
+        # Chosen once: the kernels run for CUDA fp16/bf16 with a supported head dim, over
+        # caches of that dtype or float8 e4m3.
         self.kernels = (
             device.type == "cuda"
             and _dispatch.kernels_available()
             and _dispatch.dtype_code(dtype) is not None
+            and attention_cuda.kv_dtype_code(dtype, self.kv_cache_dtype) is not None
             and head_dim in SUPPORTED_HEAD_DIMS
+            and (not is_fp8(self.kv_cache_dtype) or _dispatch.kernel_verified(_dispatch.FP8_KV_OP))
         )
         self.prefill_variant = prefill_variant_code(_dispatch.settings.prefill_kernel)
         self._probe = (
@@ -148,7 +155,11 @@ class PagedAttentionBackend:
         if self.kernels and metadata.num_decodes > 0:
             assert self._probe is not None
             splits = attention_cuda.decode_plan(
-                self._probe, self.num_kv_heads, metadata.num_decodes, metadata.max_seq_len
+                self._probe,
+                self.num_kv_heads,
+                metadata.num_decodes,
+                metadata.max_seq_len,
+                self.kv_cache_dtype,
             )
             if splits > 1:
                 floats = splits * metadata.num_decodes * self.num_q_heads * (self.head_dim + 1)
@@ -278,5 +289,6 @@ def ad_hoc_plan(
         dtype=q.dtype,
         device=q.device,
         allocate_in_capture=True,
+        kv_cache_dtype=key_cache.dtype,
     )
     return backend.decide(metadata)

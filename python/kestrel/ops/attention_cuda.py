@@ -10,6 +10,11 @@ Decode splits: the host plans only num_splits (the grid's z size) from max_seq_l
 sequence's split length is computed on the device from its real seq_len
 (:func:`decode_split_len` mirrors the kernels' formula), so a graph planned for max_model_len
 spreads a short context over few full splits, not over one huge split.
+
+FP8 (e4m3) caches: both decode kernels (CUDA cores; tensor cores for large GQA groups, as for
+16-bit caches) and both prefill kernels (mma.sync; wgmma on sm_90, unless FP8_PREFILL_WGMMA is
+False, which sends FP8 prefills to mma.sync) read them; the codes are widened to the query
+dtype in registers or shared memory, exactly, and k_scale / v_scale applied.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kestrel.ops import _dispatch
+from kestrel.ops.kv_quant import FP8_KV_DTYPE, is_fp8
 
 if TYPE_CHECKING:
     from kestrel.ops.attention_backend import AttentionPlan
@@ -32,6 +38,8 @@ MIN_SPLIT_TOKENS = 64
 # the rows of an mma tile); smaller groups use the CUDA-core kernel. On the H100 the tensor-core
 # kernel was the faster one for groups 4 and 7 (docs/performance.md); 2 and 3 were not measured.
 TC_MIN_GROUP = 4
+# FP8 caches may take the wgmma prefill (sm_90); False runs their prefill on mma.sync.
+FP8_PREFILL_WGMMA = True
 # Split-planner cost of one wave of blocks beyond its tokens (launch, ramp, merge), in tokens.
 WAVE_OVERHEAD_TOKENS = 32
 
@@ -44,7 +52,7 @@ _PREFILL_VARIANTS = {"auto": 0, "mma": 1, "wgmma": 2}
 def heads_per_block(group: int, head_dim: int) -> int:
     """Query heads one decode block serves for a GQA group size: 1, 2, 4 or 8 (CUDA-core kernel,
     larger groups take several blocks per kv head) or 16 (tensor-core kernel, head_dim <= 128,
-    groups >= TC_MIN_GROUP)."""
+    groups >= TC_MIN_GROUP); the same for 16-bit and FP8 caches."""
     if group >= TC_MIN_GROUP and head_dim <= 128:
         return 16
     for heads in (1, 2, 4):
@@ -113,22 +121,40 @@ def plan_decode_splits(
 
 
 @functools.cache
-def _wave_blocks(device_index: int, head_dim: int, heads: int, dtype_code: int) -> int:
+def _wave_blocks(
+    device_index: int, head_dim: int, heads: int, dtype_code: int, kv_code: int
+) -> int:
     kernels = _dispatch.kernels
     assert kernels is not None
     with torch.cuda.device(device_index):
-        per_sm = kernels.paged_decode_blocks_per_sm(head_dim, heads, dtype_code)
+        per_sm = kernels.paged_decode_blocks_per_sm(head_dim, heads, dtype_code, kv_code)
     return max(1, per_sm) * _dispatch.sm_count(device_index)
 
 
-def decode_plan(q: torch.Tensor, num_kv_heads: int, num_decodes: int, max_seq_len: int) -> int:
+def kv_dtype_code(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> int | None:
+    """The kernels' kv_dtype code of a cache read with queries of q_dtype: q's own code, the
+    FP8 code, or None when the kernels cannot read it."""
+    if is_fp8(cache_dtype):
+        return _dispatch.FP8_CODE
+    return _dispatch.dtype_code(q_dtype) if cache_dtype == q_dtype else None
+
+
+def decode_plan(
+    q: torch.Tensor,
+    num_kv_heads: int,
+    num_decodes: int,
+    max_seq_len: int,
+    kv_dtype: torch.dtype | None = None,
+) -> int:
     """The num_splits the decode kernel uses for this batch on q's device (each sequence's
-    split length then follows its own seq_len on the device, see decode_split_len)."""
+    split length then follows its own seq_len on the device, see decode_split_len).
+    kv_dtype: the cache's element type (default: q's)."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     code = _dispatch.dtype_code(q.dtype)
-    assert code is not None and q.device.index is not None
+    kv_code = kv_dtype_code(q.dtype, q.dtype if kv_dtype is None else kv_dtype)
+    assert code is not None and kv_code is not None and q.device.index is not None
     heads = heads_per_block(num_q_heads // num_kv_heads, head_dim)
-    wave = _wave_blocks(q.device.index, head_dim, heads, code)
+    wave = _wave_blocks(q.device.index, head_dim, heads, code, kv_code)
     return plan_decode_splits(num_decodes, num_q_heads, num_kv_heads, max_seq_len, wave, heads)
 
 
@@ -145,8 +171,8 @@ def _layout_supported(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     head_dim = q.shape[2]
     return (
         head_dim in SUPPORTED_HEAD_DIMS
-        and key_cache.dtype == q.dtype
-        and value_cache.dtype == q.dtype
+        and key_cache.dtype in (q.dtype, FP8_KV_DTYPE)
+        and value_cache.dtype == key_cache.dtype
         and key_cache.is_contiguous()
         and value_cache.is_contiguous()
         and q.stride(2) == 1
@@ -175,11 +201,14 @@ def paged_attention_cuda(
     metadata: AttentionMetadata,
     scale: float,
     plan: AttentionPlan,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The kernel path of :func:`kestrel.ops.paged_attention`, launched as `plan` says; None
     when the inputs need the reference (dtype, head dim or layout the kernels do not handle, or
-    a scale <= 0). Inputs are validated by the caller."""
+    a scale <= 0). Inputs are validated by the caller; k_scale and v_scale (checked > 0 there)
+    apply to FP8 caches."""
     code = _dispatch.dtype_code(q.dtype)
     if code is None or not scale > 0 or not _layout_supported(q, key_cache, value_cache):
         return None
@@ -194,6 +223,11 @@ def paged_attention_cuda(
     )
     if not _metadata_supported(metadata):
         return None
+    fp8 = is_fp8(key_cache.dtype)
+    if fp8 and not _dispatch.kernel_verified(_dispatch.FP8_KV_OP):
+        return None  # see _dispatch.UNVERIFIED_OPS
+    kv_code = _dispatch.FP8_CODE if fp8 else code
+    scales = {"kv_dtype": kv_code, "k_scale": float(k_scale), "v_scale": float(v_scale)}
     num_tokens, num_decodes = metadata.num_tokens, metadata.num_decodes
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
@@ -233,6 +267,7 @@ def paged_attention_cuda(
                 workspace=0 if ws is None else ws.data_ptr(),
                 workspace_floats=0 if ws is None else ws.numel(),
                 dtype=code,
+                **scales,
             )
             status = kernels.paged_decode_attention(args, stream)
             _dispatch.check("paged_attention (decode)", status)
@@ -258,8 +293,9 @@ def paged_attention_cuda(
                 head_dim=head_dim,
                 block_size=block_size,
                 scale=float(scale),
-                variant=plan.prefill_variant,
+                variant=1 if fp8 and not FP8_PREFILL_WGMMA else plan.prefill_variant,
                 dtype=code,
+                **scales,
             )
             status = kernels.paged_prefill_attention(args, stream)
             _dispatch.check("paged_attention (prefill)", status)

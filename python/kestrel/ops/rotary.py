@@ -5,7 +5,8 @@ cos(position * inv_freq[i]) and columns [head_dim/2, head_dim) hold sin(position
 
 `rotary_embedding_and_cache` dispatches to the fused kernel (a CUDA input it cannot take is a
 logged fallback, an error under graph capture); `layers.PagedAttention` picks it or
-`rotary_embedding_and_cache_reference` at construction.
+`rotary_embedding_and_cache_reference` at construction. The cache may be of q's dtype or
+float8 e4m3 (`ops/kv_quant.py`: codes of k / k_scale and v / v_scale, saturated).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from kestrel.ops import _dispatch
+from kestrel.ops.kv_quant import FP8_KV_DTYPE, check_scale, is_fp8, to_cache_dtype
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -203,13 +205,16 @@ def write_kv_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Scatter this step's key/value rows into the paged cache.
 
     Args:
         k, v: [num_tokens, num_kv_heads, head_dim].
         key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous;
-            written in place (rows cast to the cache dtype).
+            written in place (rows cast to the cache dtype; for a float8 e4m3 cache, the codes
+            of k / k_scale and v / v_scale saturated to +-448, see ops/kv_quant.py).
         slot_mapping: [num_tokens] int; slot = block_id * block_size + offset_in_block, in
             [0, num_blocks * block_size). A negative slot skips that row (nothing is written).
             Two rows with the same non-negative slot give an unspecified winner.
@@ -223,8 +228,8 @@ def write_kv_cache(
     value_rows = value_cache.view(-1, *row_shape)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    key_rows[slots] = k[keep].to(key_cache.dtype)
-    value_rows[slots] = v[keep].to(value_cache.dtype)
+    key_rows[slots] = to_cache_dtype(k[keep], key_cache.dtype, k_scale)
+    value_rows[slots] = to_cache_dtype(v[keep], value_cache.dtype, v_scale)
 
 
 def rotary_embedding_and_cache_reference(
@@ -236,11 +241,13 @@ def rotary_embedding_and_cache_reference(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Fused :func:`apply_rotary` (q and k in place) then :func:`write_kv_cache` of the ROTATED k
     and of v. Shapes and semantics are those of the two ops. Returns None."""
     apply_rotary(positions, q, k, cos_sin_cache)
-    write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+    write_kv_cache(k, v, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def _heads_contiguous(t: torch.Tensor) -> bool:
@@ -262,6 +269,8 @@ def _rotary_kernel_dtype(
     input it cannot take is a logged fallback)."""
     if not _dispatch.use_kernels(q):
         return None
+    if is_fp8(key_cache.dtype) and not _dispatch.kernel_verified(_dispatch.FP8_KV_OP):
+        return None  # see _dispatch.UNVERIFIED_OPS
     _dispatch.require_same_device(
         "rotary_embedding_and_cache",
         positions=positions,
@@ -274,7 +283,8 @@ def _rotary_kernel_dtype(
         slot_mapping=slot_mapping,
     )
     code = _dispatch.dtype_code(q.dtype)
-    same_dtype = all(t.dtype == q.dtype for t in (k, v, key_cache, value_cache))
+    cache_ok = key_cache.dtype == value_cache.dtype and key_cache.dtype in (q.dtype, FP8_KV_DTYPE)
+    same_dtype = cache_ok and all(t.dtype == q.dtype for t in (k, v))
     layout_ok = (
         all(_heads_contiguous(t) for t in (q, k, v))
         and cos_sin_cache.dtype == torch.float32
@@ -302,24 +312,29 @@ def rotary_embedding_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Rotate q and k in place and write the rotated k and v into the paged cache (see
     :func:`rotary_embedding_and_cache_reference`).
 
     On CUDA fp16/bf16 tensors this is one kernel: q, k, v may be per-token views into a fused
     qkv projection ([T, H, D] with head stride D and any token stride); cos_sin_cache must be
-    fp32. Positions must lie in [0, max_position): the kernel does not check them (that would
+    fp32; the caches are of q's dtype or float8 e4m3 (then k_scale, v_scale > 0 apply).
+    Positions must lie in [0, max_position): the kernel does not check them (that would
     need a device-to-host sync), and so must non-negative slots ([0, num_blocks * block_size)).
     """
     _check_rotary_args(positions, q, k, cos_sin_cache)
     _check_cache_args(k, v, key_cache, value_cache, slot_mapping)
+    k_scale, v_scale = check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)
     code = _rotary_kernel_dtype(
         positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping
     )
     if code is None:
         rotary_embedding_and_cache_reference(
-            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping
-        )
+            positions, q, k, v, cos_sin_cache, key_cache, value_cache, slot_mapping,
+            k_scale, v_scale,
+        )  # fmt: skip
         return
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -351,6 +366,9 @@ def rotary_embedding_and_cache(
             num_tokens=num_tokens,
             head_dim=head_dim,
             dtype=code,
+            kv_dtype=_dispatch.FP8_CODE if is_fp8(key_cache.dtype) else code,
+            k_scale=k_scale,
+            v_scale=v_scale,
             vec8=vec8,
         )
         status = _dispatch.kernels.rotary_embedding_and_cache(

@@ -34,8 +34,9 @@ def plan_num_kv_blocks(
     `reserved_bytes`: taken from the budget first (the draft's scratch blocks and graphs)."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
+    kv_dtype = runner.kv_cache_dtype  # an FP8 cache: half the bytes, twice the blocks
     per_block = extra_block_bytes + kv_block_bytes(
-        runner.model_config, cfg.block_size, runner.dtype, runner.num_kv_heads, runner.num_layers
+        runner.model_config, cfg.block_size, kv_dtype, runner.num_kv_heads, runner.num_layers
     )
     if runner.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(runner.device)
@@ -73,8 +74,12 @@ def plan_num_kv_blocks(
         )
     tokens = num_blocks * cfg.block_size
     logger.info(
-        "KV cache: %d blocks, %d tokens, up to %d sequences of max_model_len",
+        "KV cache: %s, %d blocks of %d tokens (%.2f GiB): %d tokens, up to %d sequences of "
+        "max_model_len",
+        str(kv_dtype).removeprefix("torch."),
         num_blocks,
+        cfg.block_size,
+        num_blocks * per_block / _GIB,
         tokens,
         tokens // max_model_len,
     )

@@ -94,11 +94,15 @@ class ModelRunner:
         block_size: int,
         seed: int,
         max_num_seqs: int,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
+        """`kv_cache_dtype`: the KV cache's element type (default `dtype`; or float8 e4m3, see
+        kestrel/ops/kv_quant.py)."""
         self.model = model
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_cache_dtype = dtype if kv_cache_dtype is None else kv_cache_dtype
         self.block_size = block_size
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -125,6 +129,7 @@ class ModelRunner:
             block_size=block_size,
             dtype=dtype,
             device=device,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     # ---- the persistent batch (the executor forwards these; see runner/input_batch.py) -----
@@ -158,15 +163,12 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One (key_cache, value_cache) per layer, [num_blocks, block_size, num_kv_heads,
-        head_dim] each."""
+        head_dim] each, of kv_cache_dtype."""
         shape = self._kv_shape(num_blocks)
         self.num_blocks = num_blocks
+        kv = {"dtype": self.kv_cache_dtype, "device": self.device}
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.num_layers)
+            (torch.zeros(shape, **kv), torch.zeros(shape, **kv)) for _ in range(self.num_layers)
         ]
 
     @torch.inference_mode()
@@ -177,7 +179,9 @@ class ModelRunner:
         per_seq = -(-num_tokens // num_seqs)
         blocks_per_seq = -(-per_seq // self.block_size)
         scratch = torch.zeros(
-            self._kv_shape(num_seqs * blocks_per_seq), dtype=self.dtype, device=self.device
+            self._kv_shape(num_seqs * blocks_per_seq),
+            dtype=self.kv_cache_dtype,
+            device=self.device,
         )
         kv = [(scratch, scratch)] * self.num_layers
         lens = [per_seq] * (num_tokens // per_seq) + (
