@@ -304,3 +304,33 @@ def test_a_stop_string_inside_a_run_that_update_finished(engines):
     ((final, _),) = out.values()
     assert final.error is None and final.outputs[0].finish_reason == "stop"
     assert final.outputs[0].text == ""  # the stop string is the whole text, not included
+
+
+def test_mirrors_through_the_drafts_piecewise_pieces(tiny_model_dir, monkeypatch):
+    """The draft's mirror of verify / prefill rows through its piecewise pieces (run eagerly
+    here, as the CUDA graphs replay them) keeps its cache exact: the target as its own draft
+    still accepts every draft, and the pieces did run."""
+    from kestrel.runner.piecewise_graphs import PiecewiseGraphs
+
+    target = tiny_model_dir(ARCH)
+    llm = make_llm(target, spec_of(target))
+    llm.engine._drafter.runner.capture_piecewise_graphs(24, use_graphs=False)
+    calls = []
+    real = PiecewiseGraphs.run
+
+    def spy(graphs, input_ids, positions, metadata):
+        calls.append(int(input_ids.shape[0]))
+        return real(graphs, input_ids, positions, metadata)
+
+    monkeypatch.setattr(PiecewiseGraphs, "run", spy)
+    prompts = repetitive_prompts([12, 30], seed=2) + prompts_of([20, 9], seed=2)
+    tag = next(_serial)
+    requests = {f"pw{tag}-{i}": (p, greedy(32, ignore_eos=True)) for i, p in enumerate(prompts)}
+    before = counters(llm.engine)
+    spec = run_streaming(llm, requests)
+    plain = run_streaming(make_llm(target, None), requests)
+    for rid in requests:
+        assert_same(spec[rid], plain[rid])
+    drafts, draft_tokens, accepted = (b - a for a, b in zip(before, counters(llm.engine)))
+    assert calls and drafts > 10
+    assert accepted >= 0.97 * draft_tokens

@@ -191,7 +191,9 @@ class LLMEngine(EngineStep):
                         self.max_model_len,
                     )
                 if self._drafter is not None:
-                    self._drafter.capture_graphs(config.max_num_seqs, self.max_model_len)
+                    self._drafter.capture_graphs(
+                        config.max_num_seqs, self.max_model_len, max(pw_tokens, 0)
+                    )
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         limits = GrammarLimits(max_chars=config.max_grammar_chars)

@@ -93,8 +93,14 @@ class DraftRunner:
         self.runner.allocate_kv_cache(num_blocks + self.num_scratch_blocks)
         self.num_shared_blocks = num_blocks
 
-    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+    def capture_graphs(
+        self, max_num_seqs: int, max_model_len: int, piecewise_tokens: int = 0
+    ) -> None:
+        """Decode graphs (the chain's steps, all-decode mirrors) and, with `piecewise_tokens`
+        > 0, piecewise graphs for the mirrors of steps with prefill or verify rows."""
         self.runner.capture_decode_graphs(max_num_seqs, max_model_len)
+        if piecewise_tokens > 0:
+            self.runner.capture_piecewise_graphs(piecewise_tokens)
 
     # ---- pass 1: the target's rows --------------------------------------------------------
 
@@ -113,7 +119,11 @@ class DraftRunner:
             r.graphs.run(step, ids, stage)  # computes (unused) logits; one replay
             return
         positions = stage(step.positions, torch.int64)
-        r.model(ids, positions, r.kv_caches, r.build_attention_metadata(step))
+        metadata = r.build_attention_metadata(step)
+        if r.piecewise is not None and r.piecewise.can_run(step.num_tokens):
+            r.piecewise.run(ids, positions, metadata)  # verify and prefill rows
+            return
+        r.model(ids, positions, r.kv_caches, metadata)
 
     @torch.inference_mode()
     def catch_up(
