@@ -1,6 +1,7 @@
 """Speculation never a slowdown: skipped for a step when the engine holds more sequences than
 disable_by_batch_size, and for a sequence whose drafts were rejected lately (below
-min_acceptance_rate), which is probed again every PROBE_INTERVAL steps."""
+min_acceptance_rate), which is probed again after PROBE_INTERVAL steps, then after twice as
+many each time a probe fails, up to MAX_PROBE_INTERVAL."""
 
 from __future__ import annotations
 
@@ -92,3 +93,36 @@ def test_zero_min_acceptance_rate_always_drafts():
     sched.drafted.clear()
     spec.propose(sched, candidates(3))
     assert sched.drafted == [3]
+
+
+def test_failed_probes_back_off_and_a_recovery_resets():
+    """Probes of a sequence that stays below the floor wait 16, 32, 64, ... up to
+    MAX_PROBE_INTERVAL steps; once a probe lifts it above the floor it drafts every step."""
+    from kestrel.spec.speculator import MAX_PROBE_INTERVAL
+
+    spec, sched = speculator(min_acceptance_rate=0.3), FakeScheduler()
+    spec.propose(sched, candidates(7))
+    spec.record_rates(_step_out([7], [3]), np.asarray([1]))  # rejected: below the floor
+    probe_steps = []
+    for step in range(1, 2200):
+        sched.drafted.clear()
+        spec.propose(sched, candidates(7))
+        if 7 in sched.drafted:
+            probe_steps.append(step)
+            spec.record_rates(_step_out([7], [3]), np.asarray([1]))  # the probe fails too
+    gaps = np.diff([1, *probe_steps]).tolist()  # from the first step that skipped it
+    assert gaps[:6] == [16, 32, 64, 128, 256, 512]
+    assert set(gaps[6:]) == {MAX_PROBE_INTERVAL}
+    # A probe that accepts every draft lifts the rate above the floor: drafting every step.
+    while True:
+        sched.drafted.clear()
+        spec.propose(sched, candidates(7))
+        if 7 in sched.drafted:
+            break
+    spec.record_rates(_step_out([7], [3]), np.asarray([4]))
+    spec.record_rates(_step_out([7], [3]), np.asarray([4]))
+    assert spec.rates[7] >= 0.3
+    for _ in range(3):
+        sched.drafted.clear()
+        spec.propose(sched, candidates(7))
+        assert sched.drafted == [7]

@@ -10,7 +10,7 @@ default 5 and 1); draft_model: `model` (a path or id, as `--model` takes),
 default 32, null: never) skips speculation for a step with more sequences than that in the
 engine, and `min_acceptance_rate` (default 0.1, 0 disables) stops drafting for a sequence whose
 recent acceptance (accepted / proposed draft tokens, a moving average) fell below it, probing
-it again every `PROBE_INTERVAL` steps."""
+it again after `PROBE_INTERVAL` steps, backing off to `MAX_PROBE_INTERVAL` while it fails."""
 
 from __future__ import annotations
 

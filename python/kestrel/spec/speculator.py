@@ -30,9 +30,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A sequence whose acceptance fell below min_acceptance_rate drafts again once in this many
-# steps, so that the estimate follows a text that became predictable.
+# A sequence whose acceptance fell below min_acceptance_rate drafts again (a probe) this many
+# steps later, so that the estimate follows a text that became predictable; each probe that
+# finds it still below waits twice as long for the next, up to MAX_PROBE_INTERVAL steps (a
+# probe costs a verify step, and with a draft model a catch-up and a chain: at near-zero
+# acceptance a fixed interval of 16 cost the 7B batch-1 step 43%). Recovering resets it.
 PROBE_INTERVAL = 16
+MAX_PROBE_INTERVAL = 512
 # Weight of the newest step in a sequence's moving acceptance rate.
 _RATE_WEIGHT = 0.5
 
@@ -49,6 +53,8 @@ class Speculator:
         self.rates: dict[int, float] = {}  # seq_id -> moving acceptance rate of its drafts
         self.num_skipped_steps = 0  # steps not speculated because the batch was large
         self._step = 0
+        # seq_id -> (the step of its next probe, the wait after that one) while below the floor
+        self._probes: dict[int, tuple[int, int]] = {}
         self.draft_kv = DraftKV()  # draft model: where its KV cache is current
         self._chained: set[int] = set()  # draft model: the sequences drafting this step
 
@@ -71,18 +77,24 @@ class Speculator:
             self.num_skipped_steps += 1
             return
         floor = self.config.min_acceptance_rate
-        probing = self._step % PROBE_INTERVAL == 0
         live: dict[int, float] = {}
+        probes: dict[int, tuple[int, int]] = {}
         ready = []
         for seq_id, prompt, output in candidates:
             rate = self.rates.get(seq_id)
             if rate is not None:
                 live[seq_id] = rate
-                if rate < floor and not probing:
-                    continue  # its drafts have been rejected lately
+                if rate < floor:  # its drafts have been rejected lately: only probes draft
+                    due, wait = self._probes.get(seq_id, (self._step + PROBE_INTERVAL, 0))
+                    if self._step < due:
+                        probes[seq_id] = (due, wait)
+                        continue
+                    wait = min(2 * (wait or PROBE_INTERVAL), MAX_PROBE_INTERVAL)
+                    probes[seq_id] = (self._step + wait, wait)  # if this probe fails too
             if output:  # else still in prefill (its first token is not sampled yet)
                 ready.append((seq_id, prompt, output))
         self.rates = live  # finished sequences drop out
+        self._probes = probes  # and so do sequences back above the floor
         if self.drafter is not None:
             self._propose_with_draft_model(scheduler, ready)
             return
