@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 # A sequence whose acceptance fell below min_acceptance_rate drafts again (a probe) this many
 # steps later, so that the estimate follows a text that became predictable; each probe that
 # finds it still below waits twice as long for the next, up to MAX_PROBE_INTERVAL steps (a
-# probe costs a verify step, and with a draft model a catch-up and a chain: at near-zero
-# acceptance a fixed interval of 16 cost the 7B batch-1 step 43%). Recovering resets it.
+# probe costs a verify step, and with a draft model a catch-up and a chain; with a fixed 16, a
+# random-weight draft made the 7B batch-1 step 43% slower on the H200, how much of it the probes
+# was not measured). Recovering resets it.
 PROBE_INTERVAL = 16
 MAX_PROBE_INTERVAL = 512
 # Weight of the newest step in a sequence's moving acceptance rate.
