@@ -3,7 +3,7 @@
 `LLMEngine` makes one `Speculator` when `EngineConfig.speculative_config` is set (and async
 scheduling is off: a drafted step is never scheduled one step ahead, so the two do not mix yet).
 Before each schedule() the engine passes the running sequences that may speculate (greedy or
-sampled, penalties and min_tokens included; no grammar, no logprobs): each gets the n-gram
+sampled, penalties, min_tokens and logprobs included; no grammar): each gets the n-gram
 proposer's drafts, or the draft model's (`spec/draft_runner.py`: one batched chain for all of
 them), through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them and is
 skipped; for the draft model that is asked first, with placeholder drafts whose kept count is
