@@ -18,7 +18,6 @@ import time
 import weakref
 
 import numpy as np
-import torch
 
 from kestrel import _core
 from kestrel.config import EngineConfig
@@ -48,10 +47,10 @@ from kestrel.executor import Executor
 from kestrel.executor.multiproc import start_tensor_parallel, stop_tensor_parallel
 from kestrel.layers.parallel import SINGLE_RANK
 from kestrel.model_source import resolve_model
-from kestrel.ops._dispatch import FP8_KV_OP, UNVERIFIED_ENV, kernel_verified, kernels_available
-from kestrel.ops.kv_quant import is_fp8, require_fp8_kv_device, resolve_kv_cache_dtype
+from kestrel.ops.kv_quant import require_fp8_kv_device, resolve_kv_cache_dtype
 from kestrel.outputs import RequestMetrics
 from kestrel.runner import ModelRunner
+from kestrel.runner.capture import capture_graphs
 from kestrel.runner.cpu_threads import configure_cpu_threads
 from kestrel.runner.model_runner import StepResult
 from kestrel.sampling_params import SamplingParams
@@ -163,37 +162,14 @@ class LLMEngine(EngineStep):
             logger.info("speculative decoding: %s", spec)
         self._inflight: Launched | None = None  # overlap scheduling: the step on the device
         self._history_seqs: set[int] = set()  # seq_ids whose steps cannot overlap (see above)
-        if self.device.type == "cuda" and not config.enforce_eager and self._tp_world is not None:
-            logger.info("tensor / pipeline parallelism runs without CUDA graphs (not built yet)")
-        elif self.device.type == "cuda" and not config.enforce_eager:
-            # Graphs need every op on a kernel: the torch references synchronize with the host.
-            if not kernels_available():
-                logger.warning("CUDA kernels not built: running without CUDA graphs")
-            elif self.dtype not in (torch.float16, torch.bfloat16):
-                logger.warning(
-                    "kernels run fp16/bf16 only: %s runs without CUDA graphs", self.dtype
-                )
-            elif is_fp8(self.runner.kv_cache_dtype) and not kernel_verified(FP8_KV_OP):
-                logger.warning(
-                    "the FP8 KV-cache kernels are not verified on a GPU yet (%s=1 runs them): "
-                    "running the torch reference without CUDA graphs",
-                    UNVERIFIED_ENV,
-                )
-            else:
-                self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
-                pw_tokens = min(config.piecewise_graph_max_tokens, config.max_num_batched_tokens)
-                if pw_tokens > 0:
-                    self.runner.capture_piecewise_graphs(pw_tokens)
-                if self._speculator is not None:
-                    self.runner.capture_verify_graphs(
-                        config.max_num_seqs,
-                        self._speculator.config.num_speculative_tokens,
-                        self.max_model_len,
-                    )
-                if self._drafter is not None:
-                    self._drafter.capture_graphs(
-                        config.max_num_seqs, self.max_model_len, max(pw_tokens, 0)
-                    )
+        capture_graphs(
+            config,
+            self.runner,
+            self.max_model_len,
+            multi_process=self._tp_world is not None,
+            num_speculative_tokens=None if spec is None else spec.num_speculative_tokens,
+            drafter=self._drafter,
+        )
         self._requests: dict[str, RequestState] = {}
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         limits = GrammarLimits(max_chars=config.max_grammar_chars)
