@@ -95,9 +95,7 @@ async def _run(args: argparse.Namespace) -> dict:
         outputs = [await s.__anext__() for s in streams]
         t1 = time.perf_counter()
         for ev, out in zip(events, outputs):
-            choices = [c for c in (ev._choice(0, out, o) for o in out.outputs) if c is not None]
-            if choices:
-                ev._chunk(choices)
+            if ev.chunk_for(0, out) is not None:
                 chunks += 1
         sse_s += time.perf_counter() - t1
         fold_s += t1 - t0

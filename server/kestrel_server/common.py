@@ -393,7 +393,9 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 def sse(payload: str) -> str:
     """One server-sent event; `payload` is JSON (these characters occur only inside strings)."""
-    return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
+    if not payload.isascii():  # the three are not ASCII (and translate() is slow)
+        payload = payload.translate(_LINE_BREAKS)
+    return f"data: {payload}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -9,6 +9,7 @@ comes back per choice, in vLLM's shape (in the first chunk when streaming)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -213,6 +214,38 @@ def _logprobs(
     return completion_logprobs(ids, entries, top_k, _token_text(state), offset)
 
 
+def _json_str(value: str | int | None) -> str:
+    """JSON of a string, int or None as pydantic's model_dump_json writes it (UTF-8 kept)."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _encode_str(value)
+    return json.dumps(value)
+
+
+_encode_str = json.encoder.encode_basestring  # the C encoder json.dumps(ensure_ascii=False) uses
+
+
+@dataclass(slots=True)
+class PlainChoice:
+    """A streamed choice without logprobs or prompt logprobs (see `_plain_chunk`)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+    def model(self) -> CompletionChoice:
+        return CompletionChoice(
+            index=self.index,
+            text=self.text,
+            logprobs=None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            prompt_logprobs=None,
+        )
+
+
 class _CompletionEvents:
     """Turns the outputs of a request's prompts into `text_completion` chunks."""
 
@@ -241,6 +274,7 @@ class _CompletionEvents:
         self.finish_sent = [False] * num_choices
         self.held_text = [""] * num_choices  # deltas of a sample that ran ahead of the scoring
         self.held_ids: list[list[int]] = [[] for _ in range(num_choices)]
+        self._head: str | None = None  # the plain chunks' JSON up to their choices
 
     def _chunk(self, choices: list[CompletionChoice], usage_info: Any = None) -> str:
         body = CompletionResponse(
@@ -252,23 +286,49 @@ class _CompletionEvents:
         )
         return sse(body.model_dump_json())
 
+    def _plain_chunk(self, choices: list[PlainChoice]) -> str:
+        """The chunk `_chunk` makes for choices without logprobs or prompt logprobs (and no
+        usage), byte for byte, without building response models: most chunks of a stream.
+        `tests/server/test_plain_chunks.py` holds the two to the same output."""
+        if self._head is None:
+            self._head = (
+                f'{{"id":{_json_str(self.request_id)},"object":"text_completion",'
+                f'"created":{self.created},"model":{_json_str(self.model)},"choices":['
+            )
+        parts = [
+            f'{{"index":{c.index},"text":{_json_str(c.text)},"logprobs":null,'
+            f'"finish_reason":{_json_str(c.finish_reason)},'
+            f'"stop_reason":{_json_str(c.stop_reason)},"prompt_logprobs":null}}'
+            for c in choices
+        ]
+        return sse(self._head + ",".join(parts) + '],"usage":null}')
+
     async def run(
         self, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool
     ) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         async for p, output in outputs:
-            choices = [self._choice(p, output, c) for c in output.outputs]
-            choices = [c for c in choices if c is not None]
-            if choices:
-                yield self._chunk(choices)
+            chunk = self.chunk_for(p, output)
+            if chunk is not None:
+                yield chunk
             if output.finished:
                 finals[p] = output
         if include_usage:
             yield self._chunk([], usage(self.shown.usage([finals[p] for p in sorted(finals)])))
 
+    def chunk_for(self, p: int, output: RequestOutput) -> str | None:
+        """The SSE chunk of prompt p's new output (None when it shows nothing new)."""
+        choices = [self._choice(p, output, c) for c in output.outputs]
+        choices = [c for c in choices if c is not None]
+        if not choices:
+            return None
+        if all(type(c) is PlainChoice for c in choices):
+            return self._plain_chunk(choices)
+        return self._chunk([c.model() if type(c) is PlainChoice else c for c in choices])
+
     def _choice(
         self, p: int, output: RequestOutput, c: CompletionOutput
-    ) -> CompletionChoice | None:
+    ) -> CompletionChoice | PlainChoice | None:
         """A choice's chunk. Its first one carries the echoed prompt (with the prompt's
         logprobs, which come with the first generated token) and vLLM's prompt_logprobs."""
         index = p * self.n + c.index
@@ -306,6 +366,8 @@ class _CompletionEvents:
                 )
         self.sent_tokens[index] += len(new_ids)
         self.sent_chars[index] += len(text)
+        if logprobs is None and not (first and self.shown.engine_prompt_logprobs is not None):
+            return PlainChoice(index, text, c.finish_reason, c.stop_reason)
         return CompletionChoice(
             index=index,
             text=text,
