@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -28,6 +29,7 @@ from kestrel_server.common import (
     constraint_field,
     event_stream_response,
     final_outputs,
+    json_str,
     log_request,
     merged_outputs,
     off_loop,
@@ -334,6 +336,25 @@ def _token_text(state: ServerState):
     return text
 
 
+@dataclass(slots=True)
+class PlainDelta:
+    """A streamed choice whose delta is content only, without logprobs (see `_plain_chunk`)."""
+
+    index: int
+    content: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+    def model(self) -> ChatChunkChoice:
+        return ChatChunkChoice(
+            index=self.index,
+            delta=DeltaMessage(content=self.content),
+            logprobs=None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
 class _ChatEvents:
     """Turns one request's outputs into `chat.completion.chunk` events."""
 
@@ -358,6 +379,7 @@ class _ChatEvents:
         self.created = int(time.time())
         self.sent_tokens = [0] * n  # per choice: tokens already streamed (for logprob slices)
         self.finished = [False] * n  # per choice: its finish_reason was sent
+        self._head: str | None = None  # the plain chunks' JSON up to their choices
         self.parsers: list[ChoiceParser] | None = None
         if parsing is not None and parsing.active:
             self.parsers = [parsing.choice() for _ in range(n)]
@@ -375,6 +397,37 @@ class _ChatEvents:
         )
         return sse(chunk.model_dump_json())
 
+    def _plain_chunk(self, choices: list[PlainDelta]) -> str:
+        """The chunk `_chunk` makes for content-only deltas (no parsers, no logprobs, no
+        usage, no prompt logprobs), byte for byte, without building response models;
+        `tests/server/test_plain_chunks.py` holds the two to the same output."""
+        if self._head is None:
+            self._head = (
+                f'{{"id":{json_str(self.request_id)},"object":"chat.completion.chunk",'
+                f'"created":{self.created},"model":{json_str(self.model)},"choices":['
+            )
+        parts = [
+            f'{{"index":{c.index},"delta":{{"role":null,"content":{json_str(c.content)}}},'
+            f'"logprobs":null,"finish_reason":{json_str(c.finish_reason)},'
+            f'"stop_reason":{json_str(c.stop_reason)}}}'
+            for c in choices
+        ]
+        return sse(self._head + ",".join(parts) + '],"usage":null,"prompt_logprobs":null}')
+
+    def chunk_for(self, output: RequestOutput) -> str | None:
+        """The SSE chunk of the request's new output (None when it shows nothing new)."""
+        choices = [self._choice(c) for c in output.outputs]
+        choices = [c for c in choices if c is not None]
+        prompt_logprobs = _prompt_logprobs(self.state, output, self.prompt_top_k)
+        if prompt_logprobs is not None:
+            self.prompt_top_k = None  # sent
+        elif choices and all(type(c) is PlainDelta for c in choices):
+            return self._plain_chunk(choices)
+        if not choices and prompt_logprobs is None:
+            return None
+        choices = [c.model() if type(c) is PlainDelta else c for c in choices]
+        return self._chunk(choices, prompt_logprobs=prompt_logprobs)
+
     async def run(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         yield self._chunk(
             [
@@ -384,19 +437,15 @@ class _ChatEvents:
         )
         final: RequestOutput | None = None
         async for _, output in outputs:
-            choices = [self._choice(c) for c in output.outputs]
-            choices = [c for c in choices if c is not None]
-            prompt_logprobs = _prompt_logprobs(self.state, output, self.prompt_top_k)
-            if prompt_logprobs is not None:
-                self.prompt_top_k = None  # sent
-            if choices or prompt_logprobs is not None:
-                yield self._chunk(choices, prompt_logprobs=prompt_logprobs)
+            chunk = self.chunk_for(output)
+            if chunk is not None:
+                yield chunk
             if output.finished:
                 final = output
         if self.include_usage and final is not None:
             yield self._chunk([], usage([final]))
 
-    def _choice(self, c: CompletionOutput) -> ChatChunkChoice | None:
+    def _choice(self, c: CompletionOutput) -> ChatChunkChoice | PlainDelta | None:
         new_ids = c.token_ids_delta
         if self.finished[c.index] or (not c.text_delta and not new_ids and not c.finish_reason):
             return None  # nothing new (e.g. a choice of n > 1 that finished earlier)
@@ -406,6 +455,8 @@ class _ChatEvents:
             logprobs = _logprobs(self.state, new_ids, c, self.top_k, self.sent_tokens[c.index])
         self.sent_tokens[c.index] += len(new_ids)
         finish_reason = c.finish_reason
+        if self.parsers is None and logprobs is None:
+            return PlainDelta(c.index, c.text_delta, finish_reason, c.stop_reason)
         if self.parsers is None:
             delta = DeltaMessage(content=c.text_delta)
         else:

@@ -391,6 +391,19 @@ def usage(finals: list[RequestOutput]) -> UsageInfo:
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def json_str(value: str | int | None) -> str:
+    """JSON of a string, int or None as pydantic's model_dump_json writes it (UTF-8 kept): the
+    pieces of the chunks the streams build without response models."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _encode_str(value)
+    return json.dumps(value)
+
+
+_encode_str = json.encoder.encode_basestring  # the C encoder json.dumps(ensure_ascii=False) uses
+
+
 def sse(payload: str) -> str:
     """One server-sent event; `payload` is JSON (these characters occur only inside strings)."""
     if not payload.isascii():  # the three are not ASCII (and translate() is slow)

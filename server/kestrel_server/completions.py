@@ -9,7 +9,6 @@ comes back per choice, in vLLM's shape (in the first chunk when streaming)."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from kestrel_server.common import (
     constraint_field,
     event_stream_response,
     final_outputs,
+    json_str,
     log_request,
     merged_outputs,
     off_loop,
@@ -214,18 +214,6 @@ def _logprobs(
     return completion_logprobs(ids, entries, top_k, _token_text(state), offset)
 
 
-def _json_str(value: str | int | None) -> str:
-    """JSON of a string, int or None as pydantic's model_dump_json writes it (UTF-8 kept)."""
-    if value is None:
-        return "null"
-    if type(value) is str:
-        return _encode_str(value)
-    return json.dumps(value)
-
-
-_encode_str = json.encoder.encode_basestring  # the C encoder json.dumps(ensure_ascii=False) uses
-
-
 @dataclass(slots=True)
 class PlainChoice:
     """A streamed choice without logprobs or prompt logprobs (see `_plain_chunk`)."""
@@ -292,13 +280,13 @@ class _CompletionEvents:
         `tests/server/test_plain_chunks.py` holds the two to the same output."""
         if self._head is None:
             self._head = (
-                f'{{"id":{_json_str(self.request_id)},"object":"text_completion",'
-                f'"created":{self.created},"model":{_json_str(self.model)},"choices":['
+                f'{{"id":{json_str(self.request_id)},"object":"text_completion",'
+                f'"created":{self.created},"model":{json_str(self.model)},"choices":['
             )
         parts = [
-            f'{{"index":{c.index},"text":{_json_str(c.text)},"logprobs":null,'
-            f'"finish_reason":{_json_str(c.finish_reason)},'
-            f'"stop_reason":{_json_str(c.stop_reason)},"prompt_logprobs":null}}'
+            f'{{"index":{c.index},"text":{json_str(c.text)},"logprobs":null,'
+            f'"finish_reason":{json_str(c.finish_reason)},'
+            f'"stop_reason":{json_str(c.stop_reason)},"prompt_logprobs":null}}'
             for c in choices
         ]
         return sse(self._head + ",".join(parts) + '],"usage":null}')
