@@ -151,7 +151,7 @@ class EngineConfig:
         "speculative decoding, a JSON object as vLLM's: "
         '{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 5, '
         '"prompt_lookup_min": 1}, or {"method": "draft_model", "model": DRAFT, '
-        '"num_speculative_tokens": K} (overlap scheduling is off with it); '
+        '"num_speculative_tokens": K} (overlap scheduling is off with a draft model); '
         "LLM(speculative_config=...) also takes a dict",
     )
     generation_config: str = setting(

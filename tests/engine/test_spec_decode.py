@@ -159,19 +159,46 @@ def test_a_dict_becomes_json_text():
     assert c.speculative_config == '{"method": "ngram", "num_speculative_tokens": 3}'
 
 
-def test_speculation_turns_overlap_scheduling_off(tiny_model_dir, caplog):
-    """Overlap scheduling is on by default; asking for speculation runs synchronous steps."""
-    with caplog.at_level(logging.INFO):
-        llm = LLM(
-            tiny_model_dir(ARCH),
-            block_size=4,
-            num_kv_blocks=NUM_BLOCKS,
-            speculative_config=SPEC,
-        )
-    assert llm.engine._speculator is not None and not llm.engine._async
-    assert "overlap scheduling is off: speculative decoding" in caplog.text
-    plain = LLM(tiny_model_dir(ARCH), block_size=4, num_kv_blocks=NUM_BLOCKS)
+def test_ngram_speculation_overlaps_only_steps_without_drafts(tiny_model_dir, monkeypatch):
+    """With n-gram drafts overlap scheduling stays on: a step is launched ahead only while no
+    sequence may draft (here: more sequences than disable_by_batch_size), a drafted step never
+    is, and the outputs are the plain engine's."""
+    from kestrel.engine.engine_step import EngineStep
+
+    spec = {**SPEC, "disable_by_batch_size": 2}
+    llm = LLM(tiny_model_dir(ARCH), block_size=4, num_kv_blocks=96, speculative_config=spec)
+    assert llm.engine._speculator is not None and llm.engine._async
+    launches = []  # (launched ahead of an in-flight step, drafted)
+    real = EngineStep._launch
+
+    def launch(self):
+        ahead = self._inflight is not None
+        launched = real(self)
+        launches.append((ahead, launched.out.total_draft_tokens > 0))
+        return launched
+
+    monkeypatch.setattr(EngineStep, "_launch", launch)
+    spans = [[11, 12, 13, 14], [200, 201, 5], [77, 78, 79, 80, 81]]
+    prompts = [(spans[i % 3] + spans[(i + 1) % 3]) * (2 + i) for i in range(4)]
+    lens = [6, 30, 12, 40]  # the batch shrinks from 4 to 1: speculation comes on
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lens]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    plain = LLM(tiny_model_dir(ARCH), block_size=4, num_kv_blocks=96)
     assert plain.engine._async and plain.engine._speculator is None
+    ref = plain.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert not any(ahead and drafted for ahead, drafted in launches)
+    assert any(ahead for ahead, _ in launches)  # overlapped while the batch was large
+    assert any(drafted for _, drafted in launches)  # drafted once it was small
+
+
+def test_a_draft_model_turns_overlap_scheduling_off(tiny_model_dir, caplog):
+    target = tiny_model_dir(ARCH)
+    spec = {"method": "draft_model", "model": target, "num_speculative_tokens": 2}
+    with caplog.at_level(logging.INFO):
+        llm = LLM(target, block_size=4, num_kv_blocks=NUM_BLOCKS, speculative_config=spec)
+    assert llm.engine._speculator is not None and not llm.engine._async
+    assert "overlap scheduling is off: a draft model" in caplog.text
 
 
 def test_the_runner_history_follows_every_accepted_token(engines):

@@ -126,3 +126,21 @@ def test_failed_probes_back_off_and_a_recovery_resets():
         sched.drafted.clear()
         spec.propose(sched, candidates(7))
         assert sched.drafted == [7]
+
+
+def test_may_draft_and_skipped_steps_keep_the_probe_clock():
+    """Steps launched ahead without `propose` (overlap scheduling) still move the probe clock:
+    a sequence below the floor becomes due after PROBE_INTERVAL steps either way."""
+    spec, sched = speculator(min_acceptance_rate=0.3, disable_by_batch_size=4), FakeScheduler()
+    assert spec.may_draft([7], 1)  # nothing known of it: it may draft
+    spec.propose(sched, candidates(7))
+    spec.record_rates(_step_out([7], [3]), np.asarray([1]))  # rejected
+    spec.propose(sched, candidates(7))  # the first skipped step: its probe is 16 steps away
+    due = spec._probes[7][0]
+    assert not spec.may_draft([7], 1) and not spec.may_draft([7, 8], 5)
+    while not spec.may_draft([7], 1):
+        spec.skip(1)
+    assert spec._step + 1 == due
+    assert spec.may_draft([7, 8], 2)  # 8 is unknown
+    spec.skip(5)  # more sequences than disable_by_batch_size: counted as skipped
+    assert spec.num_skipped_steps == 1

@@ -136,7 +136,8 @@ class EngineStep:
         if done is None:
             if launched is None:  # nothing in the scheduler (yet)
                 return failed, time.time()
-            if self._can_overlap():  # its tokens come with the next call
+            if self._can_overlap() and launched.out.total_draft_tokens == 0:
+                # its tokens come with the next call (a drafted step never stays in flight)
                 self._inflight = launched
                 return failed | self._fail_rows(launched), time.time()
             done, launched = launched, None
@@ -154,14 +155,19 @@ class EngineStep:
         return changed, now
 
     def _can_overlap(self) -> bool:
-        return self._async and not self._history_seqs
+        if not self._async or self._history_seqs:
+            return False
+        spec = self._speculator  # drafts need their requests' tokens back first
+        return spec is None or not spec.may_draft(self._seqs.keys(), len(self._seqs))
 
     def _launch(self) -> Launched:
         """Schedules a step and enqueues it on the device (not waiting for it)."""
-        if self._speculator is not None:
+        if self._speculator is not None and self._inflight is None:
             self._speculator.propose(
                 self.scheduler, self._spec_candidates(), len(self._seqs), live_seq_ids=self._seqs
             )
+        elif self._speculator is not None:  # ahead of a step in flight: no drafts
+            self._speculator.skip(len(self._seqs))
         out = self.scheduler.schedule()
         scheduled_at = time.time()  # a request's first scheduling ends its queue time
         sampled_seq_ids = out.seq_ids[out.sampled_request_indices].tolist()

@@ -137,10 +137,13 @@ class LLMEngine(EngineStep):
         if self._tp_world is not None:
             weakref.finalize(self, self.executor.shutdown)  # type: ignore[attr-defined]
         # A drafted step is never scheduled one step ahead: speculation runs synchronous steps.
-        async_scheduling = config.async_scheduling and config.speculative_config is None
+        # A draft model mirrors each step's rows (no placeholders): it runs synchronous steps;
+        # with n-gram drafts the steps overlap while no sequence drafts (spec/speculator.py).
+        draft_model = spec is not None and spec.method == "draft_model"
+        async_scheduling = config.async_scheduling and not draft_model
         async_scheduling = async_scheduling and self._tp_world is None
         if config.async_scheduling and not async_scheduling:
-            why = "speculative decoding" if self._tp_world is None else "multi-process execution"
+            why = "a draft model" if self._tp_world is None else "multi-process execution"
             logger.info("overlap scheduling is off: %s runs synchronous steps", why)
         self.scheduler = _core.Scheduler(
             _core.SchedulerConfig(

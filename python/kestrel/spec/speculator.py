@@ -1,7 +1,9 @@
 """The engine's side of speculation: drafts before schedule(), verification after.
 
-`LLMEngine` makes one `Speculator` when `EngineConfig.speculative_config` is set (and async
-scheduling is off: a drafted step is never scheduled one step ahead, so the two do not mix yet).
+`LLMEngine` makes one `Speculator` when `EngineConfig.speculative_config` is set. A drafted step
+is never scheduled one step ahead: with n-gram drafts the engine overlaps steps only while
+`may_draft` says no sequence will draft (a large batch, or every sequence below
+min_acceptance_rate between probes); a draft model turns overlap off.
 Before each schedule() the engine passes the running sequences that may speculate (greedy or
 sampled, penalties, min_tokens and logprobs included; no grammar): each gets the n-gram
 proposer's drafts, or the draft model's (`spec/draft_runner.py`: one batched chain for all of
@@ -110,6 +112,31 @@ class Speculator:
                 scheduler.set_draft_tokens(seq_id, drafts)
             except ValueError:  # not in decode this step (recomputing after a preemption)
                 continue
+
+    def skip(self, num_seqs: int) -> None:
+        """A step scheduled without `propose` (launched ahead while no sequence may draft):
+        the probe clock moves on, and a step skipped for the batch size is counted."""
+        self._step += 1
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_seqs > limit:
+            self.num_skipped_steps += 1
+
+    def may_draft(self, seq_ids: Iterable[int], num_seqs: int) -> bool:
+        """Whether the next `propose` may give any of `seq_ids` drafts (conservative: True
+        for a sequence it knows nothing of). The engine overlaps steps only while this is
+        False: a drafted step is scheduled with nothing of its requests in flight."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_seqs > limit:
+            return False
+        floor, step = self.config.min_acceptance_rate, self._step + 1
+        for seq_id in seq_ids:
+            rate = self.rates.get(seq_id)
+            if rate is None or rate >= floor:
+                return True
+            due = self._probes.get(seq_id, (step + PROBE_INTERVAL, 0))[0]
+            if step >= due:
+                return True
+        return False
 
     def _propose_with_draft_model(
         self, scheduler: Any, ready: list[tuple[int, Sequence[int], Sequence[int]]]
