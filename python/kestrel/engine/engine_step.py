@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,19 @@ class Launched:
     scheduled_at: float
     ahead: bool  # scheduled while the previous step was in flight
     slots_stale: bool = False  # a later launch preempted sequences (slots may have moved)
+
+
+def row_drafts(out: Any, sampled_seq_ids: list[int]) -> list[list[int]]:
+    """Per sampled row of a step with drafts: the draft tokens it assumes accepted (a drafted
+    request's rows are consecutive; row i of its run has drafts 0..i-1, its run's inputs)."""
+    inputs = out.input_ids[out.logits_indices].tolist()
+    result: list[list[int]] = []
+    start = 0
+    for r, seq_id in enumerate(sampled_seq_ids):
+        if r == 0 or seq_id != sampled_seq_ids[r - 1]:
+            start = r
+        result.append(inputs[start + 1 : r + 1])
+    return result
 
 
 def needs_history(params: SamplingParams, matcher) -> bool:
@@ -164,7 +178,11 @@ class EngineStep:
         """Schedules a step and enqueues it on the device (not waiting for it)."""
         if self._speculator is not None and self._inflight is None:
             self._speculator.propose(
-                self.scheduler, self._spec_candidates(), len(self._seqs), live_seq_ids=self._seqs
+                self.scheduler,
+                self._spec_candidates(),
+                len(self._seqs),
+                live_seq_ids=self._seqs,
+                matchers={i: s.matcher for i, (_, s) in self._seqs.items() if s.matcher},
             )
         elif self._speculator is not None:  # ahead of a step in flight: no drafts
             self._speculator.skip(len(self._seqs))
@@ -182,7 +200,8 @@ class EngineStep:
             matchers = [self._seqs[s][1].matcher for s in sampled_seq_ids]
             mask = None
             if any(m is not None for m in matchers):
-                mask = functools.partial(self._structured.step_mask, matchers)
+                drafts = row_drafts(out, sampled_seq_ids) if out.total_draft_tokens else None
+                mask = functools.partial(self._structured.step_mask, matchers, drafts)
             plan = self._plan_prompt_rows(out)
             future = self.executor.launch(
                 StepInput.from_scheduler_output(out),
@@ -203,10 +222,11 @@ class EngineStep:
         """Running sequences that may speculate: greedy or sampled (the runner samples each
         verify row from its target distribution given the drafts before it, penalties and
         min_tokens included: kestrel/spec/rejection.py), with logprobs or not (each accepted
-        token's come from its own verify row), but no grammar (its matcher would have to
-        advance through the drafts) and no prompt rows being scored."""
+        token's come from its own verify row), with a grammar or not (drafts cut to what it
+        allows; each verify row masked by the grammar after the drafts before it), but no
+        prompt rows being scored."""
         for seq_id, (_, seq) in self._seqs.items():
-            if seq.matcher is None and seq_id not in self._scoring:
+            if seq_id not in self._scoring:
                 yield seq_id, seq.row.prompt_token_ids, seq.row.output_token_ids
 
     def _fail_rows(self, step: Launched) -> dict[str, RequestState]:

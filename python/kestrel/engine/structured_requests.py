@@ -92,14 +92,26 @@ class StructuredRequests:
         if self.waiting:
             wait([w.future for w in self.waiting.values()], timeout_s, FIRST_COMPLETED)
 
-    def step_mask(self, matchers: list[Matcher | None]) -> GrammarMask | None:
+    def step_mask(
+        self, matchers: list[Matcher | None], drafts: list[list[int]] | None = None
+    ) -> GrammarMask | None:
         """The bitmask rows of the step's constrained sampled rows (None when there are none),
-        computed in parallel across rows."""
+        computed in parallel across rows. `drafts[i]`: the draft tokens sampled row i assumes
+        accepted (a speculative verify row): its mask is the grammar's after them (on a copy
+        of the matcher; the drafts were checked against the grammar when proposed)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
         assert self._backend is not None
-        constrained = [matchers[i] for i in rows]
+        constrained = []
+        for i in rows:
+            matcher = matchers[i]
+            assert matcher is not None
+            if drafts is not None and drafts[i]:
+                matcher = matcher.copy()
+                for token in drafts[i]:
+                    matcher.accept(token)
+            constrained.append(matcher)
         bitmask = np.empty((len(rows), constrained[0].num_words), dtype=np.int32)
         self._backend.fill_bitmasks(constrained, bitmask)  # type: ignore[arg-type]
         return GrammarMask(np.asarray(rows, dtype=np.int64), bitmask)

@@ -5,7 +5,8 @@ is never scheduled one step ahead: with n-gram drafts the engine overlaps steps 
 `may_draft` says no sequence will draft (a large batch, or every sequence below
 min_acceptance_rate between probes); a draft model turns overlap off.
 Before each schedule() the engine passes the running sequences that may speculate (greedy or
-sampled, penalties, min_tokens and logprobs included; no grammar): each gets the n-gram
+sampled, penalties, min_tokens, logprobs and grammars included; a grammar's drafts are cut to
+what it allows, `spec/grammar_drafts.py`; none for the draft model): each gets the n-gram
 proposer's drafts, or the draft model's (`spec/draft_runner.py`: one batched chain for all of
 them), through `Scheduler.set_draft_tokens` (a sequence still in prefill refuses them and is
 skipped; for the draft model that is asked first, with placeholder drafts whose kept count is
@@ -17,13 +18,14 @@ drafts before it (`spec/draft_rows.py`; for n-gram drafts that is the rejection 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kestrel.spec.config import SpeculativeConfig
 from kestrel.spec.draft_kv import DraftKV
+from kestrel.spec.grammar_drafts import grammar_prefix
 from kestrel.spec.greedy import SpecCounters, verify_greedy
 from kestrel.spec.ngram import NgramProposer
 
@@ -67,11 +69,13 @@ class Speculator:
         candidates: Iterable[tuple[int, Sequence[int], Sequence[int]]],
         num_seqs: int = 0,
         live_seq_ids: Collection[int] | None = None,
+        matchers: Mapping[int, Any] | None = None,
     ) -> None:
         """`candidates`: (seq_id, prompt ids, output ids) of sequences that may speculate;
         `num_seqs`: the sequences in the engine (speculation stops above disable_by_batch_size);
         `live_seq_ids`: the seq_ids in the engine (the draft model's bookkeeping forgets the
-        others)."""
+        others); `matchers`: the grammar of each constrained candidate (n-gram drafts are cut
+        to what it allows: `spec/grammar_drafts.py`; the draft model skips them)."""
         self._step += 1
         if live_seq_ids is not None and self.drafter is not None:
             self.draft_kv.retain(live_seq_ids)
@@ -98,7 +102,9 @@ class Speculator:
                 ready.append((seq_id, prompt, output))
         self.rates = live  # finished sequences drop out
         self._probes = probes  # and so do sequences back above the floor
+        matchers = matchers or {}
         if self.drafter is not None:
+            ready = [r for r in ready if r[0] not in matchers]
             self._propose_with_draft_model(scheduler, ready)
             return
         for seq_id, prompt, output in ready:
@@ -106,6 +112,9 @@ class Speculator:
                 (np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64))
             )
             drafts = self.proposer.propose(tokens)
+            matcher = matchers.get(seq_id)
+            if matcher is not None and drafts.shape[0]:
+                drafts = grammar_prefix(matcher, drafts)
             if drafts.shape[0] == 0:
                 continue
             try:

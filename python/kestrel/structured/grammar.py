@@ -129,6 +129,11 @@ class Matcher:
     def rollback(self, num_tokens: int) -> None:
         self._m.rollback(num_tokens)
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar would accept from here (the state does
+        not change: a refused token would leave the matcher in its error state)."""
+        return int(self._m.validate_tokens(tokens))
+
     @property
     def is_terminated(self) -> bool:
         """The grammar is complete and allows nothing more, or it is in an error state."""
