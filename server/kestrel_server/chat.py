@@ -26,6 +26,7 @@ from kestrel_server.common import (
     check_context,
     check_logprobs,
     check_request_limits,
+    chunk_head,
     constraint_field,
     event_stream_response,
     final_outputs,
@@ -402,9 +403,8 @@ class _ChatEvents:
         usage, no prompt logprobs), byte for byte, without building response models;
         `tests/server/test_plain_chunks.py` holds the two to the same output."""
         if self._head is None:
-            self._head = (
-                f'{{"id":{json_str(self.request_id)},"object":"chat.completion.chunk",'
-                f'"created":{self.created},"model":{json_str(self.model)},"choices":['
+            self._head = chunk_head(
+                "chat.completion.chunk", self.request_id, self.created, self.model
             )
         parts = [
             f'{{"index":{c.index},"delta":{{"role":null,"content":{json_str(c.content)}}},'

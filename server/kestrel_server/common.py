@@ -404,6 +404,14 @@ def json_str(value: str | int | None) -> str:
 _encode_str = json.encoder.encode_basestring  # the C encoder json.dumps(ensure_ascii=False) uses
 
 
+def chunk_head(obj: str, request_id: str, created: int, model: str) -> str:
+    """A streamed chunk's JSON up to its choices, as the response models write it."""
+    return (
+        f'{{"id":{json_str(request_id)},"object":"{obj}","created":{created},'
+        f'"model":{json_str(model)},"choices":['
+    )
+
+
 def sse(payload: str) -> str:
     """One server-sent event; `payload` is JSON (these characters occur only inside strings)."""
     if not payload.isascii():  # the three are not ASCII (and translate() is slow)

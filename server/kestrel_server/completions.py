@@ -25,6 +25,7 @@ from kestrel_server.common import (
     check_logprobs,
     check_request_limits,
     check_token_ids,
+    chunk_head,
     constraint_field,
     event_stream_response,
     final_outputs,
@@ -279,10 +280,7 @@ class _CompletionEvents:
         usage), byte for byte, without building response models: most chunks of a stream.
         `tests/server/test_plain_chunks.py` holds the two to the same output."""
         if self._head is None:
-            self._head = (
-                f'{{"id":{json_str(self.request_id)},"object":"text_completion",'
-                f'"created":{self.created},"model":{json_str(self.model)},"choices":['
-            )
+            self._head = chunk_head("text_completion", self.request_id, self.created, self.model)
         parts = [
             f'{{"index":{c.index},"text":{json_str(c.text)},"logprobs":null,'
             f'"finish_reason":{json_str(c.finish_reason)},'

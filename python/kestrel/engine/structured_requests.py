@@ -103,15 +103,23 @@ class StructuredRequests:
         if not rows:
             return None
         assert self._backend is not None
-        constrained = []
+        constrained: list[Matcher] = []
+        last = -2  # the row of constrained[-1]
         for i in rows:
             matcher = matchers[i]
             assert matcher is not None
             if drafts is not None and drafts[i]:
-                matcher = matcher.copy()
-                for token in drafts[i]:
+                # Row i of a run assumes one draft more than row i - 1 (a run's rows are
+                # consecutive and share one matcher): a copy of that row's, advanced by it.
+                chained = last == i - 1 and matchers[i - 1] is matcher
+                if chained and len(drafts[i - 1]) == len(drafts[i]) - 1:
+                    matcher, todo = constrained[-1].copy(), drafts[i][-1:]
+                else:
+                    matcher, todo = matcher.copy(), drafts[i]
+                for token in todo:
                     matcher.accept(token)
             constrained.append(matcher)
+            last = i
         bitmask = np.empty((len(rows), constrained[0].num_words), dtype=np.int32)
         self._backend.fill_bitmasks(constrained, bitmask)  # type: ignore[arg-type]
         return GrammarMask(np.asarray(rows, dtype=np.int64), bitmask)

@@ -130,17 +130,6 @@ class DecoderAttention(nn.Module):
             device=device,
         )  # fmt: skip
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-        kv_cache: KVCache,
-        attn_metadata: ops.AttentionMetadata,
-    ) -> torch.Tensor:
-        q = self.project(positions, hidden, cos_sin_cache, kv_cache, attn_metadata.slot_mapping)
-        return self.output(self.attn.attend(q, kv_cache, attn_metadata))
-
     def project(
         self,
         positions: torch.Tensor,

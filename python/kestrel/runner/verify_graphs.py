@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kestrel.ops import AttentionMetadata
+from kestrel.runner.cuda_graphs import graph_batch_sizes
 
 if TYPE_CHECKING:
     from kestrel.executor.step_input import StepInput
@@ -37,9 +38,8 @@ MAX_DRAFTS = 8
 
 
 def verify_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8 up to min(max_num_seqs, MAX_BATCH), which is always included."""
-    top = min(max_num_seqs, MAX_BATCH)
-    return sorted({s for s in (1, 2, 4, 8) if s < top} | {top})
+    """The decode graphs' sizes (1, 2, 4, 8) up to min(max_num_seqs, MAX_BATCH), included."""
+    return graph_batch_sizes(min(max_num_seqs, MAX_BATCH))
 
 
 class VerifyGraphs:
